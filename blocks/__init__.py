@@ -1,0 +1,1 @@
+"""Prefect blocks of ow_prefect and the helpers that create their documents."""

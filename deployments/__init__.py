@@ -1,0 +1,1 @@
+"""Registering ow_prefect's built-in deployments (prefect.yaml) without the Prefect CLI."""

@@ -1,0 +1,54 @@
+"""`custom/run`: download mounted files, run a shell command, upload what it wrote under uploads/.
+
+The command sees ``OW_JOB_ID``, ``OW_WORK_DIR`` and ``OW_OUTPUTS`` (a path: JSON written there is merged into
+``job.outputs``). Its output streams into the flow run's logs.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows._runtime import JobRun, run_once, start_job, stream_command
+from ow_prefect.jobs.custom import CustomJob
+
+RESULT_PURPOSE = "result"
+
+
+def _run_command(job: JobRun) -> dict[str, Any]:
+    params = job.parameters
+    with tempfile.TemporaryDirectory(prefix=f"{job.id}-") as tmp:
+        work = Path(tmp)
+        for target, file_id in params["mounts"].items():
+            job.storage.download(file_id, work / target)
+        (work / "uploads").mkdir(exist_ok=True)
+        outputs_file = work / ".ow_outputs.json"
+        env = {"OW_JOB_ID": job.id, "OW_WORK_DIR": str(work), "OW_OUTPUTS": str(outputs_file)}
+        stream_command(params["entrypoint"], cwd=str(work), env=env)
+        files = {
+            path.relative_to(work / "uploads").as_posix(): job.storage.put_path(path, RESULT_PURPOSE).id
+            for path in sorted((work / "uploads").rglob("*"))
+            if path.is_file()
+        }
+        extra = json.loads(outputs_file.read_text()) if outputs_file.exists() else {}
+    return {**extra, "files": files}
+
+
+@flow(name="custom", log_prints=True)
+def custom_run(
+    entrypoint: str,
+    mounts: dict[str, str] | None = None,
+    requires_vram_gb: int = 0,
+    ow_job: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files."""
+    job = start_job(
+        CustomJob,
+        {"entrypoint": entrypoint, "mounts": mounts or {}, "requires_vram_gb": requires_vram_gb},
+        ow_job,
+    )
+    return run_once(job, _run_command)

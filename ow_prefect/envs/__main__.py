@@ -1,0 +1,5 @@
+import sys
+
+from ow_prefect.envs import main
+
+sys.exit(main())

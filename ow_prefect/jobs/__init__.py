@@ -1,0 +1,5 @@
+"""Job types, their identity and their submission (see docs/architecture.md, "Jobs")."""
+
+from ow_prefect.jobs.base import Job, JobStatus, get_job_type, job_types, project_root, register
+
+__all__ = ["Job", "JobStatus", "get_job_type", "job_types", "project_root", "register"]

@@ -1,0 +1,212 @@
+"""`Job`: a job type (its class attributes) and a submitted job (an instance), and the `@register` registry.
+
+A job type names the deployment that runs it, the pydantic model of its parameters, the source files the
+flow runs (hashed into the job id) and its image. ``@register("name")`` makes ``ow.<name>`` available on
+every client; built-in types register themselves the same way user types do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+
+from ow_prefect.errors import JobFailedError, ParameterError
+from ow_prefect.hashing import code_hash, job_id
+
+JobStatus = Literal["pending", "in_progress", "completed", "failed", "canceled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "canceled"})
+
+_REGISTRY: dict[str, type[Job]] = {}
+
+
+def project_root() -> Path:
+    """The directory holding `ow_prefect/` and `flows/` (the repository, or site-packages for a wheel)."""
+    return Path(__file__).resolve().parents[2]
+
+
+class Job:
+    """Base class of every job type, and the handle of a submitted job.
+
+    Class attributes (override in a subclass):
+        deployment: ``flow/deployment`` that runs the job.
+        entrypoint: ``path.py:flow`` of that flow, relative to the project root (must match prefect.yaml).
+        params: pydantic model of the parameters (``extra="forbid"``: unknown keys are rejected).
+        code: source files and directories the flow runs, relative to the project root.
+        id_prefix: first part of the job id (defaults to the registered name).
+        base_image: image the job runs in (defaults to the ``OW_TRAIN_IMAGE`` setting).
+    """
+
+    name: ClassVar[str] = ""
+    deployment: ClassVar[str]
+    entrypoint: ClassVar[str]
+    params: ClassVar[type[BaseModel]]
+    code: ClassVar[tuple[str, ...]] = ()
+    id_prefix: ClassVar[str | None] = None
+    base_image: ClassVar[str | None] = None
+
+    # ---- the job type -------------------------------------------------------------------------------
+
+    @classmethod
+    def validate_params(cls, **kwargs: Any) -> BaseModel:
+        try:
+            return cls.params.model_validate(kwargs)
+        except PydanticValidationError as exc:
+            problems = "\n".join(
+                f"  - {'.'.join(str(p) for p in err['loc']) or '(params)'}: {err['msg']}" for err in exc.errors()
+            )
+            raise ParameterError(f"invalid parameters for job type '{cls.name}':\n{problems}") from None
+
+    @classmethod
+    def flow_parameters(cls, validated: BaseModel) -> dict[str, Any]:
+        """The flow-run parameters for validated params (JSON-ready); also what is hashed into the id."""
+        return validated.model_dump(mode="json")
+
+    @classmethod
+    def image(cls) -> str:
+        from ow_prefect.settings import get_settings
+
+        return cls.base_image or get_settings().train_image
+
+    @classmethod
+    def code_hash(cls) -> str:
+        return code_hash(project_root(), cls.code)
+
+    @classmethod
+    def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None) -> str:
+        return job_id(cls.id_prefix or cls.name, flow_parameters, cls.code_hash(), image or cls.image())
+
+    # ---- a submitted job ----------------------------------------------------------------------------
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        type: str,
+        status: JobStatus,
+        params: dict[str, Any],
+        flow_run_id: str | None,
+        created_at: float | None = None,
+        updated_at: float | None = None,
+        outputs: dict[str, Any] | None = None,
+        error: str | None = None,
+        run_count: int = 0,
+        state_name: str | None = None,
+        client: Any = None,
+    ):
+        self.id = id
+        self.type = type
+        self.status = status
+        self.params = params
+        self.flow_run_id = flow_run_id
+        self.created_at = created_at
+        self.updated_at = updated_at
+        self.outputs = outputs or {}
+        self.error = error
+        self.run_count = run_count
+        self.state_name = state_name
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, status={self.status!r}, flow_run_id={self.flow_run_id!r})"
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Job) and (self.id, self.flow_run_id) == (other.id, other.flow_run_id)
+
+    __hash__ = object.__hash__
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = (
+            "id",
+            "type",
+            "status",
+            "params",
+            "outputs",
+            "flow_run_id",
+            "created_at",
+            "updated_at",
+            "error",
+            "run_count",
+            "state_name",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+    def _update(self, other: Job) -> Job:
+        self.__dict__.update({k: v for k, v in other.__dict__.items() if k != "_client"})
+        return self
+
+    # Handle methods delegate to the client's `jobs` resource. With `AsyncOpenWeights` they return
+    # awaitables (``await job.wait()``); with `OpenWeights` they run synchronously.
+
+    def _jobs(self):
+        if self._client is None:
+            raise RuntimeError("this Job is not bound to a client; get it from ow.jobs.retrieve(id)")
+        return self._client.jobs
+
+    def refresh(self):
+        return self._jobs()._refresh(self)
+
+    def cancel(self):
+        return self._jobs().cancel(self.id)
+
+    def restart(self):
+        return self._jobs().restart(self.id)
+
+    def wait(self, timeout: float | None = None, poll_interval: float = 2.0, raise_on_failure: bool = True):
+        return self._jobs().wait(
+            self.id, timeout=timeout, poll_interval=poll_interval, raise_on_failure=raise_on_failure
+        )
+
+    def download(self, dest: str | Path):
+        return self._jobs().download(self.id, dest)
+
+    def logs(self):
+        return self._jobs().logs(self.id)
+
+    def events(self):
+        return self._jobs().events(self.id)
+
+
+def raise_for_failure(job: Job) -> Job:
+    if job.status in ("failed", "canceled"):
+        raise JobFailedError(job)
+    return job
+
+
+def register(name: str) -> Callable[[type[Job]], type[Job]]:
+    """Class decorator: make the job type available as ``ow.<name>`` on every client."""
+    if not name.isidentifier() or name.startswith("_"):
+        raise ValueError(f"job type name {name!r} must be a Python identifier not starting with '_'")
+
+    def decorator(cls: type[Job]) -> type[Job]:
+        if not (isinstance(cls, type) and issubclass(cls, Job)):
+            raise TypeError(f"@register({name!r}) decorates Job subclasses, not {cls!r}")
+        for attr in ("deployment", "entrypoint", "params"):
+            if not hasattr(cls, attr):
+                raise TypeError(f"job type {cls.__name__} must define '{attr}'")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def get_job_type(name: str) -> type[Job]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise AttributeError(f"no job type '{name}' is registered; known: {sorted(_REGISTRY)}") from None
+
+
+def job_types() -> dict[str, type[Job]]:
+    return dict(_REGISTRY)

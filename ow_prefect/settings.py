@@ -1,0 +1,54 @@
+"""Settings read from the environment (prefix ``OW_``) or a ``.env`` file in the working directory.
+
+- ``OW_HOME``: where local state lives (storage, the vLLM environment); default ``~/.ow_prefect``.
+- ``OW_STORAGE_BLOCK``: slug of a saved Prefect filesystem block, e.g. ``s3-bucket/ow-storage``; default: local
+  disk at ``OW_STORAGE_DIR`` (default ``OW_HOME/storage``).
+- ``OW_MAX_FILE_MB``: largest file ``ow.files`` accepts (default 2048).
+- ``OW_VLLM_PYTHON``: interpreter of the separate vLLM environment; default ``OW_HOME/envs/vllm/bin/python``.
+- ``OW_MODE``: ``auto`` (server when a Prefect API URL is set, else embedded), ``server`` or ``embedded``.
+- ``OW_TRAIN_IMAGE`` / ``OW_SERVE_IMAGE``: images of training/custom and vLLM jobs (part of every job id).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OWSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OW_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default=Path("~/.ow_prefect"), description="Where local state lives.")
+    storage_block: str | None = Field(
+        default=None, description="Slug of a saved Prefect filesystem block, e.g. 's3-bucket/ow-storage'."
+    )
+    storage_dir: Path | None = Field(default=None, description="Local storage directory (no block set).")
+    max_file_mb: float = Field(default=2048, gt=0, description="Largest file ow.files accepts, in MiB.")
+    vllm_python: Path | None = Field(default=None, description="Interpreter of the vLLM environment.")
+    mode: Literal["auto", "server", "embedded"] = Field(default="auto", description="How jobs are run.")
+    train_image: str = Field(default="ow-prefect-train:0.1", description="Image of training and custom jobs.")
+    serve_image: str = Field(default="ow-prefect-serve:0.1", description="Image of vLLM jobs.")
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def local_storage_dir(self) -> Path:
+        return (self.storage_dir or self.home_dir / "storage").expanduser()
+
+    @property
+    def vllm_interpreter(self) -> Path:
+        return (self.vllm_python or self.home_dir / "envs" / "vllm" / "bin" / "python").expanduser()
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)
+
+
+def get_settings() -> OWSettings:
+    """Fresh settings on every call, so a changed environment (tests, notebooks) is always seen."""
+    return OWSettings()

@@ -1,0 +1,387 @@
+"""Content-addressed storage on a Prefect filesystem block (local disk by default, S3/R2/MinIO via prefect-aws).
+
+Layout inside the block (or local directory):
+
+    blobs/<sha256>                          the bytes of every stored file, once per distinct content
+    files/<purpose>/<file|dir>-<hash>.json  the record of a file id (a directory's record lists its entries)
+    outputs/<job id>.json                   what a job's last run recorded (see `ow_prefect.jobs.outputs`)
+
+Blobs are written before records, so a record that exists always points at complete content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel
+
+from ow_prefect.errors import ConfigurationError, NotFoundError, StorageError
+from ow_prefect.hashing import HASH_CHARS, canonical_json, sha256_bytes, sha256_file
+from ow_prefect.settings import OWSettings, get_settings
+
+PURPOSE_RE = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+ID_RE = re.compile(r"^(?P<purpose>[a-z][a-z0-9_\-]{0,63}):(?P<kind>file|dir)-(?P<hash>[0-9a-f]{12})$")
+
+
+class DirectoryEntry(BaseModel):
+    path: str
+    sha256: str
+    bytes: int
+
+
+class FileObject(BaseModel):
+    """A stored file or directory. Item access (`f["id"]`) works too, as in OpenWeights."""
+
+    id: str
+    purpose: str
+    kind: Literal["file", "directory"]
+    bytes: int
+    sha256: str
+    filename: str | None = None
+    created_at: float
+    entries: list[DirectoryEntry] | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def check_purpose(purpose: str) -> None:
+    if not PURPOSE_RE.match(purpose):
+        raise ValueError(f"purpose {purpose!r} is not valid: use lowercase letters, digits, '-' and '_'")
+
+
+def parse_id(file_id: str) -> re.Match[str]:
+    match = ID_RE.match(file_id)
+    if not match:
+        raise NotFoundError(f"{file_id!r} is not a file id; ids look like 'conversations:file-0123456789ab'")
+    return match
+
+
+def record_key(file_id: str) -> str:
+    match = parse_id(file_id)
+    return f"files/{match['purpose']}/{match['kind']}-{match['hash']}.json"
+
+
+class Backend(Protocol):
+    """What storage needs from a place to put bytes."""
+
+    def exists(self, key: str) -> bool: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def put_file(self, key: str, path: Path) -> None: ...
+    def get_file(self, key: str, path: Path) -> None: ...
+
+
+class LocalBackend:
+    """A directory on local disk; writes are atomic (temp file + rename)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).expanduser()
+
+    def __repr__(self) -> str:
+        return f"LocalBackend({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def _atomic_write(self, key: str, write) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda f: f.write(data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        def copy(f):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+
+        self._atomic_write(key, copy)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"{key} is not in storage {self.root}") from None
+
+    def get_file(self, key: str, path: Path) -> None:
+        if not self.exists(key):
+            raise NotFoundError(f"{key} is not in storage {self.root}")
+        shutil.copyfile(self._path(key), path)
+
+
+class S3Backend:
+    """A prefect-aws `S3Bucket` block (S3, R2, MinIO: the endpoint comes from its `AwsCredentials`)."""
+
+    def __init__(self, bucket: Any):
+        self.bucket = bucket
+        self.client = bucket.credentials.get_s3_client()
+        self.prefix = (bucket.bucket_folder or "").strip("/")
+
+    def __repr__(self) -> str:
+        return f"S3Backend(bucket={self.bucket.bucket_name!r}, folder={self.prefix!r})"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _is_missing(self, exc: Exception) -> bool:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket.bucket_name, Key=self._key(key))
+        except Exception as exc:
+            if self._is_missing(exc):
+                return False
+            raise StorageError(f"cannot reach {self!r}: {exc}") from exc
+        return True
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket.bucket_name, Key=self._key(key), Body=data)
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.upload_file(str(path), self.bucket.bucket_name, self._key(key))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket.bucket_name, Key=self._key(key))["Body"].read()
+        except Exception as exc:
+            if self._is_missing(exc):
+                raise NotFoundError(f"{key} is not in {self!r}") from None
+            raise
+
+    def get_file(self, key: str, path: Path) -> None:
+        if not self.exists(key):
+            raise NotFoundError(f"{key} is not in {self!r}")
+        self.client.download_file(self.bucket.bucket_name, self._key(key), str(path))
+
+
+class BlockBackend:
+    """Any other Prefect filesystem block, through its `read_path` / `write_path`."""
+
+    def __init__(self, block: Any):
+        self.block = block
+
+    def __repr__(self) -> str:
+        return f"BlockBackend({type(self.block).__name__})"
+
+    def _call(self, method: str, *args: Any) -> Any:
+        from prefect.utilities.asyncutils import run_coro_as_sync
+
+        result = getattr(self.block, method)(*args)
+        return run_coro_as_sync(result) if hasattr(result, "__await__") else result
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("read_path", key)
+        except Exception:
+            return False
+        return True
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._call("write_path", key, data)
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._call("read_path", key)
+        except Exception as exc:
+            raise NotFoundError(f"{key} is not in {self!r}: {exc}") from None
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.put_bytes(key, Path(path).read_bytes())
+
+    def get_file(self, key: str, path: Path) -> None:
+        Path(path).write_bytes(self.get_bytes(key))
+
+
+def backend_for_block(block: Any) -> Backend:
+    from prefect.filesystems import LocalFileSystem
+
+    if isinstance(block, LocalFileSystem):
+        return LocalBackend(Path(block.basepath or "."))
+    if type(block).__name__ == "S3Bucket":
+        return S3Backend(block)
+    if hasattr(block, "read_path") and hasattr(block, "write_path"):
+        return BlockBackend(block)
+    raise ConfigurationError(f"block {type(block).__name__} is not a filesystem block (no read_path/write_path)")
+
+
+def load_backend(settings: OWSettings | None = None) -> Backend:
+    """The backend named by ``OW_STORAGE_BLOCK``, or the local directory when none is set."""
+    settings = settings or get_settings()
+    if not settings.storage_block:
+        return LocalBackend(settings.local_storage_dir)
+    from prefect.blocks.core import Block
+
+    try:
+        block = Block.load(settings.storage_block, _sync=True)
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"OW_STORAGE_BLOCK={settings.storage_block!r} cannot be loaded ({exc}). Create it first "
+            "(see blocks/storage.py) or unset OW_STORAGE_BLOCK to use local disk."
+        ) from exc
+    return backend_for_block(block)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            yield path
+
+
+class Storage:
+    """Content-addressed files and directories on one backend."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+
+    @classmethod
+    def from_settings(cls, settings: OWSettings | None = None) -> Storage:
+        return cls(load_backend(settings))
+
+    def __repr__(self) -> str:
+        return f"Storage({self.backend!r})"
+
+    def _put_blob(self, sha256: str, *, data: bytes | None = None, path: Path | None = None) -> None:
+        key = f"blobs/{sha256}"
+        if self.backend.exists(key):
+            return
+        if data is not None:
+            self.backend.put_bytes(key, data)
+        else:
+            self.backend.put_file(key, path)
+
+    def _save_record(self, record: FileObject) -> FileObject:
+        key = record_key(record.id)
+        if self.backend.exists(key):
+            return self.info(record.id)
+        self.backend.put_bytes(key, record.model_dump_json(exclude_none=True).encode())
+        return record
+
+    def put_bytes(self, data: bytes, purpose: str, filename: str | None = None) -> FileObject:
+        check_purpose(purpose)
+        sha = sha256_bytes(data)
+        file_id = f"{purpose}:file-{sha[:HASH_CHARS]}"
+        if self.backend.exists(record_key(file_id)):
+            return self.info(file_id)
+        self._put_blob(sha, data=data)
+        return self._save_record(
+            FileObject(
+                id=file_id,
+                purpose=purpose,
+                kind="file",
+                bytes=len(data),
+                sha256=sha,
+                filename=filename,
+                created_at=time.time(),
+            )
+        )
+
+    def put_path(self, path: str | os.PathLike[str], purpose: str) -> FileObject:
+        """Store a file or a whole directory; unchanged content is never uploaded twice."""
+        check_purpose(purpose)
+        path = Path(path)
+        if path.is_dir():
+            return self._put_directory(path, purpose)
+        if not path.is_file():
+            raise NotFoundError(f"{path} does not exist")
+        sha = sha256_file(path)
+        file_id = f"{purpose}:file-{sha[:HASH_CHARS]}"
+        if self.backend.exists(record_key(file_id)):
+            return self.info(file_id)
+        self._put_blob(sha, path=path)
+        return self._save_record(
+            FileObject(
+                id=file_id,
+                purpose=purpose,
+                kind="file",
+                bytes=path.stat().st_size,
+                sha256=sha,
+                filename=path.name,
+                created_at=time.time(),
+            )
+        )
+
+    def _put_directory(self, root: Path, purpose: str) -> FileObject:
+        entries = []
+        for file in _walk(root):
+            sha = sha256_file(file)
+            self._put_blob(sha, path=file)
+            entries.append(
+                DirectoryEntry(path=file.relative_to(root).as_posix(), sha256=sha, bytes=file.stat().st_size)
+            )
+        manifest_sha = sha256_bytes(canonical_json([e.model_dump() for e in entries]).encode())
+        return self._save_record(
+            FileObject(
+                id=f"{purpose}:dir-{manifest_sha[:HASH_CHARS]}",
+                purpose=purpose,
+                kind="directory",
+                bytes=sum(e.bytes for e in entries),
+                sha256=manifest_sha,
+                filename=root.name,
+                created_at=time.time(),
+                entries=entries,
+            )
+        )
+
+    def info(self, file_id: str) -> FileObject:
+        key = record_key(file_id)
+        try:
+            raw = self.backend.get_bytes(key)
+        except NotFoundError:
+            raise NotFoundError(f"file {file_id} is not in {self!r}") from None
+        return FileObject.model_validate_json(raw)
+
+    def exists(self, file_id: str) -> bool:
+        return self.backend.exists(record_key(file_id))
+
+    def get_bytes(self, file_id: str) -> bytes:
+        record = self.info(file_id)
+        if record.kind == "directory":
+            raise StorageError(f"{file_id} is a directory; use download(id, dest_dir)")
+        return self.backend.get_bytes(f"blobs/{record.sha256}")
+
+    def download(self, file_id: str, dest: str | os.PathLike[str]) -> Path:
+        """A file goes to `dest` (or `dest/<filename>` when `dest` is a directory); a directory into `dest`."""
+        record = self.info(file_id)
+        dest = Path(dest)
+        if record.kind == "file":
+            target = dest / (record.filename or record.id.split(":")[1]) if dest.is_dir() else dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.backend.get_file(f"blobs/{record.sha256}", target)
+            return target
+        for entry in record.entries or []:
+            target = (dest / entry.path).resolve()
+            if not target.is_relative_to(dest.resolve()):
+                raise StorageError(f"{file_id}: entry {entry.path!r} points outside the directory; not written")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.backend.get_file(f"blobs/{entry.sha256}", target)
+        dest.mkdir(parents=True, exist_ok=True)
+        return dest
+
+    def put_json(self, key: str, value: Any) -> None:
+        """Mutable JSON documents beside the content store (job outputs)."""
+        self.backend.put_bytes(key, json.dumps(value, indent=1, sort_keys=True).encode())
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.backend.get_bytes(key))

@@ -1,0 +1,99 @@
+"""Shared fixtures: isolated homes, a real Prefect server and process worker, moto's S3.
+
+Prefect's home is set before Prefect is imported, so the embedded (ephemeral) tests never touch the
+developer's own ~/.prefect.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="ow-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-embedded")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("OW_STORAGE_BLOCK", None)
+os.environ["OW_HOME"] = str(_SESSION_DIR / "ow-home")
+
+import pytest  # noqa: E402
+
+from ow_prefect.testing.servers import moto_s3, prefect_server, prefect_worker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+POOL = "ow-test-local"
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_api(session_dir: Path):
+    """A real Prefect server (SQLite, loopback) for the whole session."""
+    with prefect_server(session_dir / "prefect-server") as url:
+        yield url
+
+
+@pytest.fixture
+def use_server(prefect_api):
+    """Point this test's Prefect client at the session server (server mode of the SDK)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        yield prefect_api
+
+
+@pytest.fixture(scope="session")
+def deployed(prefect_api):
+    """prefect.yaml's deployments on a process pool, registered through deployments.register."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.register import register
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        return register(pool=POOL, create_pool="process")
+
+
+@pytest.fixture(scope="session")
+def worker(prefect_api, deployed, session_dir: Path):
+    """A real `process` worker polling the test pool every second."""
+    env = {"OW_HOME": os.environ["OW_HOME"], "PREFECT_HOME": str(session_dir / "prefect-worker")}
+    with prefect_worker(prefect_api, POOL, "process", env, session_dir / "worker.log") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    with moto_s3() as url:
+        yield url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ephemeral_server():
+    """Stop Prefect's ephemeral server while pytest still owns the log streams (quiet exit)."""
+    yield
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect._internal.concurrency.services import QueueService
+        from prefect.server.api.server import SubprocessASGIServer
+
+        QueueService.drain_all(timeout=10)
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+
+
+@pytest.fixture
+def script_file():
+    """Upload a Python script as a custom-job file; returns its id."""
+    from ow_prefect import OpenWeights
+
+    def upload(source: str) -> str:
+        return OpenWeights().files.create(source.encode(), purpose="custom_job_file").id
+
+    return upload

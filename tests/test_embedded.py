@@ -1,0 +1,57 @@
+"""The embedded default: no server, no worker; flows run in this process on Prefect's ephemeral API."""
+
+import pytest
+
+from ow_prefect import JobFailedError, OpenWeights
+
+SCRIPT = """
+import json, os, sys
+print("hello from the job", sys.argv[1:])
+os.makedirs("uploads/sub", exist_ok=True)
+open("uploads/answer.txt", "w").write("42")
+open("uploads/sub/more.txt", "w").write("more")
+json.dump({"score": 0.5}, open(os.environ["OW_OUTPUTS"], "w"))
+"""
+
+
+def test_custom_job_end_to_end(script_file, tmp_path):
+    ow = OpenWeights()
+    assert ow.embedded
+    file_id = script_file(SCRIPT)
+    job = ow.custom.create(entrypoint="python job.py embedded", mounts={"job.py": file_id})
+    assert job.status == "completed", job.error
+    assert job.outputs["score"] == 0.5
+    assert set(job.outputs["files"]) == {"answer.txt", "sub/more.txt"}
+    assert "hello from the job ['embedded']" in ow.jobs.logs(job.id)
+    out = job.download(tmp_path / "out")
+    assert (out / "answer.txt").read_text() == "42" and (out / "sub" / "more.txt").read_text() == "more"
+
+    again = ow.custom.create(mounts={"job.py": file_id}, entrypoint="python job.py embedded")
+    assert again.id == job.id and again.flow_run_id == job.flow_run_id
+    assert job.id in [j.id for j in ow.jobs.list(status="completed", type="custom")]
+    assert ow.jobs.retrieve(job.id).outputs == job.outputs
+
+
+def test_failed_command_fails_the_job_with_its_output(script_file):
+    ow = OpenWeights()
+    job = ow.custom.create(entrypoint="echo about to fail; exit 3")
+    assert job.status == "failed"
+    assert "exited with code 3" in job.error and "about to fail" in job.error
+    with pytest.raises(JobFailedError, match="exited with code 3"):
+        job.wait(timeout=5)
+
+
+def test_direct_flow_call_caches_the_work_under_the_job_id(script_file):
+    """Calling the flow from Python (no deployment) runs the work once; the second call is served from storage."""
+    from flows.custom import custom_run
+
+    counter = script_file(
+        "import pathlib, os; p = pathlib.Path(os.environ['OW_HOME'], 'count'); "
+        "p.write_text(str(int(p.read_text()) + 1 if p.exists() else 1))"
+    )
+    first = custom_run(entrypoint="python count.py", mounts={"count.py": counter})
+    second = custom_run(entrypoint="python count.py", mounts={"count.py": counter})
+    assert first == second
+    from ow_prefect.settings import get_settings
+
+    assert (get_settings().home_dir / "count").read_text() == "1"

@@ -1,0 +1,107 @@
+"""Job types, the registry, parameter validation and submission semantics (no server needed)."""
+
+from types import SimpleNamespace
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from ow_prefect import Job, OpenWeights, ParameterError, register
+from ow_prefect.jobs import get_job_type
+from ow_prefect.jobs.custom import CustomJob
+from ow_prefect.jobs.submit import idempotency_key, plan, status_of, tags_for
+
+FILE = "custom_job_file:file-0123456789ab"
+
+
+class EchoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    word: str
+
+
+@register("echo_test")
+class EchoJob(Job):
+    deployment = "custom/run"
+    entrypoint = "flows/custom.py:custom_run"
+    params = EchoParams
+    code = ("flows/custom.py",)
+
+
+def test_register_makes_the_type_available_on_every_client():
+    assert get_job_type("echo_test") is EchoJob
+    ow = OpenWeights()
+    assert ow.echo_test.job_cls is EchoJob
+    assert ow.custom.job_cls is CustomJob
+    with pytest.raises(AttributeError, match="no job type 'nope'"):
+        ow.nope  # noqa: B018
+
+
+def test_register_checks_its_input():
+    with pytest.raises(ValueError):
+        register("not an identifier")
+    with pytest.raises(TypeError, match="must define 'params'"):
+        register("broken")(type("Broken", (Job,), {"deployment": "x/y", "entrypoint": "a.py:f"}))
+
+
+def test_unknown_and_invalid_params_are_rejected_with_field_names():
+    ow = OpenWeights()
+    with pytest.raises(ParameterError, match=r"wrod: Extra inputs are not permitted"):
+        ow.echo_test.validate(wrod="x")
+    with pytest.raises(ParameterError, match=r"requires_vram_gb: Input should be greater than or equal to 0"):
+        ow.custom.validate(entrypoint="true", requires_vram_gb=-1)
+
+
+@pytest.mark.parametrize("target", ["../x.py", "/etc/passwd", "a/../../b", ""])
+def test_mount_targets_that_escape_the_work_dir_are_rejected(target):
+    with pytest.raises(ParameterError, match="escapes the work dir"):
+        OpenWeights().custom.validate(entrypoint="true", mounts={target: FILE})
+
+
+def test_mounts_need_file_ids():
+    with pytest.raises(ParameterError, match="is not a file id"):
+        OpenWeights().custom.validate(entrypoint="true", mounts={"a.py": "a.py"})
+
+
+def test_validate_returns_the_job_id_stable_across_key_order():
+    ow = OpenWeights()
+    a = ow.custom.validate(entrypoint="python a.py", mounts={"a.py": FILE, "b/c.py": FILE})
+    b = ow.custom.validate(mounts={"b/c.py": FILE, "a.py": FILE}, entrypoint="python a.py")
+    assert a == b and a.startswith("customjob-")
+    assert ow.custom.validate(entrypoint="python b.py") != a
+
+
+def run(state_type: str, deployment: bool = True):
+    return SimpleNamespace(
+        state=SimpleNamespace(type=SimpleNamespace(value=state_type)), deployment_id="d" if deployment else None
+    )
+
+
+@pytest.mark.parametrize(
+    "state,status",
+    [
+        ("SCHEDULED", "pending"),
+        ("PENDING", "pending"),
+        ("PAUSED", "pending"),
+        ("RUNNING", "in_progress"),
+        ("CANCELLING", "in_progress"),
+        ("COMPLETED", "completed"),
+        ("FAILED", "failed"),
+        ("CRASHED", "failed"),
+        ("CANCELLED", "canceled"),
+    ],
+)
+def test_status_mapping(state, status):
+    assert status_of(run(state)) == status
+
+
+def test_submission_plan():
+    assert plan(None) == "create"
+    for state in ("SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "COMPLETED"):
+        assert plan(run(state)) == "existing"
+    for state in ("FAILED", "CRASHED", "CANCELLED"):
+        assert plan(run(state)) == "retry"
+        assert plan(run(state, deployment=False)) == "create"
+
+
+def test_tags_and_idempotency_key_name_the_deployment_and_job():
+    assert idempotency_key("finetune/dpo", "ftjob-abc") == "finetune/dpo:ftjob-abc"
+    assert tags_for(CustomJob, "customjob-1") == ["ow-job", "ow-job:customjob-1", "ow-type:custom"]

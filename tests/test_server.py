@@ -1,0 +1,157 @@
+"""End to end on a real Prefect server with a real `process` worker: SDK -> deployment run -> worker ->
+`custom/run` -> storage -> outputs -> download. Dedupe, retry, cancel and concurrency are checked against
+the server's own records."""
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from ow_prefect import AsyncOpenWeights, ConfigurationError, NotFoundError, OpenWeights
+from ow_prefect.jobs.submit import job_tag
+
+pytestmark = pytest.mark.usefixtures("worker", "use_server")
+
+SCRIPT = """
+import json, os
+print("running on the worker", os.environ["OW_JOB_ID"])
+open("uploads/report.txt", "w").write("done")
+json.dump({"accuracy": 0.75}, open(os.environ["OW_OUTPUTS"], "w"))
+"""
+
+FLAKY = """
+import os, pathlib, sys
+marker = pathlib.Path(os.environ["OW_HOME"], "flaky-" + sys.argv[1])
+if not marker.exists():
+    marker.write_text("failed once")
+    sys.exit("first attempt fails on purpose")
+print("second attempt works")
+"""
+
+
+def eventually(check, timeout: float = 30, interval: float = 0.5):
+    """Logs and events reach the server in batches, a moment after the run ends."""
+    deadline = time.monotonic() + timeout
+    while not (result := check()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return result
+
+
+def count_runs(job_id: str) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[job_tag(job_id)]))))
+
+
+def test_submit_run_download_and_resubmit(script_file, tmp_path):
+    ow = OpenWeights()
+    assert not ow.embedded
+    file_id = script_file(SCRIPT)
+    job = ow.custom.create(entrypoint="python job.py", mounts={"job.py": file_id})
+    assert job.status in ("pending", "in_progress") and job.flow_run_id
+    job = job.wait(timeout=120, poll_interval=0.5)
+    assert job.outputs["accuracy"] == 0.75 and set(job.outputs["files"]) == {"report.txt"}
+    assert (job.download(tmp_path / "out") / "report.txt").read_text() == "done"
+    assert eventually(lambda: f"running on the worker {job.id}" in job.logs())
+    assert eventually(lambda: any(e["event"] == "prefect.flow-run.Completed" for e in job.events()))
+
+    again = ow.custom.create(mounts={"job.py": file_id}, entrypoint="python job.py")
+    assert (again.id, again.flow_run_id, again.status) == (job.id, job.flow_run_id, "completed")
+    assert count_runs(job.id) == 1
+
+
+def test_resubmitting_a_failed_job_reruns_the_same_flow_run(script_file):
+    ow = OpenWeights()
+    params = {"entrypoint": f"python flaky.py {os.getpid()}", "mounts": {"flaky.py": script_file(FLAKY)}}
+    failed = ow.custom.create(**params).wait(timeout=120, poll_interval=0.5, raise_on_failure=False)
+    assert failed.status == "failed" and "first attempt fails on purpose" in failed.error
+
+    rerun = ow.custom.create(**params)
+    assert rerun.flow_run_id == failed.flow_run_id and rerun.status == "pending"
+    rerun = rerun.wait(timeout=120, poll_interval=0.5)
+    assert rerun.run_count == 2 and rerun.flow_run_id == failed.flow_run_id
+    assert count_runs(rerun.id) == 1
+
+
+def test_restart_reruns_a_completed_job(script_file):
+    ow = OpenWeights()
+    job = ow.custom.create(entrypoint="echo restart-me").wait(timeout=120, poll_interval=0.5)
+    restarted = ow.jobs.restart(job.id)
+    assert restarted.flow_run_id == job.flow_run_id
+    assert restarted.wait(timeout=120, poll_interval=0.5).run_count == 2
+
+
+async def test_fifty_concurrent_identical_submissions_make_one_flow_run():
+    ow = AsyncOpenWeights()
+    jobs = await asyncio.gather(*[ow.custom.create(entrypoint="echo once; sleep 1") for _ in range(50)])
+    assert len({j.id for j in jobs}) == 1 and len({j.flow_run_id for j in jobs}) == 1
+    assert count_runs(jobs[0].id) == 1
+    done = await ow.jobs.wait(jobs[0].id, timeout=120, poll_interval=0.5)
+    assert done.status == "completed"
+
+
+def test_concurrent_submissions_from_threads():
+    ow = OpenWeights()
+    with ThreadPoolExecutor(16) as pool:
+        jobs = list(pool.map(lambda _: ow.custom.create(entrypoint="echo threads"), range(32)))
+    assert len({j.flow_run_id for j in jobs}) == 1
+    assert count_runs(jobs[0].id) == 1
+
+
+def test_cancel_a_running_job():
+    ow = OpenWeights()
+    job = ow.custom.create(entrypoint=f"echo started; sleep 300 # {os.getpid()}")
+    assert eventually(lambda: job.refresh().status == "in_progress" and "started" in job.logs(), timeout=120)
+    ow.jobs.cancel(job.id)
+    job = job.wait(timeout=120, poll_interval=0.5, raise_on_failure=False)
+    assert job.status == "canceled"
+    assert job in ow.jobs.list(status="canceled")
+
+
+def test_a_flow_whose_code_differs_from_the_clients_fails_fast():
+    """Simulates an out-of-date image: the envelope carries a code hash this flow does not have."""
+    from prefect.client.orchestration import get_client
+
+    ow = OpenWeights()
+    job_id, parameters = ow.jobs._prepare(ow.custom.job_cls, {"entrypoint": "echo never runs"})
+    parameters["ow_job"]["code_hash"] = "0" * 64
+    parameters["ow_job"]["id"] = "customjob-000000000000"
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("custom/run")
+        client.create_flow_run_from_deployment(
+            deployment.id, parameters=parameters, tags=["ow-job", job_tag("customjob-000000000000"), "ow-type:custom"]
+        )
+    job = ow.jobs.wait("customjob-000000000000", timeout=120, poll_interval=0.5, raise_on_failure=False)
+    assert job.status == "failed"
+    assert "0" * 64 in job.error and ow.custom.job_cls.code_hash() in job.error
+
+
+def test_missing_deployment_is_a_clear_error(monkeypatch):
+    ow = OpenWeights()
+    monkeypatch.setattr(ow.custom.job_cls, "deployment", "custom/does-not-exist")
+    with pytest.raises(ConfigurationError, match="prefect --no-prompt deploy --all"):
+        ow.custom.create(entrypoint="echo no deployment")
+
+
+def test_runs_started_outside_the_sdk_are_tagged_as_jobs():
+    """`prefect deployment run custom/run` (no ow_job envelope) still shows up in ow.jobs."""
+    from prefect.client.orchestration import get_client
+
+    ow = OpenWeights()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("custom/run")
+        client.create_flow_run_from_deployment(deployment.id, parameters={"entrypoint": "echo from the ui"})
+    expected = ow.custom.validate(entrypoint="echo from the ui")
+
+    def finished():
+        try:
+            return ow.jobs.retrieve(expected).done
+        except NotFoundError:
+            return False
+
+    assert eventually(finished, timeout=120)
+    assert ow.jobs.retrieve(expected).status == "completed"
