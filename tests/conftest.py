@@ -16,6 +16,11 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("OW_STORAGE_BLOCK", None)
+# The vLLM environment is found the way users find it (OW_VLLM_PYTHON, else under the real OW_HOME), before
+# OW_HOME moves to a throwaway directory for everything else.
+from ow_prefect.settings import get_settings  # noqa: E402
+
+os.environ["OW_VLLM_PYTHON"] = str(get_settings().vllm_interpreter)
 os.environ["OW_HOME"] = str(_SESSION_DIR / "ow-home")
 
 import pytest  # noqa: E402

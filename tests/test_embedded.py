@@ -3,6 +3,7 @@
 import pytest
 
 from ow_prefect import JobFailedError, OpenWeights
+from tests.helpers import eventually
 
 SCRIPT = """
 import json, os, sys
@@ -22,7 +23,7 @@ def test_custom_job_end_to_end(script_file, tmp_path):
     assert job.status == "completed", job.error
     assert job.outputs["score"] == 0.5
     assert set(job.outputs["files"]) == {"answer.txt", "sub/more.txt"}
-    assert "hello from the job ['embedded']" in ow.jobs.logs(job.id)
+    assert eventually(lambda: "hello from the job ['embedded']" in ow.jobs.logs(job.id))
     out = job.download(tmp_path / "out")
     assert (out / "answer.txt").read_text() == "42" and (out / "sub" / "more.txt").read_text() == "more"
 

@@ -4,13 +4,13 @@ the server's own records."""
 
 import asyncio
 import os
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from ow_prefect import AsyncOpenWeights, ConfigurationError, NotFoundError, OpenWeights
 from ow_prefect.jobs.submit import job_tag
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.usefixtures("worker", "use_server")
 
@@ -29,14 +29,6 @@ if not marker.exists():
     sys.exit("first attempt fails on purpose")
 print("second attempt works")
 """
-
-
-def eventually(check, timeout: float = 30, interval: float = 0.5):
-    """Logs and events reach the server in batches, a moment after the run ends."""
-    deadline = time.monotonic() + timeout
-    while not (result := check()) and time.monotonic() < deadline:
-        time.sleep(interval)
-    return result
 
 
 def count_runs(job_id: str) -> int:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import asyncio
+import os
+import threading
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from functools import cached_property
+from typing import Any
 
 from ow_prefect.client.files import AsyncFiles, Files
 from ow_prefect.client.jobs import AsyncJobs, Jobs, JobTypeResource
@@ -23,6 +28,55 @@ class BaseOpenWeights:
         # Prefect's settings live in a context variable, which new threads (and anyio worker threads) do
         # not inherit: keep the ones in force now and re-enter them around every call into Prefect.
         self._prefect_settings = SettingsContext.get()
+        self._local = threading.local()
+        self._open_clients: list[Any] = []
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        if not self._prefect_settings.settings.api.url:
+            # The ephemeral server this process starts would otherwise race its telemetry writes against the
+            # job's own on SQLite ("database is locked" tracebacks); a throwaway server has nothing to report.
+            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    @contextmanager
+    def prefect_client(self) -> Iterator[Any]:
+        """Prefect's sync client, one per thread, kept open: building one costs ~30 ms (TLS context)."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from prefect.client.orchestration import get_client
+
+            with self.prefect_settings():
+                client = get_client(sync_client=True)
+            client.__enter__()
+            self._local.client = client
+            self._open_clients.append(client)
+        with client:
+            yield client
+
+    @asynccontextmanager
+    async def async_prefect_client(self) -> AsyncIterator[Any]:
+        """Prefect's async client, one per event loop, kept open until `aclose()`."""
+        loop = asyncio.get_running_loop()
+        client = self._async_clients.get(loop)
+        if client is None:
+            from prefect.client.orchestration import get_client
+
+            with self.prefect_settings():
+                client = get_client()
+            await client.__aenter__()
+            self._async_clients[loop] = client
+        async with client:
+            yield client
+
+    def close(self) -> None:
+        """Close the sync Prefect clients of every thread (also done on leaving `with OpenWeights() as ow:`)."""
+        while self._open_clients:
+            self._open_clients.pop().__exit__(None, None, None)
+        self._local = threading.local()
+
+    async def aclose(self) -> None:
+        """Close the async Prefect client of the running event loop (also on `async with` exit)."""
+        client = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.__aexit__(None, None, None)
 
     @contextmanager
     def prefect_settings(self) -> Iterator[None]:
@@ -63,6 +117,12 @@ class OpenWeights(BaseOpenWeights):
     >>> job.wait().outputs
     """
 
+    def __enter__(self) -> OpenWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @cached_property
     def files(self) -> Files:
         return Files(self)
@@ -74,6 +134,12 @@ class OpenWeights(BaseOpenWeights):
 
 class AsyncOpenWeights(BaseOpenWeights):
     """The asynchronous twin: the same resources, awaitable (``await ow.custom.create(...)``)."""
+
+    async def __aenter__(self) -> AsyncOpenWeights:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     @cached_property
     def files(self) -> AsyncFiles:

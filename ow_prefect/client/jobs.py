@@ -152,10 +152,7 @@ class Jobs(_JobsBase):
     """Synchronous job operations."""
 
     def _prefect(self):
-        from prefect.client.orchestration import get_client
-
-        with self._client.prefect_settings():
-            return get_client(sync_client=True)
+        return self._client.prefect_client()
 
     def _find_run(self, client, job_id: str):
         runs = client.read_flow_runs(flow_run_filter=_run_filter([job_tag(job_id)]), sort=_newest_first(), limit=1)
@@ -270,10 +267,7 @@ class AsyncJobs(_JobsBase):
     """Asynchronous job operations: the twin of `Jobs`, on Prefect's async client."""
 
     def _prefect(self):
-        from prefect.client.orchestration import get_client
-
-        with self._client.prefect_settings():
-            return get_client()
+        return self._client.async_prefect_client()
 
     async def _find_run(self, client, job_id: str):
         runs = await client.read_flow_runs(
