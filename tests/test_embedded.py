@@ -2,7 +2,7 @@
 
 import pytest
 
-from ow_prefect import JobFailedError, OpenWeights
+from ow_prefect import AsyncOpenWeights, JobFailedError, OpenWeights
 from tests.helpers import eventually
 
 SCRIPT = """
@@ -56,3 +56,11 @@ def test_direct_flow_call_caches_the_work_under_the_job_id(script_file):
     from ow_prefect.settings import get_settings
 
     assert (get_settings().home_dir / "count").read_text() == "1"
+
+
+async def test_async_twin_runs_embedded_jobs_too():
+    async with AsyncOpenWeights() as ow:
+        job = await ow.custom.create(entrypoint="echo async twin")
+        assert job.status == "completed"
+        assert (await job.refresh()).flow_run_id == job.flow_run_id
+        assert [j.id for j in await ow.jobs.list(type="custom", limit=50)].count(job.id) == 1

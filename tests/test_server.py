@@ -82,8 +82,9 @@ async def test_fifty_concurrent_identical_submissions_make_one_flow_run():
     jobs = await asyncio.gather(*[ow.custom.create(entrypoint="echo once; sleep 1") for _ in range(50)])
     assert len({j.id for j in jobs}) == 1 and len({j.flow_run_id for j in jobs}) == 1
     assert count_runs(jobs[0].id) == 1
-    done = await ow.jobs.wait(jobs[0].id, timeout=120, poll_interval=0.5)
-    assert done.status == "completed"
+    done = await jobs[0].wait(timeout=120, poll_interval=0.5)
+    assert done.status == "completed" and done is jobs[0]
+    await ow.aclose()
 
 
 def test_concurrent_submissions_from_threads():

@@ -195,9 +195,6 @@ class Jobs(_JobsBase):
             raise NotFoundError(f"no job {job_id}")
         return self._job(run)
 
-    def _refresh(self, job: Job) -> Job:
-        return job._update(self.retrieve(job.id))
-
     def list(
         self, status: JobStatus | list[JobStatus] | None = None, type: str | None = None, limit: int = 100
     ) -> list[Job]:
@@ -314,9 +311,6 @@ class AsyncJobs(_JobsBase):
         if run is None:
             raise NotFoundError(f"no job {job_id}")
         return await self._job_async(run)
-
-    async def _refresh(self, job: Job) -> Job:
-        return job._update(await self.retrieve(job.id))
 
     async def list(
         self, status: JobStatus | list[JobStatus] | None = None, type: str | None = None, limit: int = 100

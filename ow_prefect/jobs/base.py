@@ -7,6 +7,7 @@ every client; built-in types register themselves the same way user types do.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -153,18 +154,28 @@ class Job:
             raise RuntimeError("this Job is not bound to a client; get it from ow.jobs.retrieve(id)")
         return self._client.jobs
 
+    def _updated(self, result):
+        """Update this handle from the client's answer (awaited first on the async client)."""
+        if inspect.isawaitable(result):
+
+            async def finish():
+                return self._update(await result)
+
+            return finish()
+        return self._update(result)
+
     def refresh(self):
-        return self._jobs()._refresh(self)
+        return self._updated(self._jobs().retrieve(self.id))
 
     def cancel(self):
-        return self._jobs().cancel(self.id)
+        return self._updated(self._jobs().cancel(self.id))
 
     def restart(self):
-        return self._jobs().restart(self.id)
+        return self._updated(self._jobs().restart(self.id))
 
     def wait(self, timeout: float | None = None, poll_interval: float = 2.0, raise_on_failure: bool = True):
-        return self._jobs().wait(
-            self.id, timeout=timeout, poll_interval=poll_interval, raise_on_failure=raise_on_failure
+        return self._updated(
+            self._jobs().wait(self.id, timeout=timeout, poll_interval=poll_interval, raise_on_failure=raise_on_failure)
         )
 
     def download(self, dest: str | Path):
