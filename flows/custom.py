@@ -34,8 +34,20 @@ def _run_command(job: JobRun) -> dict[str, Any]:
             for path in sorted((work / "uploads").rglob("*"))
             if path.is_file()
         }
-        extra = json.loads(outputs_file.read_text()) if outputs_file.exists() else {}
+        extra = _read_outputs(outputs_file)
     return {**extra, "files": files}
+
+
+def _read_outputs(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        extra = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the command wrote invalid JSON to $OW_OUTPUTS ({exc}); write one JSON object") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"$OW_OUTPUTS must hold a JSON object, not {type(extra).__name__}")
+    return extra
 
 
 @flow(name="custom", log_prints=True)

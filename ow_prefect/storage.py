@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from ow_prefect.errors import ConfigurationError, NotFoundError, StorageError
 from ow_prefect.hashing import HASH_CHARS, canonical_json, sha256_bytes, sha256_file
+from ow_prefect.hashing import file_id as file_id_for
 from ow_prefect.settings import OWSettings, get_settings
 
 PURPOSE_RE = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
@@ -278,24 +279,20 @@ class Storage:
         self.backend.put_bytes(key, record.model_dump_json(exclude_none=True).encode())
         return record
 
-    def put_bytes(self, data: bytes, purpose: str, filename: str | None = None) -> FileObject:
-        check_purpose(purpose)
-        sha = sha256_bytes(data)
-        file_id = f"{purpose}:file-{sha[:HASH_CHARS]}"
+    def _put_file(self, purpose: str, sha: str, size: int, filename: str | None, **content: Any) -> FileObject:
+        """Store one file's content (`data=` bytes or `path=`) under its id, unless that id exists already."""
+        file_id = file_id_for(purpose, sha)
         if self.backend.exists(record_key(file_id)):
             return self.info(file_id)
-        self._put_blob(sha, data=data)
-        return self._save_record(
-            FileObject(
-                id=file_id,
-                purpose=purpose,
-                kind="file",
-                bytes=len(data),
-                sha256=sha,
-                filename=filename,
-                created_at=time.time(),
-            )
+        self._put_blob(sha, **content)
+        record = FileObject(
+            id=file_id, purpose=purpose, kind="file", bytes=size, sha256=sha, filename=filename, created_at=time.time()
         )
+        return self._save_record(record)
+
+    def put_bytes(self, data: bytes, purpose: str, filename: str | None = None) -> FileObject:
+        check_purpose(purpose)
+        return self._put_file(purpose, sha256_bytes(data), len(data), filename, data=data)
 
     def put_path(self, path: str | os.PathLike[str], purpose: str) -> FileObject:
         """Store a file or a whole directory; unchanged content is never uploaded twice."""
@@ -305,22 +302,7 @@ class Storage:
             return self._put_directory(path, purpose)
         if not path.is_file():
             raise NotFoundError(f"{path} does not exist")
-        sha = sha256_file(path)
-        file_id = f"{purpose}:file-{sha[:HASH_CHARS]}"
-        if self.backend.exists(record_key(file_id)):
-            return self.info(file_id)
-        self._put_blob(sha, path=path)
-        return self._save_record(
-            FileObject(
-                id=file_id,
-                purpose=purpose,
-                kind="file",
-                bytes=path.stat().st_size,
-                sha256=sha,
-                filename=path.name,
-                created_at=time.time(),
-            )
-        )
+        return self._put_file(purpose, sha256_file(path), path.stat().st_size, path.name, path=path)
 
     def _put_directory(self, root: Path, purpose: str) -> FileObject:
         entries = []

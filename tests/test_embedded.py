@@ -64,3 +64,8 @@ async def test_async_twin_runs_embedded_jobs_too():
         assert job.status == "completed"
         assert (await job.refresh()).flow_run_id == job.flow_run_id
         assert [j.id for j in await ow.jobs.list(type="custom", limit=50)].count(job.id) == 1
+
+
+def test_outputs_that_are_not_a_json_object_fail_the_job_clearly():
+    job = OpenWeights().custom.create(entrypoint='echo "[1, 2]" > "$OW_OUTPUTS"')
+    assert job.status == "failed" and "must hold a JSON object, not list" in job.error
