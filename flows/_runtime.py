@@ -4,16 +4,18 @@ once, stream subprocess output into the run's logs and record the job's outputs.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import get_run_logger, task
 from prefect.context import FlowRunContext
 from prefect.utilities.annotations import opaque
+from pydantic import BaseModel, Field
 
 from ow_prefect.errors import CodeMismatchError
 from ow_prefect.jobs import Job
@@ -49,6 +51,32 @@ def start_job(job_cls: type[Job], parameters: dict[str, Any], ow_job: dict[str, 
         _ensure_tags(flow_run, [JOB_TAG, job_tag(computed), type_tag(job_cls.name)])
     get_run_logger().info("job %s (%s)", computed, job_cls.name)
     return JobRun(job_cls, computed, flow_parameters, Storage.from_settings(), flow_run)
+
+
+def with_params_signature(fn: Callable[..., Any], params: type[BaseModel]) -> Callable[..., Any]:
+    """Give ``fn(**kwargs)`` a signature with one keyword per field of `params` (plus ``ow_job``).
+
+    Flow parameters stay flat — the UI form, ``prefect deployment run --param loss=dpo`` and per-deployment
+    presets all work on single fields — while the fields, defaults and descriptions are written once, in the
+    job type's pydantic model. Cross-field rules are checked by `start_job`.
+    """
+    parameters = []
+    for name, field in params.model_fields.items():
+        default = inspect.Parameter.empty if field.is_required() else field.get_default(call_default_factory=True)
+        annotation = Annotated[field.annotation, Field(description=field.description)]
+        parameters.append(
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        )
+    parameters.append(
+        inspect.Parameter("ow_job", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=dict[str, Any] | None)
+    )
+    fn.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])
+    # Prefect reads parameter descriptions (the UI form's help text) from a Google-style docstring.
+    described = "\n".join(f"    {name}: {field.description}" for name, field in params.model_fields.items())
+    envelope = "    ow_job: set by the ow_prefect SDK: job id, code hash, image."
+    fn.__doc__ = f"{fn.__doc__ or ''}\n\nArgs:\n{described}\n{envelope}\n"
+    fn.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": dict[str, Any]}
+    return fn
 
 
 def _ensure_tags(flow_run: Any, tags: list[str]) -> None:

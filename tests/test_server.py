@@ -110,7 +110,7 @@ def test_a_flow_whose_code_differs_from_the_clients_fails_fast():
     from prefect.client.orchestration import get_client
 
     ow = OpenWeights()
-    job_id, parameters = ow.jobs._prepare(ow.custom.job_cls, {"entrypoint": "echo never runs"})
+    parameters = ow.jobs._prepare(ow.custom.job_cls, {"entrypoint": "echo never runs"}).parameters
     parameters["ow_job"]["code_hash"] = "0" * 64
     parameters["ow_job"]["id"] = "customjob-000000000000"
     with get_client(sync_client=True) as client:

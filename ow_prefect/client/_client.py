@@ -14,6 +14,7 @@ from typing import Any
 from ow_prefect.client.files import AsyncFiles, Files
 from ow_prefect.client.jobs import AsyncJobs, Jobs, JobTypeResource
 from ow_prefect.jobs import custom as _builtin_custom  # noqa: F401  (registers ow.custom)
+from ow_prefect.jobs import finetune as _builtin_finetune  # noqa: F401  (registers ow.fine_tuning)
 from ow_prefect.jobs.base import get_job_type
 from ow_prefect.settings import OWSettings, get_settings
 from ow_prefect.storage import Storage

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,18 +115,37 @@ def _call_flow(client: BaseOpenWeights, job_cls: type[Job], parameters: dict[str
         _embedded_flow(job_cls)(**parameters, return_state=True)
 
 
+@dataclass
+class Submission:
+    job_cls: type[Job]
+    job_id: str
+    validated: Any
+    parameters: dict[str, Any]
+    deployment: str
+
+    @property
+    def tags(self) -> list[str]:
+        return tags_for(self.job_cls, self.job_id)
+
+    @property
+    def idempotency_key(self) -> str:
+        return idempotency_key(self.deployment, self.job_id)
+
+
 class _JobsBase:
     def __init__(self, client: BaseOpenWeights):
         self._client = client
         self._deployment_ids: dict[str, Any] = {}
 
-    def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> Submission:
         validated = job_cls.validate_params(**kwargs)
         flow_parameters = job_cls.flow_parameters(validated)
         image = job_cls.image()
         job_id = job_cls.compute_id(flow_parameters, image=image)
         envelope = {"id": job_id, "code_hash": job_cls.code_hash(), "image": image}
-        return job_id, {**flow_parameters, "ow_job": envelope}
+        return Submission(
+            job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, job_cls.deployment_for(validated)
+        )
 
     def _outputs(self, run: Any) -> dict[str, Any] | None:
         from ow_prefect.jobs.submit import status_of, tag_value
@@ -167,26 +187,27 @@ class Jobs(_JobsBase):
         return self._deployment_ids[name]
 
     def submit(self, job_cls: type[Job], **kwargs: Any) -> Job:
-        job_id, parameters = self._prepare(job_cls, kwargs)
+        sub = self._prepare(job_cls, kwargs)
         with self._prefect() as client:
-            run = self._find_run(client, job_id)
+            run = self._find_run(client, sub.job_id)
             action = plan(run)
             if action == "existing":
                 return self._job(run)
             if self._client.embedded:
-                _call_flow(self._client, job_cls, parameters, tags_for(job_cls, job_id))
+                _call_flow(self._client, job_cls, sub.parameters, sub.tags)
             elif action == "retry":
                 client.set_flow_run_state(run.id, _retry_state())
             else:
                 return self._job(
                     client.create_flow_run_from_deployment(
-                        self._deployment_id(client, job_cls.deployment),
-                        parameters=parameters,
-                        tags=tags_for(job_cls, job_id),
-                        idempotency_key=idempotency_key(job_cls.deployment, job_id),
+                        self._deployment_id(client, sub.deployment),
+                        parameters=sub.parameters,
+                        tags=sub.tags,
+                        idempotency_key=sub.idempotency_key,
+                        job_variables=job_cls.job_variables(sub.validated),
                     )
                 )
-            return self._job(self._find_run(client, job_id))
+            return self._job(self._find_run(client, sub.job_id))
 
     def retrieve(self, job_id: str) -> Job:
         with self._prefect() as client:
@@ -284,26 +305,28 @@ class AsyncJobs(_JobsBase):
         return await anyio.to_thread.run_sync(self._job, run)
 
     async def submit(self, job_cls: type[Job], **kwargs: Any) -> Job:
-        job_id, parameters = self._prepare(job_cls, kwargs)
+        sub = self._prepare(job_cls, kwargs)
         async with self._prefect() as client:
-            run = await self._find_run(client, job_id)
+            run = await self._find_run(client, sub.job_id)
             action = plan(run)
             if action == "existing":
                 return await self._job_async(run)
             if self._client.embedded:
-                await anyio.to_thread.run_sync(_call_flow, self._client, job_cls, parameters, tags_for(job_cls, job_id))
+                await anyio.to_thread.run_sync(_call_flow, self._client, job_cls, sub.parameters, sub.tags)
             elif action == "retry":
                 await client.set_flow_run_state(run.id, _retry_state())
             else:
+                variables = await anyio.to_thread.run_sync(job_cls.job_variables, sub.validated)
                 return await self._job_async(
                     await client.create_flow_run_from_deployment(
-                        await self._deployment_id(client, job_cls.deployment),
-                        parameters=parameters,
-                        tags=tags_for(job_cls, job_id),
-                        idempotency_key=idempotency_key(job_cls.deployment, job_id),
+                        await self._deployment_id(client, sub.deployment),
+                        parameters=sub.parameters,
+                        tags=sub.tags,
+                        idempotency_key=sub.idempotency_key,
+                        job_variables=variables,
                     )
                 )
-            return await self._job_async(await self._find_run(client, job_id))
+            return await self._job_async(await self._find_run(client, sub.job_id))
 
     async def retrieve(self, job_id: str) -> Job:
         async with self._prefect() as client:
@@ -388,8 +411,7 @@ class JobTypeResource:
 
     def validate(self, **params: Any) -> str:
         """Validate parameters without submitting; return the job id they would get."""
-        job_id, _ = self._jobs._prepare(self.job_cls, params)
-        return job_id
+        return self._jobs._prepare(self.job_cls, params).job_id
 
     def create(self, **params: Any):
         """Submit a job (or get the existing one with the same id). Awaitable on the async client."""

@@ -67,6 +67,16 @@ class Job:
         return validated.model_dump(mode="json")
 
     @classmethod
+    def deployment_for(cls, validated: BaseModel) -> str:
+        """The deployment that runs these parameters (one job type may have several, e.g. one per loss)."""
+        return cls.deployment
+
+    @classmethod
+    def job_variables(cls, validated: BaseModel) -> dict[str, Any]:
+        """Job variables for the worker (e.g. ``requires_vram_gb``); computed only when a run is created."""
+        return {}
+
+    @classmethod
     def image(cls) -> str:
         from ow_prefect.settings import get_settings
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import PurePosixPath
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -56,3 +57,7 @@ class CustomJob(Job):
     params = CustomRunParams
     code = ("flows/custom.py", "flows/_runtime.py")
     id_prefix = "customjob"
+
+    @classmethod
+    def job_variables(cls, validated: CustomRunParams) -> dict[str, Any]:
+        return {"requires_vram_gb": validated.requires_vram_gb}

@@ -1,0 +1,34 @@
+"""Pushing a fine-tuned model to the Hugging Face Hub, with the token from a Prefect Secret block."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HF_TOKEN_SECRET = os.environ.get("OW_HF_TOKEN_SECRET", "hf-token")
+
+
+def hf_token() -> str | None:
+    """The token in the Secret block `OW_HF_TOKEN_SECRET` (default 'hf-token'), or None when there is none."""
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(HF_TOKEN_SECRET, _sync=True).get()
+    except ValueError:
+        return None
+
+
+def repo_id(template: str, *, job_id: str, model: str, org: str) -> str:
+    return template.format(job_id=job_id, model_name=Path(model.rstrip("/")).name, org=org)
+
+
+def push(folder: Path, template: str, *, job_id: str, model: str, private: bool, token: str) -> str:
+    """Create (or reuse) the repository and upload `folder`; return the repository id."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    org = os.environ.get("OW_HF_ORG") or api.whoami()["name"]
+    target = repo_id(template, job_id=job_id, model=model, org=org)
+    api.create_repo(target, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(repo_id=target, folder_path=str(folder), commit_message=f"ow_prefect job {job_id}")
+    return target

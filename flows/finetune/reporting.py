@@ -1,0 +1,159 @@
+"""What a training run shows while it runs and leaves behind, and the checkpoints it keeps in storage.
+
+Trainer callbacks (transformers' TrainerCallback) that talk to Prefect and to ow_prefect storage; the
+training code itself (train.py) knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import (
+    create_image_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.events import emit_event
+from transformers import TrainerCallback
+
+from ow_prefect.storage import Storage
+
+CHECKPOINT_PURPOSE = "checkpoint"
+
+
+def job_resource(job_id: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"ow.job.{job_id}", "prefect.resource.name": job_id}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class PrefectReporter(TrainerCallback):
+    """Each logged step -> an `ow.train.metrics` event; a progress artifact updated as steps go by."""
+
+    def __init__(self, job_id: str, flow_run_id: str | None):
+        self.job_id = job_id
+        self.related = (
+            [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}]
+            if flow_run_id
+            else []
+        )
+        self.progress_id = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress_id = create_progress_artifact(
+            progress=0.0,
+            key=f"{self.job_id}-progress".replace("_", "-"),
+            description=f"training steps done of {state.max_steps}",
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        metrics = {k: v for k, v in (logs or {}).items() if _number(v)}
+        emit_event(
+            event="ow.train.metrics",
+            resource=job_resource(self.job_id),
+            related=self.related,
+            payload={"step": state.global_step, "max_steps": state.max_steps, **metrics},
+        )
+        if self.progress_id and state.max_steps:
+            update_progress_artifact(self.progress_id, progress=100.0 * state.global_step / state.max_steps)
+
+
+class CheckpointSync(TrainerCallback):
+    """Every checkpoint the trainer writes goes to storage, so a rerun of the job resumes from it."""
+
+    def __init__(self, job_id: str, storage: Storage):
+        self.job_id = job_id
+        self.storage = storage
+        self.uploaded: list[str] = []
+
+    @staticmethod
+    def key(job_id: str) -> str:
+        return f"checkpoints/{job_id}.json"
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            record = self.storage.put_path(folder, CHECKPOINT_PURPOSE)
+            self.storage.put_json(self.key(self.job_id), {"step": state.global_step, "id": record.id})
+            self.uploaded.append(record.id)
+
+    def finish(self) -> None:
+        """After a complete run, a restart trains from the start again instead of resuming at the end."""
+        self.storage.put_json(self.key(self.job_id), {"completed": True, "checkpoints": self.uploaded})
+
+    @classmethod
+    def restore(cls, job_id: str, storage: Storage, output_dir: Path) -> Path | None:
+        """Download the newest stored checkpoint of this job into `output_dir`, if there is one."""
+        from ow_prefect.errors import NotFoundError
+
+        try:
+            latest = storage.get_json(cls.key(job_id))
+        except NotFoundError:
+            return None
+        if "id" not in latest:
+            return None
+        target = output_dir / f"checkpoint-{latest['step']}"
+        shutil.rmtree(target, ignore_errors=True)
+        storage.download(latest["id"], target)
+        return target
+
+
+def metrics_table(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm"]
+    return [{k: h.get(k) for k in keys if k in h} for h in history if "loss" in h or "eval_loss" in h]
+
+
+def loss_curve_svg(history: list[dict[str, Any]], width: int = 480, height: int = 240) -> str:
+    """A dependency-free SVG line chart of training (and evaluation) loss against step."""
+    series = {name: [(h["step"], h[name]) for h in history if _number(h.get(name))] for name in ("loss", "eval_loss")}
+    points = [p for values in series.values() for p in values]
+    if not points:
+        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"/>'
+    pad = 36
+    steps, losses = [p[0] for p in points], [p[1] for p in points]
+    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+    y0, y1 = min(losses), max(losses) if max(losses) > min(losses) else min(losses) + 1
+
+    def xy(step: float, loss: float) -> str:
+        x = pad + (step - x0) / (x1 - x0) * (width - 2 * pad)
+        y = height - pad - (loss - y0) / (y1 - y0) * (height - 2 * pad)
+        return f"{x:.1f},{y:.1f}"
+
+    colors = {"loss": "#2563eb", "eval_loss": "#dc2626"}
+    lines = [
+        f'<polyline fill="none" stroke="{colors[name]}" stroke-width="2" points="{" ".join(xy(*p) for p in values)}"/>'
+        for name, values in series.items()
+        if values
+    ]
+    labels = (
+        f'<text x="{pad}" y="16" font-size="12">loss {y0:.3g}–{y1:.3g} (blue: train, red: eval)</text>'
+        f'<text x="{pad}" y="{height - 8}" font-size="12">step {x0}–{x1}</text>'
+    )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
+        f'<rect width="100%" height="100%" fill="white"/>{labels}{"".join(lines)}</svg>'
+    )
+
+
+def publish_results(job_id: str, history: list[dict[str, Any]], storage: Storage) -> str:
+    """The metrics table and the loss curve (stored as a result file, shown as an image artifact)."""
+    key = job_id.replace("_", "-")
+    rows = metrics_table(history)
+    if rows:
+        create_table_artifact(table=rows, key=f"{key}-metrics", description=f"training metrics of {job_id}")
+    svg = loss_curve_svg(history).encode()
+    record = storage.put_bytes(svg, "result", filename="loss_curve.svg")
+    import base64
+
+    create_image_artifact(
+        image_url="data:image/svg+xml;base64," + base64.b64encode(svg).decode(),
+        key=f"{key}-loss-curve",
+        description=f"loss curve of {job_id} (file {record.id})",
+    )
+    return record.id

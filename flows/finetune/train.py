@@ -1,0 +1,213 @@
+"""LoRA fine-tuning with TRL: load -> prepare data -> build the trainer -> train -> save.
+
+No Prefect here: the flow adds its callbacks (events, artifacts, checkpoints to storage). The same file runs
+on its own with local paths:
+
+    python -m flows.finetune.train --config cfg.json
+
+where cfg.json holds the `finetune` parameters with `training_file` / `test_file` as local JSONL paths, plus
+optional "output_dir".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+import torch  # noqa: E402
+
+from flows.finetune import backends, data  # noqa: E402
+
+OPTIMIZERS = {
+    "adamw": "adamw_torch",
+    "adam": "adamw_torch",
+    "adamw_torch": "adamw_torch",
+    "sgd": "sgd",
+    "adafactor": "adafactor",
+    "adamw_8bit": "adamw_8bit",
+}
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    merged_dir: Path | None
+    backend: str
+    global_step: int
+    train_loss: float | None
+    eval_loss: float | None
+    log_history: list[dict[str, Any]]
+    resumed_from_step: int | None = None
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def optimizer_name(cfg: Any) -> str:
+    name = OPTIMIZERS[cfg.optim]
+    # 8-bit AdamW is a bitsandbytes CUDA kernel; on CPU the same update runs in full precision.
+    return "adamw_torch" if name == "adamw_8bit" and not torch.cuda.is_available() else name
+
+
+def common_args(cfg: Any, output_dir: Path, has_eval: bool) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    eval_strategy = cfg.test_file_eval_strategy if has_eval else "no"
+    return dict(
+        output_dir=str(output_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        optim=optimizer_name(cfg),
+        seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy=eval_strategy,
+        eval_steps=cfg.test_file_eval_steps if eval_strategy == "steps" else None,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        report_to="none",
+        use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        fp16=cuda and not torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        max_length=cfg.max_seq_length,
+        include_num_input_tokens_seen=True,
+        disable_tqdm=False,
+    )
+
+
+def build_trainer(
+    cfg: Any,
+    loaded: backends.Loaded,
+    training_path: Path,
+    test_path: Path | None,
+    output_dir: Path,
+    callbacks: list[Any],
+):
+    tokenizer = data.prepare_tokenizer(loaded.tokenizer, cfg.chat_template)
+    args = common_args(cfg, output_dir, test_path is not None)
+    if cfg.loss == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        train = data.sft_dataset(training_path, tokenizer, cfg.train_on_responses_only)
+        test = data.sft_dataset(test_path, tokenizer, cfg.train_on_responses_only) if test_path else None
+        return SFTTrainer(
+            model=loaded.model,
+            args=SFTConfig(**args, packing=cfg.packing),
+            train_dataset=train,
+            eval_dataset=test,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+    if cfg.loss == "dpo":
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
+    else:
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+    train = data.preference_dataset(training_path)
+    test = data.preference_dataset(test_path) if test_path else None
+    return Trainer(
+        model=loaded.model,
+        args=Config(**args, beta=cfg.beta),
+        train_dataset=train,
+        eval_dataset=test,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def _last(history: list[dict[str, Any]], key: str) -> float | None:
+    values = [h[key] for h in history if key in h and math.isfinite(h[key])]
+    return values[-1] if values else None
+
+
+def main(
+    cfg: Any,
+    training_path: Path,
+    test_path: Path | None,
+    output_dir: Path,
+    *,
+    callbacks: list[Any] = (),
+    resume_from: Path | None = None,
+) -> TrainResult:
+    """Train and save the adapter (and the merged model when cfg.merge_before_push) under `output_dir`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    loaded = backends.load(cfg)
+    trainer = build_trainer(cfg, loaded, training_path, test_path, output_dir, list(callbacks))
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    history = trainer.state.log_history
+    eval_loss = _last(history, "eval_loss")
+    if test_path is not None and cfg.test_file_eval_strategy != "no":
+        eval_loss = trainer.evaluate()["eval_loss"]
+    adapter_dir = output_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    loaded.tokenizer.save_pretrained(str(adapter_dir))
+    merged_dir = None
+    if cfg.merge_before_push:  # last: merging changes the model in place (and DPO's reference with it)
+        merged_dir = output_dir / "merged"
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(merged_dir))
+        loaded.tokenizer.save_pretrained(str(merged_dir))
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        merged_dir=merged_dir,
+        backend=loaded.backend,
+        global_step=trainer.state.global_step,
+        train_loss=_last(history, "loss") or output.training_loss,
+        eval_loss=eval_loss,
+        log_history=history,
+        resumed_from_step=int(resume_from.name.split("-")[-1]) if resume_from else None,
+        train_tokens=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
+        train_seconds=float(output.metrics.get("train_runtime", 0.0)),
+    )
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.finetune.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, type=Path)
+    args = parser.parse_args(argv)
+    from ow_prefect.jobs.finetune import FineTuningParams
+
+    raw = json.loads(args.config.read_text())
+    output_dir = Path(raw.pop("output_dir", "finetune-output"))
+    training_path, test_path = Path(raw["training_file"]), raw.get("test_file")
+    purpose = "conversations" if raw.get("loss", "sft") == "sft" else "preference"
+    raw["training_file"] = f"{purpose}:file-{'0' * 12}"
+    if test_path:
+        raw["test_file"] = raw["training_file"]
+    cfg = FineTuningParams(**raw)
+    result = main(cfg, training_path, Path(test_path) if test_path else None, output_dir)
+    print(
+        json.dumps(
+            {
+                "adapter": str(result.adapter_dir),
+                "train_loss": result.train_loss,
+                "eval_loss": result.eval_loss,
+                "steps": result.global_step,
+                "backend": result.backend,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,180 @@
+"""Fine-tuning with LoRA (SFT, DPO, ORPO): the parameters, their rules, and the `finetune` job type."""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ow_prefect.jobs.base import Job, register
+from ow_prefect.storage import ID_RE
+
+Loss = Literal["sft", "dpo", "orpo"]
+DATA_PURPOSE: dict[str, str] = {"sft": "conversations", "dpo": "preference", "orpo": "preference"}
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL_ID_FIELDS = {"job_id", "model_name", "org"}
+SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
+
+
+class FineTuningParams(BaseModel):
+    """Parameters of the `finetune` flow (parity with OpenWeights' training config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="Base model: a Hugging Face Hub id or a local directory.")
+    training_file: str = Field(
+        description="File id of the training data: 'conversations:…' for SFT, 'preference:…' for DPO/ORPO."
+    )
+    test_file: str | None = Field(default=None, description="File id of evaluation data (same kind).")
+    loss: Loss = Field(default="sft", description="Training objective: sft, dpo or orpo.")
+    r: int = Field(default=16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha (scaling numerator).")
+    lora_dropout: float = Field(default=0.0, ge=0, le=1, description="LoRA dropout, 0 to 1.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES), description="Modules that get LoRA adapters."
+    )
+    lora_bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases to train.")
+    use_rslora: bool = Field(default=True, description="Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    load_in_4bit: bool = Field(default=False, description="Load the base model in 4-bit (QLoRA; CUDA only).")
+    max_seq_length: int = Field(default=2048, ge=16, description="Longest sequence in tokens; longer rows are cut.")
+    epochs: int = Field(default=1, ge=1, description="Passes over the training data (unless max_steps is set).")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    per_device_train_batch_size: int = Field(default=2, ge=1, description="Rows per device per step.")
+    gradient_accumulation_steps: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(
+        default=1e-4,
+        description="Learning rate; a negative number x means 10**x (-4 is 1e-4); numeric strings are accepted.",
+    )
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = Field(default="linear", description="LR schedule.")
+    warmup_steps: int = Field(default=5, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
+    optim: Literal["adamw_8bit", "adamw", "adamw_torch", "adam", "sgd", "adafactor"] = Field(
+        default="adamw_8bit", description="Optimizer; adamw_8bit needs CUDA (adamw_torch is used on CPU)."
+    )
+    seed: int = Field(default=3407, description="Random seed.")
+    beta: float = Field(default=0.1, gt=0, description="DPO/ORPO beta (ignored for SFT).")
+    train_on_responses_only: bool = Field(default=True, description="SFT: loss on assistant tokens only.")
+    packing: bool = Field(default=False, description="SFT: pack several rows into one sequence.")
+    logging_steps: int = Field(default=1, ge=1, description="Log metrics every N steps.")
+    save_steps: int = Field(default=5000, ge=1, description="Checkpoint (to storage) every N steps.")
+    test_file_eval_strategy: Literal["no", "steps", "epoch"] = Field(
+        default="epoch", description="When to evaluate on test_file: no, steps (see test_file_eval_steps), epoch."
+    )
+    test_file_eval_steps: int | None = Field(default=None, ge=1, description="Evaluate every N steps.")
+    eval_batch_size: int = Field(default=8, ge=1, description="Batch size for test_file evaluation.")
+    merge_before_push: bool = Field(
+        default=True, description="Also store (and push) the merged model, not only the adapter. Not with 4-bit models."
+    )
+    push_to_private: bool = Field(default=True, description="Hub repository visibility when pushing.")
+    finetuned_model_id: str = Field(
+        default="{org}/{model_name}-{job_id}",
+        description="Hub repo to push to (needs an HF token Secret block); placeholders {org}, {model_name}, {job_id}.",
+    )
+    job_id_suffix: str | None = Field(default=None, description="Appended to the job id (lowercase, digits, -_).")
+    chat_template: str = Field(
+        default="default",
+        description="'default' keeps the tokenizer's template (ChatML "
+        "when it has none); any other value is used as the Jinja template.",
+    )
+    meta: dict[str, Any] | None = Field(default=None, description="Free-form metadata kept with the job.")
+    requires_vram_gb: int | None = Field(
+        default=None, ge=0, description="GPU memory to ask for; default: estimated from the model's config."
+    )
+
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _learning_rate(cls, value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"learning_rate {value!r} is not a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("learning_rate must be a number")
+        if value == 0:
+            raise ValueError("learning_rate must not be 0: give a positive rate or a negative exponent (-4 = 1e-4)")
+        return float(10**value if value < 0 else value)
+
+    @field_validator("finetuned_model_id")
+    @classmethod
+    def _model_id(cls, value: str) -> str:
+        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        unknown = fields - MODEL_ID_FIELDS
+        if unknown:
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {sorted(MODEL_ID_FIELDS)}")
+        if value.count("/") != 1:
+            raise ValueError(f"{value!r} must look like 'org/name'")
+        return value
+
+    @field_validator("job_id_suffix")
+    @classmethod
+    def _suffix(cls, value: str | None) -> str | None:
+        if value is not None and not SUFFIX_RE.match(value):
+            raise ValueError("use up to 32 lowercase letters, digits, '-' or '_'")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> FineTuningParams:
+        purpose = DATA_PURPOSE[self.loss]
+        for field in ("training_file", "test_file"):
+            value = getattr(self, field)
+            if value is None:
+                continue
+            match = ID_RE.match(value)
+            if not match:
+                raise ValueError(
+                    f"{field}: {value!r} is not a file id; upload it with ow.files.upload(path, purpose={purpose!r})"
+                )
+            if match["purpose"] != purpose:
+                raise ValueError(
+                    f"{field}: loss={self.loss!r} needs a '{purpose}' file, got a '{match['purpose']}' file ({value})"
+                )
+        if self.test_file and self.test_file_eval_strategy == "steps" and not self.test_file_eval_steps:
+            raise ValueError("test_file_eval_strategy='steps' needs test_file_eval_steps")
+        if self.merge_before_push is None:
+            self.merge_before_push = not self.load_in_4bit
+        elif self.load_in_4bit and self.merge_before_push:
+            raise ValueError(
+                "merge_before_push cannot be used with load_in_4bit (merging into 4-bit weights "
+                "loses the adapter's precision); set merge_before_push=False"
+            )
+        return self
+
+
+@register("fine_tuning")
+class FineTuneJob(Job):
+    """LoRA fine-tuning with TRL; unsloth where it is installed, transformers + PEFT otherwise."""
+
+    deployment = "finetune/sft"
+    entrypoint = "flows/finetune/flow.py:finetune"
+    params = FineTuningParams
+    code = ("flows/finetune", "flows/_runtime.py")
+    id_prefix = "ftjob"
+
+    @classmethod
+    def deployment_for(cls, validated: FineTuningParams) -> str:
+        return f"finetune/{validated.loss}"
+
+    @classmethod
+    def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None) -> str:
+        job_id = super().compute_id(flow_parameters, image)
+        suffix = flow_parameters.get("job_id_suffix")
+        return f"{job_id}-{suffix}" if suffix else job_id
+
+    @classmethod
+    def job_variables(cls, validated: FineTuningParams) -> dict[str, Any]:
+        from ow_prefect.jobs.vram import estimate_vram_gb
+
+        vram = validated.requires_vram_gb
+        if vram is None:
+            vram = estimate_vram_gb(
+                validated.model,
+                load_in_4bit=validated.load_in_4bit,
+                max_seq_length=validated.max_seq_length,
+                batch_size=validated.per_device_train_batch_size,
+            )
+        return {"requires_vram_gb": vram}

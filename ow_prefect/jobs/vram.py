@@ -1,0 +1,65 @@
+"""GPU memory a fine-tuning job needs, from the model's config (not a regex on its name, which is only the
+fallback). Used by the SDK to pass `requires_vram_gb` to the worker; a job can override it."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+DEFAULT_VRAM_GB = 24
+NAME_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*[bB](?![a-zA-Z])")
+
+
+def read_config(model: str) -> dict[str, Any] | None:
+    """config.json of a local model directory or a Hub model (only that small file is fetched)."""
+    local = Path(model).expanduser()
+    if (local / "config.json").exists():
+        return json.loads((local / "config.json").read_text())
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except Exception:
+        return None
+
+
+def parameter_count(config: dict[str, Any]) -> int | None:
+    """Parameters of a decoder-only transformer from its config (Llama, Qwen, Mistral, Gemma shapes)."""
+    config = config.get("text_config", config)
+    try:
+        hidden = config["hidden_size"]
+        layers = config["num_hidden_layers"]
+        vocab = config["vocab_size"]
+        intermediate = config.get("intermediate_size") or 4 * hidden
+        heads = config["num_attention_heads"]
+    except KeyError:
+        return None
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_heads = config.get("num_key_value_heads") or heads
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    experts = config.get("num_local_experts") or config.get("num_experts") or 1
+    mlp = 3 * hidden * intermediate * experts
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp + 2 * hidden) + embeddings
+
+
+def estimate_vram_gb(model: str, *, load_in_4bit: bool, max_seq_length: int, batch_size: int) -> int:
+    """Weights (bf16, or ~4.5 bits) + 20% for LoRA states and buffers + activations + CUDA context."""
+    config = read_config(model)
+    params = parameter_count(config) if config else None
+    if params is None:
+        match = NAME_SIZE_RE.search(model.split("/")[-1])
+        if not match:
+            return DEFAULT_VRAM_GB
+        params = int(float(match.group(1)) * 1e9)
+        hidden = 4096
+    else:
+        hidden = config.get("text_config", config)["hidden_size"]
+    weight_bytes = params * (0.56 if load_in_4bit else 2)
+    activation_bytes = batch_size * max_seq_length * hidden * 2 * 34
+    total = weight_bytes * 1.2 + activation_bytes + 1.5 * GIB
+    return max(1, math.ceil(total / GIB))
