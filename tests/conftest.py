@@ -22,6 +22,9 @@ from ow_prefect.settings import get_settings  # noqa: E402
 
 os.environ["OW_VLLM_PYTHON"] = str(get_settings().vllm_interpreter)
 os.environ["OW_HOME"] = str(_SESSION_DIR / "ow-home")
+# Nothing can reach the Hub here: fail fast instead of waiting on connection time-outs.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 
@@ -102,3 +105,22 @@ def script_file():
         return OpenWeights().files.create(source.encode(), purpose="custom_job_file").id
 
     return upload
+
+
+@pytest.fixture(scope="session")
+def tiny_model(session_dir: Path) -> Path:
+    """A tiny Qwen2-style model and tokenizer built locally (no hub), shared by the session."""
+    from ow_prefect.testing.tiny_model import build_tiny_model
+
+    return build_tiny_model(session_dir / "tiny-model")
+
+
+@pytest.fixture(scope="session")
+def datasets_dir(session_dir: Path) -> Path:
+    from ow_prefect.testing.tiny_model import sample_conversations, sample_preferences, write_jsonl
+
+    folder = session_dir / "datasets"
+    folder.mkdir(exist_ok=True)
+    write_jsonl(sample_conversations(), folder / "conversations.jsonl")
+    write_jsonl(sample_preferences(), folder / "preference.jsonl")
+    return folder

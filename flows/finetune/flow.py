@@ -59,7 +59,7 @@ def _train(job: JobRun) -> dict[str, Any]:
             )
             logger.info("pushed to the Hub as %s", hub_model_id)
         else:
-            logger.info("no HF token Secret block '%s': not pushing to the Hub", hub.HF_TOKEN_SECRET)
+            logger.info("no HF token Secret block '%s': not pushing to the Hub", hub.secret_name())
     logger.info(
         "job %s: %s steps with %s, train loss %s, eval loss %s",
         job.id,

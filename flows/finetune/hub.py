@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-HF_TOKEN_SECRET = os.environ.get("OW_HF_TOKEN_SECRET", "hf-token")
+
+def secret_name() -> str:
+    return os.environ.get("OW_HF_TOKEN_SECRET", "hf-token")
 
 
 def hf_token() -> str | None:
@@ -13,7 +15,7 @@ def hf_token() -> str | None:
     from prefect.blocks.system import Secret
 
     try:
-        return Secret.load(HF_TOKEN_SECRET, _sync=True).get()
+        return Secret.load(secret_name(), _sync=True).get()
     except ValueError:
         return None
 

@@ -152,9 +152,14 @@ def main(
     trainer = build_trainer(cfg, loaded, training_path, test_path, output_dir, list(callbacks))
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = trainer.state.log_history
+    evaluated_at = [h["step"] for h in history if "eval_loss" in h]
+    if (
+        test_path is not None
+        and cfg.test_file_eval_strategy != "no"
+        and evaluated_at[-1:] != [trainer.state.global_step]
+    ):
+        trainer.evaluate()
     eval_loss = _last(history, "eval_loss")
-    if test_path is not None and cfg.test_file_eval_strategy != "no":
-        eval_loss = trainer.evaluate()["eval_loss"]
     adapter_dir = output_dir / "adapter"
     trainer.save_model(str(adapter_dir))
     loaded.tokenizer.save_pretrained(str(adapter_dir))

@@ -66,8 +66,10 @@ class FineTuningParams(BaseModel):
     )
     test_file_eval_steps: int | None = Field(default=None, ge=1, description="Evaluate every N steps.")
     eval_batch_size: int = Field(default=8, ge=1, description="Batch size for test_file evaluation.")
-    merge_before_push: bool = Field(
-        default=True, description="Also store (and push) the merged model, not only the adapter. Not with 4-bit models."
+    merge_before_push: bool | None = Field(
+        default=None,
+        description="Also store (and push) the merged model, not only the adapter. Default: yes, except for "
+        "4-bit models.",
     )
     push_to_private: bool = Field(default=True, description="Hub repository visibility when pushing.")
     finetuned_model_id: str = Field(

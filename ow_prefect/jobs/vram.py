@@ -43,8 +43,11 @@ def parameter_count(config: dict[str, Any]) -> int | None:
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
     experts = config.get("num_local_experts") or config.get("num_experts") or 1
     mlp = 3 * hidden * intermediate * experts
+    # Qwen2 always has q/k/v biases; other families say so with attention_bias.
+    if config.get("attention_bias", config.get("model_type") == "qwen2"):
+        attention += head_dim * (heads + 2 * kv_heads)
     embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings") else 2)
-    return layers * (attention + mlp + 2 * hidden) + embeddings
+    return layers * (attention + mlp + 2 * hidden) + hidden + embeddings
 
 
 def estimate_vram_gb(model: str, *, load_in_4bit: bool, max_seq_length: int, batch_size: int) -> int:

@@ -1,0 +1,115 @@
+"""Fine-tuning parameters: defaults, normalisation and cross-field rules, all checked before submission."""
+
+import pytest
+
+from ow_prefect import OpenWeights, ParameterError
+from ow_prefect.jobs.finetune import FineTuneJob, FineTuningParams
+from ow_prefect.jobs.vram import estimate_vram_gb, parameter_count
+
+CONV = "conversations:file-0123456789ab"
+PREF = "preference:file-0123456789ab"
+
+
+def params(**kwargs) -> FineTuningParams:
+    return FineTuningParams(**{"model": "org/model", "training_file": CONV, **kwargs})
+
+
+def test_defaults_follow_openweights():
+    p = params()
+    assert (p.loss, p.r, p.lora_alpha, p.use_rslora, p.epochs, p.learning_rate, p.optim) == (
+        "sft",
+        16,
+        16,
+        True,
+        1,
+        1e-4,
+        "adamw_8bit",
+    )
+    assert p.train_on_responses_only and p.merge_before_push and p.push_to_private
+    assert p.finetuned_model_id == "{org}/{model_name}-{job_id}"
+
+
+@pytest.mark.parametrize("given,expected", [(2e-4, 2e-4), ("2e-4", 2e-4), (-4, 1e-4), ("-3", 1e-3), (1, 1.0)])
+def test_learning_rate_forms_normalise_to_one_value(given, expected):
+    assert params(learning_rate=given).learning_rate == pytest.approx(expected)
+
+
+def test_equal_learning_rates_give_equal_job_ids():
+    ids = {
+        OpenWeights().fine_tuning.validate(model="m", training_file=CONV, learning_rate=lr)
+        for lr in (1e-4, "1e-4", -4, "0.0001")
+    }
+    assert len(ids) == 1 and next(iter(ids)).startswith("ftjob-")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"wrong_key": 1}, "wrong_key: Extra inputs are not permitted"),
+        ({"training_file": PREF}, "loss='sft' needs a 'conversations' file"),
+        ({"loss": "dpo"}, "loss='dpo' needs a 'preference' file"),
+        ({"loss": "orpo", "training_file": PREF, "test_file": CONV}, "test_file: loss='orpo' needs a 'preference'"),
+        ({"lora_dropout": 2}, "lora_dropout: Input should be less than or equal to 1"),
+        ({"learning_rate": 0}, "learning_rate must not be 0"),
+        ({"learning_rate": "fast"}, "is not a number"),
+        ({"training_file": "train.jsonl"}, "is not a file id; upload it with ow.files.upload"),
+        ({"load_in_4bit": True, "merge_before_push": True}, "merge_before_push cannot be used with load_in_4bit"),
+        ({"finetuned_model_id": "{user}/x"}, "unknown placeholder(s) ['user']"),
+        ({"finetuned_model_id": "just-a-name"}, "must look like 'org/name'"),
+        ({"test_file": CONV, "test_file_eval_strategy": "steps"}, "needs test_file_eval_steps"),
+        ({"loss": "ppo"}, "loss: Input should be 'sft', 'dpo' or 'orpo'"),
+        ({"job_id_suffix": "Has Spaces"}, "job_id_suffix"),
+    ],
+)
+def test_bad_configs_fail_at_validation_with_the_field_named(kwargs, message):
+    with pytest.raises(ParameterError) as info:
+        OpenWeights().fine_tuning.validate(**{"model": "org/model", "training_file": CONV, **kwargs})
+    assert message in str(info.value)
+
+
+def test_four_bit_turns_merging_off_by_default():
+    assert params(load_in_4bit=True).merge_before_push is False
+
+
+def test_deployment_and_suffix():
+    assert FineTuneJob.deployment_for(params(loss="dpo", training_file=PREF)) == "finetune/dpo"
+    job_id = OpenWeights().fine_tuning.validate(model="m", training_file=CONV, job_id_suffix="run-2")
+    assert job_id.endswith("-run-2")
+
+
+def test_parameter_count_from_config_matches_the_model(tiny_model):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert parameter_count(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_vram_estimate_from_config_and_name(tmp_path):
+    import json
+
+    seven_b = {
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "vocab_size": 32000,
+        "intermediate_size": 11008,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(seven_b))
+    assert 6.5e9 < parameter_count(seven_b) < 7e9
+    full = estimate_vram_gb(str(tmp_path), load_in_4bit=False, max_seq_length=2048, batch_size=2)
+    quantized = estimate_vram_gb(str(tmp_path), load_in_4bit=True, max_seq_length=2048, batch_size=2)
+    assert 15 <= full <= 24 and quantized < full / 2
+    assert (
+        estimate_vram_gb("nowhere/Some-Model-70B-Instruct", load_in_4bit=False, max_seq_length=2048, batch_size=2) > 150
+    )
+    assert estimate_vram_gb("nowhere/unnamed", load_in_4bit=False, max_seq_length=2048, batch_size=2) == 24
+
+
+def test_vram_is_a_job_variable_and_can_be_overridden(tiny_model):
+    assert FineTuneJob.job_variables(params(model=str(tiny_model))) == {"requires_vram_gb": 2}
+    assert FineTuneJob.job_variables(params(requires_vram_gb=80)) == {"requires_vram_gb": 80}
