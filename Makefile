@@ -6,7 +6,7 @@ setup:
 
 # The main job on the embedded default: no Prefect server, no worker, no cloud.
 demo: setup
-	OW_MODE=embedded .venv/bin/python examples/quickstart/run.py
+	OW_MODE=embedded .venv/bin/python examples/quickstart/finetune.py
 
 test: setup
 	.venv/bin/python -m pytest

@@ -22,10 +22,10 @@ def load_deployments(root: Path = ROOT) -> list[dict[str, Any]]:
     return yaml.safe_load((root / "prefect.yaml").read_text())["deployments"]
 
 
-def flow_name(entrypoint: str, root: Path = ROOT) -> str:
+def load_flow(entrypoint: str, root: Path = ROOT) -> Any:
     from prefect.flows import load_flow_from_entrypoint
 
-    return load_flow_from_entrypoint(str(root / entrypoint)).name
+    return load_flow_from_entrypoint(str(root / entrypoint))
 
 
 def ensure_pool(client: Any, pool: str, pool_type: str) -> None:
@@ -48,7 +48,8 @@ def register(pool: str | None = None, create_pool: str | None = None, root: Path
             pool_name = pool or spec["work_pool"]["name"]
             if create_pool:
                 ensure_pool(client, pool_name, create_pool)
-            name = flow_name(spec["entrypoint"], root)
+            flow = load_flow(spec["entrypoint"], root)
+            name = flow.name
             flow_id = client.create_flow_from_name(name)
             deployment_id = client.create_deployment(
                 flow_id=flow_id,
@@ -57,6 +58,7 @@ def register(pool: str | None = None, create_pool: str | None = None, root: Path
                 work_pool_name=pool_name,
                 job_variables=spec["work_pool"].get("job_variables") or {},
                 parameters=spec.get("parameters") or {},
+                parameter_openapi_schema=flow.parameters.model_dump(mode="json"),
                 description=spec.get("description"),
                 tags=spec.get("tags") or [],
                 pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}],

@@ -148,3 +148,41 @@ def test_runs_started_outside_the_sdk_are_tagged_as_jobs():
 
     assert eventually(finished, timeout=120)
     assert ow.jobs.retrieve(expected).status == "completed"
+
+
+def test_prefect_deployment_run_finetune_dpo(tiny_model, datasets_dir, prefect_api):
+    """The CLI path researchers use: `prefect deployment run finetune/dpo --param ...` on a process pool."""
+    import subprocess
+    import sys
+
+    ow = OpenWeights()
+    training_file = ow.files.upload(datasets_dir / "preference.jsonl", purpose="preference").id
+    params = {
+        "model": str(tiny_model),
+        "training_file": training_file,
+        "max_steps": 3,
+        "r": 8,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "merge_before_push": False,
+    }
+    cli = [sys.executable, "-m", "prefect", "deployment", "run", "finetune/dpo"]
+    for key, value in params.items():
+        cli += ["--param", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    result = subprocess.run(
+        cli, env={**os.environ, "PREFECT_API_URL": prefect_api}, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = ow.fine_tuning.validate(loss="dpo", **params)
+
+    def finished():
+        try:
+            return ow.jobs.retrieve(expected).done
+        except NotFoundError:
+            return False
+
+    assert eventually(finished, timeout=300)
+    job = ow.jobs.retrieve(expected)
+    assert job.status == "completed", job.error
+    assert job.params["loss"] == "dpo" and job.outputs["adapter"].startswith("adapter:dir-")
+    assert job.outputs["backend"] in ("unsloth", "transformers")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,10 @@ def _number(value: Any) -> bool:
 class PrefectReporter(TrainerCallback):
     """Each logged step -> an `ow.train.metrics` event; a progress artifact updated as steps go by."""
 
-    def __init__(self, job_id: str, flow_run_id: str | None):
+    def __init__(self, job_id: str, flow_run_id: str | None, progress_every_s: float = 2.0):
         self.job_id = job_id
+        self.progress_every_s = progress_every_s
+        self.progress_sent = 0.0
         self.related = (
             [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}]
             if flow_run_id
@@ -60,8 +63,12 @@ class PrefectReporter(TrainerCallback):
             related=self.related,
             payload={"step": state.global_step, "max_steps": state.max_steps, **metrics},
         )
-        if self.progress_id and state.max_steps:
+        # Events are queued and sent in the background; the progress artifact is a request, so keep it rare.
+        now = time.monotonic()
+        last_step = state.global_step >= state.max_steps
+        if self.progress_id and state.max_steps and (last_step or now - self.progress_sent >= self.progress_every_s):
             update_progress_artifact(self.progress_id, progress=100.0 * state.global_step / state.max_steps)
+            self.progress_sent = now
 
 
 class CheckpointSync(TrainerCallback):

@@ -1,0 +1,155 @@
+"""The `finetune` flow end to end in embedded mode: SDK -> flow -> training -> storage -> outputs, events,
+artifacts; caching of direct calls; the Hub push up to the network call."""
+
+import pytest
+
+from ow_prefect import OpenWeights, ParameterError
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.usefixtures("transformers_backend")
+SMALL = {
+    "max_steps": 4,
+    "r": 8,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 3e-3,
+    "warmup_steps": 0,
+}
+
+
+@pytest.fixture
+def transformers_backend(monkeypatch):
+    monkeypatch.setenv("OW_TRAIN_BACKEND", "transformers")
+
+
+@pytest.fixture(scope="module")
+def files(datasets_dir):
+    ow = OpenWeights()
+    return {
+        "sft": ow.files.upload(datasets_dir / "conversations.jsonl", purpose="conversations").id,
+        "dpo": ow.files.upload(datasets_dir / "preference.jsonl", purpose="preference").id,
+    }
+
+
+def artifacts_of(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+
+
+def test_sft_job_end_to_end(tiny_model, files, tmp_path):
+    ow = OpenWeights()
+    job = ow.fine_tuning.create(
+        model=str(tiny_model), training_file=files["sft"], test_file=files["sft"], save_steps=2, **SMALL
+    )
+    assert job.id.startswith("ftjob-") and job.status == "completed", job.error
+    out = job.outputs
+    assert out["model"] == {"base": str(tiny_model), "adapter": out["adapter"], "job": job.id}
+    assert out["adapter"].startswith("adapter:dir-") and out["merged"].startswith("model:dir-")
+    assert out["steps"] == 4 and out["train_loss"] > 0 and out["eval_loss"] > 0 and len(out["checkpoints"]) == 2
+    adapter = ow.files.download(out["adapter"], tmp_path / "adapter")
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert job.download(tmp_path / "results") and (tmp_path / "results" / "loss_curve.svg").read_text().startswith(
+        "<svg"
+    )
+
+    metrics = eventually(lambda: [e for e in job.events() if e["event"] == "ow.train.metrics"])
+    assert [e["payload"]["step"] for e in metrics][:4] == [1, 2, 3, 4]
+    assert all(e["resource"] == f"ow.job.{job.id}" for e in metrics)
+    kinds = {a.type for a in artifacts_of(job.flow_run_id)}
+    assert {"progress", "table", "image"} <= kinds
+
+    again = ow.fine_tuning.create(
+        model=str(tiny_model), training_file=files["sft"], test_file=files["sft"], save_steps=2, **SMALL
+    )
+    assert (again.id, again.flow_run_id) == (job.id, job.flow_run_id)
+
+
+def test_dpo_job(tiny_model, files):
+    job = OpenWeights().fine_tuning.create(
+        model=str(tiny_model), training_file=files["dpo"], loss="dpo", merge_before_push=False, **SMALL
+    )
+    assert job.status == "completed", job.error
+    assert job.outputs["merged"] is None and job.outputs["adapter"].startswith("adapter:dir-")
+
+
+def test_bad_configs_start_no_flow_run(tiny_model, files):
+    ow = OpenWeights()
+    before = len(ow.jobs.list(type="fine_tuning", limit=200))
+    for bad in ({"wrong_key": 1}, {"training_file": files["dpo"]}, {"lora_dropout": 2}):
+        with pytest.raises(ParameterError):
+            ow.fine_tuning.create(**{"model": str(tiny_model), "training_file": files["sft"], **bad})
+    assert len(ow.jobs.list(type="fine_tuning", limit=200)) == before
+
+
+def test_calling_the_flow_directly_twice_trains_once(tiny_model, files):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.finetune.flow import finetune
+
+    params = {"model": str(tiny_model), "training_file": files["sft"], "seed": 11, "merge_before_push": False, **SMALL}
+    first = finetune(**params, return_state=True)
+    second = finetune(**params, return_state=True)
+    assert first.result() == second.result()
+    with get_client(sync_client=True) as client:
+        runs = {
+            run.id: run
+            for run in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[first.state_details.flow_run_id, second.state_details.flow_run_id])
+                )
+            )
+        }
+        tasks = [
+            client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            for run_id in (first.state_details.flow_run_id, second.state_details.flow_run_id)
+        ]
+    assert len(runs) == 2
+    assert [t.state.name for t in tasks[0]] == ["Completed"] and [t.state.name for t in tasks[1]] == ["Cached"]
+
+
+def test_hub_push_is_real_up_to_the_network_call(tiny_model, files, monkeypatch):
+    """The Hub is not reachable here: HfApi is replaced by a recorder (the only stand-in in this suite)."""
+    import huggingface_hub
+    from prefect.blocks.system import Secret
+
+    calls = []
+
+    class RecordingHfApi:
+        def __init__(self, token):
+            calls.append(("token", token))
+
+        def whoami(self):
+            raise AssertionError("OW_HF_ORG is set: whoami must not be called")
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            from pathlib import Path
+
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    Secret(value="hf_test_token").save("ow-test-hf-token", overwrite=True, _sync=True)
+    monkeypatch.setenv("OW_HF_TOKEN_SECRET", "ow-test-hf-token")
+    monkeypatch.setenv("OW_HF_ORG", "my-lab")
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHfApi)
+    job = OpenWeights().fine_tuning.create(
+        model=str(tiny_model),
+        training_file=files["sft"],
+        seed=5,
+        finetuned_model_id="{org}/{model_name}-{job_id}",
+        **SMALL,
+    )
+    assert job.status == "completed", job.error
+    repo = f"my-lab/tiny-model-{job.id}"
+    assert job.outputs["hub_model_id"] == repo
+    assert calls[0] == ("token", "hf_test_token")
+    assert calls[1] == ("create_repo", repo, {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert calls[2][:2] == ("upload_folder", repo) and "model.safetensors" in calls[2][2]
+    assert "hf_test_token" not in job.logs()
