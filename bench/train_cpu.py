@@ -6,7 +6,8 @@ Both runs are in this process, on CPU, with the transformers + PEFT backend (uns
 TRL on import and would change the baseline too). The baseline is TRL's SFTTrainer with `peft_config` and
 `assistant_only_loss` on the conversational dataset; the flow run is `finetune(...)` called directly
 (embedded Prefect, storage, events, artifacts, checkpoints). Tokens/s is what the trainers report
-(input tokens seen / train runtime). Prints the ratio baseline / flow (overhead; the goal is <= 1.1).
+(input tokens seen / train runtime), best of --repeats interleaved runs. Prints the ratio baseline / flow
+(overhead; the goal is <= 1.1).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def flow_run(model_dir: Path, file_id: str, steps: int, seed: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -115,16 +116,19 @@ def main() -> None:
     file_id = OpenWeights().files.upload(data_path, purpose="conversations").id
     baseline(model_dir, data_path, 5, seed=0)  # warm-up: imports, first-call costs
     bare, ours = [], []
-    for repeat in range(args.repeats):
-        bare.append(baseline(model_dir, data_path, args.steps, seed=repeat + 1))
-        ours.append(flow_run(model_dir, file_id, args.steps, seed=repeat + 1))
+    for repeat in range(args.repeats):  # interleaved, alternating which goes first
+        runs = [(bare, baseline, data_path), (ours, flow_run, file_id)]
+        for samples, run, data in runs if repeat % 2 == 0 else runs[::-1]:
+            samples.append(run(model_dir, data, args.steps, seed=repeat + 1))
+    # Noise on a shared 2-core machine only ever slows a run down: compare the best of each side.
     result = {
         "steps": args.steps,
         "batch": BATCH,
         "repeats": args.repeats,
-        "bare_trl_tokens_per_s": round(statistics.median(bare), 1),
-        "flow_tokens_per_s": round(statistics.median(ours), 1),
-        "overhead_ratio_bare_over_flow": round(statistics.median(bare) / statistics.median(ours), 3),
+        "bare_trl_tokens_per_s": {"best": round(max(bare), 1), "median": round(statistics.median(bare), 1)},
+        "flow_tokens_per_s": {"best": round(max(ours), 1), "median": round(statistics.median(ours), 1)},
+        "overhead_ratio_bare_over_flow": round(max(bare) / max(ours), 3),
+        "overhead_ratio_of_medians": round(statistics.median(bare) / statistics.median(ours), 3),
     }
     print(json.dumps(result, indent=2))
 

@@ -153,3 +153,37 @@ def test_hub_push_is_real_up_to_the_network_call(tiny_model, files, monkeypatch)
     assert calls[1] == ("create_repo", repo, {"private": True, "exist_ok": True, "repo_type": "model"})
     assert calls[2][:2] == ("upload_folder", repo) and "model.safetensors" in calls[2][2]
     assert "hf_test_token" not in job.logs()
+
+
+def test_a_crashed_job_resumes_from_its_newest_stored_checkpoint(tiny_model, files, monkeypatch):
+    """Training dies after step 5 (checkpoints at 2 and 4); running the job again continues from step 4."""
+    from transformers import TrainerCallback
+
+    from flows.finetune import train
+
+    class Preempted(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("preempted")
+
+    real_main = train.main
+
+    def crashing_main(*args, callbacks=(), **kwargs):
+        return real_main(*args, callbacks=[*callbacks, Preempted()], **kwargs)
+
+    ow = OpenWeights()
+    params = {
+        "model": str(tiny_model),
+        "training_file": files["sft"],
+        "seed": 21,
+        "save_steps": 2,
+        "merge_before_push": False,
+        **{**SMALL, "max_steps": 6},
+    }
+    monkeypatch.setattr(train, "main", crashing_main)
+    failed = ow.fine_tuning.create(**params)
+    assert failed.status == "failed" and "preempted" in failed.error
+    monkeypatch.setattr(train, "main", real_main)
+    resumed = ow.fine_tuning.create(**params)
+    assert resumed.id == failed.id and resumed.status == "completed", resumed.error
+    assert resumed.outputs["resumed_from_step"] == 4 and resumed.outputs["steps"] == 6

@@ -186,3 +186,32 @@ def test_prefect_deployment_run_finetune_dpo(tiny_model, datasets_dir, prefect_a
     assert job.status == "completed", job.error
     assert job.params["loss"] == "dpo" and job.outputs["adapter"].startswith("adapter:dir-")
     assert job.outputs["backend"] in ("unsloth", "transformers")
+
+
+def test_sdk_fine_tuning_job_on_the_worker_carries_its_vram_estimate(tiny_model, datasets_dir):
+    from prefect.client.orchestration import get_client
+
+    ow = OpenWeights()
+    training_file = ow.files.upload(datasets_dir / "conversations.jsonl", purpose="conversations").id
+    job = ow.fine_tuning.create(
+        model=str(tiny_model),
+        training_file=training_file,
+        max_steps=2,
+        r=8,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        seed=99,
+    )
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(job.flow_run_id)
+    assert run.job_variables == {"requires_vram_gb": 2}
+    assert run.deployment_id == client_deployment_id("finetune/sft")
+    job = job.wait(timeout=300, poll_interval=1)
+    assert job.outputs["steps"] == 2 and job.outputs["merged"].startswith("model:dir-")
+
+
+def client_deployment_id(name):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployment_by_name(name).id

@@ -92,4 +92,4 @@ def finetune(**parameters: Any) -> dict[str, Any]:
     return run_once(job, _train)
 
 
-finetune = flow(name="finetune", log_prints=True)(with_params_signature(finetune, FineTuningParams))
+finetune = flow(name="finetune")(with_params_signature(finetune, FineTuningParams))
