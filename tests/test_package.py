@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from ow_prefect.jobs import job_types, project_root
+from ow_prefect.jobs.finetune import FineTuneJob
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "transformers", "trl", "vllm", "peft", "prefect", "boto3"]
@@ -42,12 +43,17 @@ def test_prefect_loads_the_collection_and_its_workers():
 
 def test_prefect_yaml_matches_job_types():
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    by_entrypoint = {d["entrypoint"]: d["name"] for d in deployments}
+    names_by_entrypoint: dict[str, set[str]] = {}
+    for d in deployments:
+        names_by_entrypoint.setdefault(d["entrypoint"], set()).add(d["name"])
     for name, job_cls in job_types().items():
-        assert job_cls.entrypoint in by_entrypoint, f"{name}: {job_cls.entrypoint} not in prefect.yaml"
-        assert job_cls.deployment.split("/")[1] == by_entrypoint[job_cls.entrypoint]
+        assert job_cls.entrypoint in names_by_entrypoint, f"{name}: {job_cls.entrypoint} not in prefect.yaml"
+        assert job_cls.deployment.split("/")[1] in names_by_entrypoint[job_cls.entrypoint]
         for path in job_cls.code:
             assert (project_root() / path).exists(), f"{name}: code file {path} missing"
+    assert names_by_entrypoint[FineTuneJob.entrypoint] == {"sft", "dpo", "orpo"}
+    presets = {d["name"]: d["parameters"]["loss"] for d in deployments if d["entrypoint"] == FineTuneJob.entrypoint}
+    assert presets == {"sft": "sft", "dpo": "dpo", "orpo": "orpo"}
 
 
 def test_project_root_is_the_repository():
