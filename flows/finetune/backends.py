@@ -38,8 +38,16 @@ def compute_dtype() -> torch.dtype:
     return torch.float32
 
 
-def _target_modules(cfg: Any) -> Any:
-    return cfg.target_modules if cfg.target_modules != "all-linear" else "all-linear"
+def lora_kwargs(cfg: Any) -> dict[str, Any]:
+    """The LoRA settings, in the names both unsloth's get_peft_model and PEFT's LoraConfig take."""
+    return {
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": cfg.target_modules,
+        "bias": cfg.lora_bias,
+        "use_rslora": cfg.use_rslora,
+    }
 
 
 def load_unsloth(cfg: Any) -> Loaded:
@@ -50,12 +58,7 @@ def load_unsloth(cfg: Any) -> Loaded:
     )
     model = FastLanguageModel.get_peft_model(
         model,
-        r=cfg.r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=_target_modules(cfg),
-        bias=cfg.lora_bias,
-        use_rslora=cfg.use_rslora,
+        **lora_kwargs(cfg),
         random_state=cfg.seed,
         use_gradient_checkpointing="unsloth" if torch.cuda.is_available() else False,
     )
@@ -77,16 +80,9 @@ def load_transformers(cfg: Any) -> Loaded:
         )
     model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    lora = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=_target_modules(cfg),
-        bias=cfg.lora_bias,
-        use_rslora=cfg.use_rslora,
-        task_type="CAUSAL_LM",
+    return Loaded(
+        get_peft_model(model, LoraConfig(**lora_kwargs(cfg), task_type="CAUSAL_LM")), tokenizer, "transformers"
     )
-    return Loaded(get_peft_model(model, lora), tokenizer, "transformers")
 
 
 def load(cfg: Any) -> Loaded:

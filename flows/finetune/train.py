@@ -102,31 +102,27 @@ def build_trainer(
     tokenizer = data.prepare_tokenizer(loaded.tokenizer, cfg.chat_template)
     args = common_args(cfg, output_dir, test_path is not None)
     if cfg.loss == "sft":
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig as Config
+        from trl import SFTTrainer as Trainer
 
-        train = data.sft_dataset(training_path, tokenizer, cfg.train_on_responses_only)
-        test = data.sft_dataset(test_path, tokenizer, cfg.train_on_responses_only) if test_path else None
-        return SFTTrainer(
-            model=loaded.model,
-            args=SFTConfig(**args, packing=cfg.packing),
-            train_dataset=train,
-            eval_dataset=test,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-        )
-    if cfg.loss == "dpo":
-        from trl import DPOConfig as Config
-        from trl import DPOTrainer as Trainer
+        def load(path: Path):
+            return data.sft_dataset(path, tokenizer, cfg.train_on_responses_only)
+
+        args["packing"] = cfg.packing
     else:
-        from trl.experimental.orpo import ORPOConfig as Config
-        from trl.experimental.orpo import ORPOTrainer as Trainer
-    train = data.preference_dataset(training_path)
-    test = data.preference_dataset(test_path) if test_path else None
+        if cfg.loss == "dpo":
+            from trl import DPOConfig as Config
+            from trl import DPOTrainer as Trainer
+        else:
+            from trl.experimental.orpo import ORPOConfig as Config
+            from trl.experimental.orpo import ORPOTrainer as Trainer
+        load = data.preference_dataset
+        args["beta"] = cfg.beta
     return Trainer(
         model=loaded.model,
-        args=Config(**args, beta=cfg.beta),
-        train_dataset=train,
-        eval_dataset=test,
+        args=Config(**args),
+        train_dataset=load(training_path),
+        eval_dataset=load(test_path) if test_path else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
