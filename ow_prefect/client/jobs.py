@@ -34,6 +34,8 @@ from ow_prefect.jobs.submit import (
     job_tag,
     outputs_key,
     plan,
+    status_of,
+    tag_value,
     tags_for,
     type_tag,
 )
@@ -46,10 +48,9 @@ class JobTimeoutError(OWError, TimeoutError):
     """`wait()` ran past its timeout; the job goes on."""
 
 
-def _run_filter(tags: list[str], statuses: list[JobStatus] | None = None, flow_run_ids: list[str] | None = None):
+def _run_filter(tags: list[str], statuses: list[JobStatus] | None = None):
     from prefect.client.schemas.filters import (
         FlowRunFilter,
-        FlowRunFilterId,
         FlowRunFilterState,
         FlowRunFilterStateType,
         FlowRunFilterTags,
@@ -59,8 +60,7 @@ def _run_filter(tags: list[str], statuses: list[JobStatus] | None = None, flow_r
     if statuses:
         types = [s for status in statuses for s in STATUS_STATES[status]]
         state = FlowRunFilterState(type=FlowRunFilterStateType(any_=types))
-    ids = FlowRunFilterId(any_=flow_run_ids) if flow_run_ids else None
-    return FlowRunFilter(tags=FlowRunFilterTags(all_=tags), state=state, id=ids)
+    return FlowRunFilter(tags=FlowRunFilterTags(all_=tags), state=state)
 
 
 def _newest_first():
@@ -140,16 +140,14 @@ class _JobsBase:
     def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> Submission:
         validated = job_cls.validate_params(**kwargs)
         flow_parameters = job_cls.flow_parameters(validated)
-        image = job_cls.image()
-        job_id = job_cls.compute_id(flow_parameters, image=image)
-        envelope = {"id": job_id, "code_hash": job_cls.code_hash(), "image": image}
+        image, code = job_cls.image(), job_cls.code_hash()
+        job_id = job_cls.compute_id(flow_parameters, image=image, code=code)
+        envelope = {"id": job_id, "code_hash": code, "image": image}
         return Submission(
             job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, job_cls.deployment_for(validated)
         )
 
     def _outputs(self, run: Any) -> dict[str, Any] | None:
-        from ow_prefect.jobs.submit import status_of, tag_value
-
         if status_of(run) != "completed":
             return None
         try:

@@ -87,8 +87,8 @@ class Job:
         return code_hash(project_root(), cls.code)
 
     @classmethod
-    def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None) -> str:
-        return job_id(cls.id_prefix or cls.name, flow_parameters, cls.code_hash(), image or cls.image())
+    def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None, code: str | None = None) -> str:
+        return job_id(cls.id_prefix or cls.name, flow_parameters, code or cls.code_hash(), image or cls.image())
 
     # ---- a submitted job ----------------------------------------------------------------------------
 

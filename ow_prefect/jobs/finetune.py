@@ -162,8 +162,8 @@ class FineTuneJob(Job):
         return f"finetune/{validated.loss}"
 
     @classmethod
-    def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None) -> str:
-        job_id = super().compute_id(flow_parameters, image)
+    def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None, code: str | None = None) -> str:
+        job_id = super().compute_id(flow_parameters, image, code)
         suffix = flow_parameters.get("job_id_suffix")
         return f"{job_id}-{suffix}" if suffix else job_id
 
