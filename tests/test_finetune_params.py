@@ -111,5 +111,5 @@ def test_vram_estimate_from_config_and_name(tmp_path):
 
 
 def test_vram_is_a_job_variable_and_can_be_overridden(tiny_model):
-    assert FineTuneJob.job_variables(params(model=str(tiny_model))) == {"requires_vram_gb": 2}
-    assert FineTuneJob.job_variables(params(requires_vram_gb=80)) == {"requires_vram_gb": 80}
+    assert FineTuneJob.job_variables(params(model=str(tiny_model))) == {"min_vram_gb": 2}
+    assert FineTuneJob.job_variables(params(requires_vram_gb=80)) == {"min_vram_gb": 80}

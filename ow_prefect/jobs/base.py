@@ -73,7 +73,7 @@ class Job:
 
     @classmethod
     def job_variables(cls, validated: BaseModel) -> dict[str, Any]:
-        """Job variables for the worker (e.g. ``requires_vram_gb``); computed only when a run is created."""
+        """Job variables for the worker (e.g. ``min_vram_gb``); computed only when a run is created."""
         return {}
 
     @classmethod

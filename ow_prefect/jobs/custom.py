@@ -60,4 +60,4 @@ class CustomJob(Job):
 
     @classmethod
     def job_variables(cls, validated: CustomRunParams) -> dict[str, Any]:
-        return {"requires_vram_gb": validated.requires_vram_gb}
+        return {"min_vram_gb": validated.requires_vram_gb}

@@ -179,4 +179,4 @@ class FineTuneJob(Job):
                 max_seq_length=validated.max_seq_length,
                 batch_size=validated.per_device_train_batch_size,
             )
-        return {"requires_vram_gb": vram}
+        return {"min_vram_gb": vram}
