@@ -1,0 +1,38 @@
+"""A small typed client for RunPod's REST API v2 (pods, pod logs, GPU catalog).
+
+Not the `runpod` SDK: its pod functions send GraphQL, which RunPod retires in early 2027 (see
+docs/architecture.md). Facts the OpenAPI spec leaves out are in shared/runpod/NOTES.md of the project.
+"""
+
+from ow_prefect.runpod.client import DEFAULT_BASE_URL, AsyncRunPodClient
+from ow_prefect.runpod.errors import (
+    RunPodAuthError,
+    RunPodConflict,
+    RunPodError,
+    RunPodInvalidSpec,
+    RunPodNoCapacity,
+    RunPodNotFound,
+    RunPodPaymentRequired,
+    RunPodRateLimited,
+    RunPodServerError,
+    RunPodUnreachable,
+)
+from ow_prefect.runpod.models import GpuType, LogLine, Pod
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "AsyncRunPodClient",
+    "GpuType",
+    "LogLine",
+    "Pod",
+    "RunPodAuthError",
+    "RunPodConflict",
+    "RunPodError",
+    "RunPodInvalidSpec",
+    "RunPodNoCapacity",
+    "RunPodNotFound",
+    "RunPodPaymentRequired",
+    "RunPodRateLimited",
+    "RunPodServerError",
+    "RunPodUnreachable",
+]

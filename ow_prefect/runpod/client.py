@@ -1,0 +1,221 @@
+"""`AsyncRunPodClient`: RunPod REST v2 over httpx, with retries where they are safe.
+
+Retry policy, in one place (`_send`): 429 waits for `Retry-After`; 5xx and transport errors back off
+exponentially with jitter; auth, payment and invalid-spec answers are never retried. A create is never blindly
+retried: after an answer that leaves it unknown whether the pod exists (no response, 5xx), the client first
+looks for a pod with the same name, and only creates again when there is none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from ow_prefect.runpod.errors import (
+    RunPodError,
+    RunPodNotFound,
+    RunPodRateLimited,
+    RunPodServerError,
+    RunPodUnreachable,
+    translate,
+)
+from ow_prefect.runpod.models import GpuType, LogLine, Pod
+
+DEFAULT_BASE_URL = "https://api.runpod.io/v2"
+CATALOG_TTL_S = 30.0
+
+
+class AsyncRunPodClient:
+    """One API key, one connection pool. Use as ``async with AsyncRunPodClient(key) as runpod: ...``."""
+
+    def __init__(
+        self,
+        api_key: str,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        timeout: float = 30.0,
+        max_attempts: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+    ):
+        if not api_key:
+            raise ValueError("a RunPod API key is required")
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=timeout,
+            headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
+        )
+        self.max_attempts = max_attempts
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._catalog: dict[tuple[Any, ...], tuple[float, list[GpuType]]] = {}
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"AsyncRunPodClient(base_url={str(self._http.base_url)!r})"
+
+    async def __aenter__(self) -> AsyncRunPodClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---- transport -----------------------------------------------------------------------------------
+
+    def _delay(self, attempt: int, error: RunPodError) -> float:
+        if isinstance(error, RunPodRateLimited) and error.retry_after is not None:
+            return error.retry_after
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
+
+    async def _send_once(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise RunPodUnreachable(
+                f"no answer from RunPod for {method} {path}: {type(exc).__name__}: {exc}", method=method, path=path
+            ) from exc
+        if response.is_success:
+            return response
+        try:
+            body = response.json()
+        except ValueError:
+            body = response.text
+        raise translate(
+            response.status_code, body, method=method, path=path, retry_after=response.headers.get("Retry-After")
+        )
+
+    async def _send(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
+        attempt = 0
+        while True:
+            try:
+                return await self._send_once(method, path, **kwargs)
+            except RunPodError as error:
+                attempt += 1
+                if not (retry and error.retryable) or attempt >= self.max_attempts:
+                    raise
+                await asyncio.sleep(self._delay(attempt - 1, error))
+
+    # ---- pods ----------------------------------------------------------------------------------------
+
+    async def create_pod(self, body: dict[str, Any]) -> Pod:
+        """Create a pod named ``body["name"]``; after an unclear failure, reuse a pod with that name."""
+        name = body["name"]
+        attempt = 0
+        while True:
+            try:
+                response = await self._send_once("POST", "/pods", json=body)
+                return Pod.model_validate(response.json())
+            except (RunPodUnreachable, RunPodServerError, RunPodRateLimited) as error:
+                attempt += 1
+                if not isinstance(error, RunPodRateLimited):
+                    existing = await self.find_pods(name)
+                    if existing:
+                        return existing[0]
+                if attempt >= self.max_attempts:
+                    raise
+                await asyncio.sleep(self._delay(attempt - 1, error))
+
+    async def get_pod(self, pod_id: str) -> Pod:
+        response = await self._send("GET", f"/pods/{quote(pod_id, safe='')}")
+        return Pod.model_validate(response.json())
+
+    async def list_pods(self) -> list[Pod]:
+        pods: list[Pod] = []
+        params: dict[str, str] = {}
+        while True:
+            page = (await self._send("GET", "/pods", params=params)).json()
+            pods += [Pod.model_validate(p) for p in page.get("pods", [])]
+            cursor = (page.get("pagination") or {}).get("nextCursor")
+            if not cursor:
+                return pods
+            params = {"cursor": cursor}
+
+    async def find_pods(self, name_prefix: str) -> list[Pod]:
+        """Our pods are found by name (v2 has no labels); see docs/architecture.md."""
+        return [p for p in await self.list_pods() if p.name.startswith(name_prefix)]
+
+    async def delete_pod(self, pod_id: str) -> bool:
+        """Delete a pod; False when it was already gone (404)."""
+        try:
+            await self._send("DELETE", f"/pods/{quote(pod_id, safe='')}")
+        except RunPodNotFound:
+            return False
+        return True
+
+    async def pod_action(self, pod_id: str, action: str) -> Pod | None:
+        response = await self._send("POST", f"/pods/{quote(pod_id, safe='')}/action", json={"action": action})
+        return Pod.model_validate(response.json()) if response.content else None
+
+    async def stream_logs(
+        self, pod_id: str, *, source: str = "container", tail: int | None = None, since: str | None = None
+    ) -> AsyncIterator[LogLine]:
+        """Server-sent log events of a pod, as they come."""
+        params = {
+            "source": source,
+            **({"tail": str(tail)} if tail is not None else {}),
+            **({"since": since} if since else {}),
+        }
+        path = f"/pods/{quote(pod_id, safe='')}/logs"
+        async with self._http.stream("GET", path, params=params, headers={"Accept": "text/event-stream"}) as resp:
+            if not resp.is_success:
+                await resp.aread()
+                raise translate(resp.status_code, _json_or_text(resp), method="GET", path=path)
+            async for event in _sse_events(resp.aiter_lines()):
+                yield event
+
+    # ---- catalog -------------------------------------------------------------------------------------
+
+    async def gpu_types(self, *, count: int = 1, cloud: str | None = None) -> list[GpuType]:
+        """GPU types with price and current availability for pods; cached for 30 s (never a reservation)."""
+        key = (count, cloud)
+        cached = self._catalog.get(key)
+        if cached and time.monotonic() - cached[0] < CATALOG_TTL_S:
+            return cached[1]
+        params = {
+            "include": "AVAILABILITY",
+            "product": "POD",
+            "count": str(count),
+            **({"cloud": cloud} if cloud else {}),
+        }
+        gpus = [
+            GpuType.model_validate(g) for g in (await self._send("GET", "/catalog/gpus", params=params)).json()["gpus"]
+        ]
+        self._catalog[key] = (time.monotonic(), gpus)
+        return gpus
+
+
+def _json_or_text(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (ValueError, json.JSONDecodeError):
+        return response.text
+
+
+async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[LogLine]:
+    """Parse text/event-stream: fields until a blank line make one event; `data` lines join with newlines."""
+    fields: dict[str, Any] = {"data": []}
+    async for line in lines:
+        if not line:
+            if fields["data"]:
+                yield LogLine(id=fields.get("id"), event=fields.get("event"), data="\n".join(fields["data"]))
+            fields = {"data": []}
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            fields["data"].append(value)
+        elif name in ("id", "event"):
+            fields[name] = value
+    if fields["data"]:
+        yield LogLine(id=fields.get("id"), event=fields.get("event"), data="\n".join(fields["data"]))

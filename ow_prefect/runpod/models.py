@@ -1,0 +1,81 @@
+"""Typed records of what RunPod returns (unknown fields are kept: the API grows)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PodStatus = Literal["PROVISIONING", "STARTING", "RUNNING", "EXITED", "ERROR", "TERMINATED"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class PodGpu(_Record):
+    id: str
+    count: int = 1
+
+
+class PodRuntime(_Record):
+    uptime: int | None = None
+    ports: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Pod(_Record):
+    id: str
+    name: str
+    status: PodStatus
+    image: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    gpu: PodGpu | None = None
+    cloud: str | None = None
+    data_center_id: str | None = Field(default=None, alias="dataCenterId")
+    cost: float | None = Field(default=None, description="USD per hour billed for this pod")
+    runtime: PodRuntime | None = None
+    created_at: str | None = Field(default=None, alias="createdAt")
+    started_at: str | None = Field(default=None, alias="startedAt")
+
+    @property
+    def started(self) -> bool:
+        """RunPod reports RUNNING right after create, before the container exists: trust `runtime` instead."""
+        return self.status == "RUNNING" and self.runtime is not None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("EXITED", "ERROR", "TERMINATED")
+
+
+class GpuPrice(_Record):
+    secure: float | None = None
+    community: float | None = None
+
+
+class DataCenterAvailability(_Record):
+    id: str
+    name: str | None = None
+    availability: Literal["NONE", "LOW", "MEDIUM", "HIGH"]
+
+
+class GpuType(_Record):
+    id: str
+    name: str | None = None
+    memory: int = Field(description="VRAM in GB")
+    secure: bool = False
+    community: bool = False
+    price: GpuPrice = Field(default_factory=GpuPrice)
+    availability: Literal["NONE", "LOW", "MEDIUM", "HIGH"] | None = None
+    data_centers: list[DataCenterAvailability] | None = Field(default=None, alias="dataCenters")
+
+    def price_in(self, cloud: str) -> float | None:
+        return self.price.secure if cloud == "SECURE" else self.price.community
+
+    def offered_in(self, cloud: str) -> bool:
+        return self.secure if cloud == "SECURE" else self.community
+
+
+class LogLine(BaseModel):
+    id: str | None = None
+    event: str | None = None
+    data: str
