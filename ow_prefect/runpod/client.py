@@ -206,7 +206,7 @@ async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[LogLine]:
     async for line in lines:
         if not line:
             if fields["data"]:
-                yield LogLine(id=fields.get("id"), event=fields.get("event"), data="\n".join(fields["data"]))
+                yield LogLine.from_event(fields.get("id"), "\n".join(fields["data"]))
             fields = {"data": []}
             continue
         if line.startswith(":"):
@@ -215,7 +215,7 @@ async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[LogLine]:
         value = value[1:] if value.startswith(" ") else value
         if name == "data":
             fields["data"].append(value)
-        elif name in ("id", "event"):
-            fields[name] = value
+        elif name == "id":
+            fields["id"] = value
     if fields["data"]:
-        yield LogLine(id=fields.get("id"), event=fields.get("event"), data="\n".join(fields["data"]))
+        yield LogLine.from_event(fields.get("id"), "\n".join(fields["data"]))

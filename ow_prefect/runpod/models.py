@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,6 +77,19 @@ class GpuType(_Record):
 
 
 class LogLine(BaseModel):
+    """One log event: RunPod sends `data: {"ts", "source", "line"}` with a resumable `id:`."""
+
     id: str | None = None
-    event: str | None = None
-    data: str
+    line: str
+    source: str | None = None
+    ts: str | None = None
+
+    @classmethod
+    def from_event(cls, event_id: str | None, data: str) -> LogLine:
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("line"), str):
+            return cls(id=event_id, line=payload["line"], source=payload.get("source"), ts=payload.get("ts"))
+        return cls(id=event_id, line=data)
