@@ -9,3 +9,16 @@ def eventually(check, timeout: float = 30, interval: float = 0.5):
     while not (result := check()) and time.monotonic() < deadline:
         time.sleep(interval)
     return result
+
+
+def job_finished(ow, job_id: str, timeout: float = 120) -> bool:
+    """Wait for a job that may not exist yet (a run started outside the SDK is tagged when it starts)."""
+    from ow_prefect import NotFoundError
+
+    def finished():
+        try:
+            return ow.jobs.retrieve(job_id).done
+        except NotFoundError:
+            return False
+
+    return eventually(finished, timeout=timeout)

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ow_prefect import AsyncOpenWeights, ConfigurationError, NotFoundError, OpenWeights
+from ow_prefect import AsyncOpenWeights, ConfigurationError, OpenWeights
 from ow_prefect.jobs.submit import job_tag
-from tests.helpers import eventually
+from tests.helpers import eventually, job_finished
 
 pytestmark = pytest.mark.usefixtures("worker", "use_server")
 
@@ -139,14 +139,7 @@ def test_runs_started_outside_the_sdk_are_tagged_as_jobs():
         deployment = client.read_deployment_by_name("custom/run")
         client.create_flow_run_from_deployment(deployment.id, parameters={"entrypoint": "echo from the ui"})
     expected = ow.custom.validate(entrypoint="echo from the ui")
-
-    def finished():
-        try:
-            return ow.jobs.retrieve(expected).done
-        except NotFoundError:
-            return False
-
-    assert eventually(finished, timeout=120)
+    assert job_finished(ow, expected, timeout=120)
     assert ow.jobs.retrieve(expected).status == "completed"
 
 
@@ -174,14 +167,7 @@ def test_prefect_deployment_run_finetune_dpo(tiny_model, datasets_dir, prefect_a
     )
     assert result.returncode == 0, result.stdout + result.stderr
     expected = ow.fine_tuning.validate(loss="dpo", **params)
-
-    def finished():
-        try:
-            return ow.jobs.retrieve(expected).done
-        except NotFoundError:
-            return False
-
-    assert eventually(finished, timeout=300)
+    assert job_finished(ow, expected, timeout=300)
     job = ow.jobs.retrieve(expected)
     assert job.status == "completed", job.error
     assert job.params["loss"] == "dpo" and job.outputs["adapter"].startswith("adapter:dir-")

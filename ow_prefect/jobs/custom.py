@@ -44,7 +44,7 @@ class CustomRunParams(BaseModel):
         for path, file_id in mounts.items():
             if not ID_RE.match(file_id):
                 raise ValueError(f"mounts[{path!r}]: {file_id!r} is not a file id (upload it with ow.files first)")
-            checked[check_mount_path(path) if path != "." else "."] = file_id
+            checked[check_mount_path(path)] = file_id
         return checked
 
 
