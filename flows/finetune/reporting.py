@@ -6,6 +6,7 @@ training code itself (train.py) knows nothing of them.
 
 from __future__ import annotations
 
+import base64
 import math
 import shutil
 import time
@@ -156,8 +157,6 @@ def publish_results(job_id: str, history: list[dict[str, Any]], storage: Storage
         create_table_artifact(table=rows, key=f"{key}-metrics", description=f"training metrics of {job_id}")
     svg = loss_curve_svg(history).encode()
     record = storage.put_bytes(svg, "result", filename="loss_curve.svg")
-    import base64
-
     create_image_artifact(
         image_url="data:image/svg+xml;base64," + base64.b64encode(svg).decode(),
         key=f"{key}-loss-curve",

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class TrainResult:
     resumed_from_step: int | None = None
     train_tokens: int = 0
     train_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def optimizer_name(cfg: Any) -> str:
