@@ -52,3 +52,23 @@ def test_several_gpus_add_up_memory_and_price():
     found = rank_candidates(CATALOG, min_vram_gb=96, gpu_count=2, clouds=("SECURE",))
     assert found[0].gpu_id == "NVIDIA RTX A6000" and found[0].price_per_hour == 0.98 and found[0].count == 2
     assert str(found[0]) == "2x NVIDIA RTX A6000 (48 GB) in SECURE at $0.98/h"
+
+
+def test_catalog_per_cloud_and_data_centers():
+    secure = [
+        GpuType.model_validate(
+            {
+                "id": "NVIDIA RTX A6000",
+                "memory": 48,
+                "secure": True,
+                "price": {"secure": 0.49},
+                "availability": "LOW",
+                "dataCenters": [{"id": "US-TX-3", "availability": "LOW"}],
+            }
+        )
+    ]
+    community = [gpu("NVIDIA RTX A6000", 48, None, 0.33, availability="NONE")]
+    found = rank_candidates({"SECURE": secure, "COMMUNITY": community}, min_vram_gb=40)
+    assert names(found) == [("A6000", "SECURE")]
+    assert rank_candidates({"SECURE": secure}, min_vram_gb=40, data_centers=["EU-RO-1"]) == []
+    assert len(rank_candidates({"SECURE": secure}, min_vram_gb=40, data_centers=["US-TX-3", "EU-RO-1"])) == 1

@@ -117,7 +117,7 @@ class AsyncRunPodClient:
             except (RunPodUnreachable, RunPodServerError, RunPodRateLimited) as error:
                 attempt += 1
                 if not isinstance(error, RunPodRateLimited):
-                    existing = await self.find_pods(name)
+                    existing = [pod for pod in await self.find_pods(name) if pod.name == name and not pod.ended]
                     if existing:
                         return existing[0]
                 if attempt >= self.max_attempts:
@@ -156,11 +156,11 @@ class AsyncRunPodClient:
         return Pod.model_validate(response.json()) if response.content else None
 
     async def stream_logs(
-        self, pod_id: str, *, source: str = "container", tail: int | None = None, since: str | None = None
+        self, pod_id: str, *, source: str | None = "container", tail: int | None = None, since: str | None = None
     ) -> AsyncIterator[LogLine]:
-        """Server-sent log events of a pod, as they come."""
+        """Server-sent log events of a pod, as they come (`source=None`: container and system lines)."""
         params = {
-            "source": source,
+            **({"source": source} if source else {}),
             **({"tail": str(tail)} if tail is not None else {}),
             **({"since": since} if since else {}),
         }
@@ -174,11 +174,12 @@ class AsyncRunPodClient:
 
     # ---- catalog -------------------------------------------------------------------------------------
 
-    async def gpu_types(self, *, count: int = 1, cloud: str | None = None) -> list[GpuType]:
-        """GPU types with price and current availability for pods; cached for 30 s (never a reservation)."""
+    async def gpu_types(self, *, count: int = 1, cloud: str | None = None, fresh: bool = False) -> list[GpuType]:
+        """GPU types with price and current availability for pods; cached for 30 s unless `fresh` (the
+        availability is never a reservation)."""
         key = (count, cloud)
         cached = self._catalog.get(key)
-        if cached and time.monotonic() - cached[0] < CATALOG_TTL_S:
+        if cached and not fresh and time.monotonic() - cached[0] < CATALOG_TTL_S:
             return cached[1]
         params = {
             "include": "AVAILABILITY",

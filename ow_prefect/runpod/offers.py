@@ -6,6 +6,7 @@ The catalog's availability is a hint, not a reservation: candidates listed as av
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ow_prefect.runpod.models import GpuType
@@ -27,27 +28,36 @@ class Candidate:
 
 
 def rank_candidates(
-    gpus: list[GpuType],
+    gpus: Sequence[GpuType] | Mapping[str, Sequence[GpuType]],
     *,
-    min_vram_gb: int,
+    min_vram_gb: float,
     gpu_count: int = 1,
-    preferred: list[str] = (),
-    clouds: tuple[str, ...] = CLOUDS,
+    preferred: Sequence[str] = (),
+    clouds: Sequence[str] = CLOUDS,
     max_price_per_hour: float | None = None,
+    data_centers: Sequence[str] = (),
 ) -> list[Candidate]:
-    """Candidates that fit `min_vram_gb` over `gpu_count` GPUs, are offered and not sold out, within the price
-    cap; the preference list first (in its order) when given, then by price per hour for the whole pod."""
+    """Candidates that fit `min_vram_gb` over `gpu_count` GPUs, are offered and not sold out (in one of
+    `data_centers`, when given and the catalog says where), within the price cap; the preference list first
+    (in its order) when given, then by price per hour for the whole pod.
+
+    `gpus` is one catalog for every cloud, or a catalog per cloud (RunPod reports availability per cloud)."""
     candidates = []
-    for gpu in gpus:
-        if preferred and gpu.id not in preferred:
-            continue
-        if gpu.memory * gpu_count < min_vram_gb or gpu.availability == "NONE":
-            continue
-        for cloud in clouds:
+    for cloud in clouds:
+        catalog = gpus.get(cloud, ()) if isinstance(gpus, Mapping) else gpus
+        for gpu in catalog:
+            if preferred and gpu.id not in preferred:
+                continue
+            if gpu.memory * gpu_count < min_vram_gb or gpu.availability == "NONE":
+                continue
+            if data_centers and gpu.data_centers is not None:
+                offered = {dc.id for dc in gpu.data_centers if dc.availability != "NONE"}
+                if not offered.intersection(data_centers):
+                    continue
             price = gpu.price_in(cloud)
             if not gpu.offered_in(cloud) or price is None:
                 continue
-            total = price * gpu_count
+            total = round(price * gpu_count, 4)
             if max_price_per_hour is not None and total > max_price_per_hour:
                 continue
             candidates.append(Candidate(gpu.id, cloud, total, gpu.memory, gpu_count, gpu.availability))

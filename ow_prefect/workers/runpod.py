@@ -1,0 +1,961 @@
+"""The `runpod` work-pool worker: one RunPod GPU pod per flow run, deleted the moment the run ends.
+
+    prefect work-pool create gpu --type runpod
+    prefect worker start --pool gpu
+
+For each flow run the worker ranks the GPU types that fit (`min_vram_gb` over `gpu_count` GPUs, in the
+allowed clouds and data centers, under `max_price_per_hour`, preference list first, then cheapest), creates a
+pod on the first one that has capacity, reports `runpod::<pod id>` as the run's infrastructure, and then
+watches the run and the pod together until one of them ends:
+
+- run terminal, cancelling, rescheduled (a preempted pod's SIGTERM) or suspended → the pod is deleted;
+- pod in ERROR, its container exiting before the run finished, or the run not started within
+  `startup_timeout` → the run is Crashed with the pod's last log lines, and the pod deleted;
+- `max_runtime` passed → the run is Failed (TimedOut) and the pod deleted.
+
+A reconciler (at start, then every `OW_RUNPOD_RECONCILE_SECONDS`) deletes pods of this work pool that no
+worker watches and whose run is over, gone, rescheduled or past its `max_runtime`: a worker that died
+mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running` and
+`ow.pod.terminated` events related to its flow run, and its run gets a `runpod-cost-<flow run id>` table
+artifact (price × time from create to delete, one row per pod over every attempt).
+
+The pod's environment holds only what the run needs: the Prefect API URL and its key or auth string, the flow
+run id, `PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule`, `OW_STORAGE_BLOCK` / `OW_HF_*` when set, the
+job's own `env`, and two non-secret markers (work pool id, deadline). It is never logged; pods are named
+`ow-<flow run id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import urlparse
+from uuid import UUID
+
+import anyio
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.events import emit_event
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, get_current_settings, temporary_settings
+from prefect.states import Cancelled, Crashed, Failed
+from prefect.utilities.engine import propose_state
+from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
+from pydantic import Field, field_validator, model_validator
+
+from ow_prefect.runpod.client import AsyncRunPodClient
+from ow_prefect.runpod.credentials import RunPodCredentials
+from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
+from ow_prefect.runpod.models import Pod
+from ow_prefect.runpod.offers import CLOUDS, Candidate, rank_candidates
+from ow_prefect.settings import get_settings
+
+POD_PREFIX = "ow-"
+POOL_MARKER = "OW_WORK_POOL_ID"  # env markers: how the reconciler knows a pod is this pool's (v2 has no labels)
+DEADLINE_MARKER = "OW_POD_DEADLINE"  # epoch seconds after which the pod is past its max_runtime
+INFRA_PREFIX = "runpod::"
+# Prefect settings a pod needs to reach the API; every other setting of the worker stays on the worker.
+POD_PREFECT_SETTINGS = (
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
+    "PREFECT_CLOUD_API_URL",
+)
+POD_OW_SETTINGS = ("OW_STORAGE_BLOCK", "OW_HF_TOKEN_SECRET", "OW_HF_ORG")
+PORT_SPEC = re.compile(r"^\d{1,5}/(http|tcp)$")
+DEFAULT_QUERY_SECONDS = 2.0  # GPU runs deserve a faster pick-up than Prefect's 10 s; PREFECT_WORKER_QUERY_SECONDS wins
+CAPACITY_RETRY_SECONDS = 30.0
+CANCEL_GRACE_SECONDS = 5.0  # lets the supervisor in the pod finish a cancellation it already saw
+PREEMPT_GRACE_SECONDS = 60.0  # lets a pod that RunPod stopped reschedule its run through its SIGTERM handler
+STALE_CANCELLING_SECONDS = 60.0
+LOG_LINES_IN_MESSAGE = 15
+LOG_LINES_LOGGED = 40
+
+
+class RunPodVariables(BaseVariables):
+    """What a work pool, deployment or flow run may set (`job_variables`); shown as the pool's form."""
+
+    image: str = Field(
+        default_factory=lambda: get_settings().train_image,
+        title="Image",
+        description="Container image of the pod; it must have Prefect and the flow's code. ow_prefect jobs set it.",
+    )
+    gpu_types: list[str] = Field(
+        default_factory=list,
+        title="GPU types",
+        description="RunPod GPU type ids to use, most preferred first (e.g. 'NVIDIA RTX A6000'). Empty: the "
+        "cheapest type in stock with enough memory.",
+    )
+    min_vram_gb: float = Field(
+        default=16,
+        ge=0,
+        title="Minimum GPU memory (GB)",
+        description="Total GPU memory the job needs, over all its GPUs. ow_prefect jobs pass their estimate.",
+    )
+    gpu_count: int = Field(default=1, ge=1, le=8, title="GPU count", description="GPUs per pod.")
+    cloud: Literal["SECURE", "COMMUNITY", "ANY"] = Field(
+        default="SECURE",
+        title="Cloud",
+        description="SECURE (RunPod's data centers), COMMUNITY (cheaper hosts run by third parties; the pod "
+        "receives your Prefect API credentials) or ANY.",
+    )
+    data_center_ids: list[str] = Field(
+        default_factory=list,
+        title="Data centers",
+        description="Allowed data centers (e.g. 'US-TX-3'); empty: any. A network volume pins its own.",
+    )
+    max_price_per_hour: float | None = Field(
+        default=None, gt=0, title="Max price per hour (USD)", description="Never rent a pod above this price."
+    )
+    min_cuda_version: str | None = Field(
+        default=None,
+        pattern=r"^\d+\.\d+$",
+        title="Minimum CUDA version",
+        description="Lowest host CUDA version the image needs, e.g. '12.8'.",
+    )
+    container_disk_gb: int = Field(
+        default=50, ge=1, title="Container disk (GB)", description="Ephemeral disk, wiped when the pod ends."
+    )
+    volume_gb: int | None = Field(
+        default=None,
+        ge=10,
+        title="Volume (GB)",
+        description="Host-local volume mounted at `volume_mount_path` (at least 10 GB).",
+    )
+    network_volume_id: str | None = Field(
+        default=None,
+        title="Network volume",
+        description="Id of a RunPod network volume to mount at `volume_mount_path` (instead of a volume).",
+    )
+    volume_mount_path: str = Field(default="/workspace", title="Volume mount path")
+    ports: list[str] = Field(
+        default_factory=list,
+        title="Ports",
+        description="Exposed ports as '<port>/http' (public proxy https://<pod>-<port>.proxy.runpod.net) or "
+        "'<port>/tcp'.",
+    )
+    registry_auth_id: str | None = Field(
+        default=None, title="Registry credential", description="RunPod container registry credential id."
+    )
+    max_runtime: int = Field(
+        default=86400,
+        ge=1,
+        title="Max runtime (seconds)",
+        description="Hard cap from pod creation: past it the run fails (TimedOut) and the pod is deleted.",
+    )
+    startup_timeout: int = Field(
+        default=1200,
+        ge=1,
+        title="Startup timeout (seconds)",
+        description="From pod creation until the flow run starts (image pull included); past it: Crashed.",
+    )
+    capacity_wait: int = Field(
+        default=0,
+        ge=0,
+        title="Wait for capacity (seconds)",
+        description="When no candidate has capacity, keep retrying this long instead of failing at once.",
+    )
+    credentials: RunPodCredentials | None = Field(
+        default=None,
+        title="RunPod credentials",
+        description="A RunPod Credentials block; empty: RUNPOD_API_KEY in the worker's environment.",
+    )
+
+
+class RunPodJobConfiguration(BaseJobConfiguration):
+    """The resolved job variables of one flow run, and the pod request they make."""
+
+    image: str = Field(default_factory=lambda: get_settings().train_image)
+    gpu_types: list[str] = Field(default_factory=list)
+    min_vram_gb: float = Field(default=16, ge=0)
+    gpu_count: int = Field(default=1, ge=1, le=8)
+    cloud: Literal["SECURE", "COMMUNITY", "ANY"] = "SECURE"
+    data_center_ids: list[str] = Field(default_factory=list)
+    max_price_per_hour: float | None = Field(default=None, gt=0)
+    min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
+    container_disk_gb: int = Field(default=50, ge=1)
+    volume_gb: int | None = Field(default=None, ge=10)
+    network_volume_id: str | None = None
+    volume_mount_path: str = "/workspace"
+    ports: list[str] = Field(default_factory=list)
+    registry_auth_id: str | None = None
+    max_runtime: int = Field(default=86400, ge=1)
+    startup_timeout: int = Field(default=1200, ge=1)
+    capacity_wait: int = Field(default=0, ge=0)
+    credentials: RunPodCredentials | None = None
+
+    @field_validator("ports")
+    @classmethod
+    def _check_ports(cls, ports: list[str]) -> list[str]:
+        bad = [port for port in ports if not PORT_SPEC.match(port)]
+        if bad:
+            raise ValueError(f"ports {bad}: write each as '<port>/http' or '<port>/tcp', e.g. '8000/http'")
+        return ports
+
+    @model_validator(mode="after")
+    def _one_volume(self) -> RunPodJobConfiguration:
+        if self.volume_gb and self.network_volume_id:
+            raise ValueError("set volume_gb or network_volume_id, not both (RunPod mounts one volume per pod)")
+        return self
+
+    @property
+    def clouds(self) -> tuple[str, ...]:
+        return CLOUDS if self.cloud == "ANY" else (self.cloud,)
+
+    def prepare_for_flow_run(
+        self,
+        flow_run: FlowRun,
+        deployment: Any = None,
+        flow: Any = None,
+        work_pool: Any = None,
+        worker_name: str | None = None,
+        worker_id: UUID | None = None,
+    ) -> None:
+        """Like every worker, then cut the env down to what the pod needs (Prefect would copy every setting of
+        the worker, `PREFECT_HOME` and database URLs included)."""
+        job_env = {key: value for key, value in self.env.items() if value is not None}
+        super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id)
+        settings = self._base_environment()
+        ow = get_settings()
+        ow_env = {"OW_STORAGE_BLOCK": ow.storage_block} | {
+            name: value for name in POD_OW_SETTINGS[1:] if (value := os.environ.get(name))
+        }
+        env = {
+            **{name: settings[name] for name in POD_PREFECT_SETTINGS if settings.get(name)},
+            **self._base_flow_run_environment(flow_run),
+            "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule",
+            **{name: value for name, value in ow_env.items() if value},
+            **job_env,
+        }
+        if work_pool is not None:
+            env[POOL_MARKER] = str(work_pool.id)
+        self.env = env
+
+    def pod_request(self, name: str, deadline: float) -> dict[str, Any]:
+        """The create body, without the GPU and cloud (filled per candidate)."""
+        body: dict[str, Any] = {
+            "name": name,
+            "image": self.image,
+            "args": self.command or "prefect flow-run execute",
+            "env": {**self.env, DEADLINE_MARKER: str(int(deadline))},
+            "disk": self.container_disk_gb,
+            "ports": list(self.ports),
+        }
+        if self.data_center_ids:
+            body["dataCenterIds"] = list(self.data_center_ids)
+        if self.volume_gb:
+            body["mounts"] = {"persistent": {"size": self.volume_gb, "path": self.volume_mount_path}}
+        elif self.network_volume_id:
+            body["mounts"] = {"network": [{"volumeId": self.network_volume_id, "path": self.volume_mount_path}]}
+        if self.registry_auth_id:
+            body["registry"] = self.registry_auth_id
+        return body
+
+    def gpu_request(self, candidate: Candidate) -> dict[str, Any]:
+        gpu: dict[str, Any] = {"id": candidate.gpu_id, "count": self.gpu_count}
+        if self.min_cuda_version:
+            gpu["minCudaVersion"] = self.min_cuda_version
+        return {"gpu": gpu, "cloud": candidate.cloud}
+
+    def runpod_credentials(self) -> RunPodCredentials:
+        return self.credentials or RunPodCredentials.from_env()
+
+
+class RunPodWorkerResult(BaseWorkerResult):
+    """`identifier` is the pod id; `status_code` 0 unless the worker crashed or timed the run out."""
+
+
+@dataclass
+class PodRecord:
+    """One pod of one attempt of a flow run: what its cost and events are computed from."""
+
+    pod: Pod
+    flow_run_id: UUID
+    flow_run_name: str
+    price_per_hour: float
+    created_at: float = field(default_factory=time.time)
+    gpu: str = ""
+    cloud: str = ""
+
+    @classmethod
+    def of(cls, pod: Pod, flow_run: FlowRun, candidate: Candidate) -> PodRecord:
+        price = pod.cost or candidate.price_per_hour
+        return cls(
+            pod,
+            flow_run.id,
+            flow_run.name,
+            price,
+            gpu=f"{candidate.count}x {candidate.gpu_id}",
+            cloud=pod.cloud or candidate.cloud,
+        )
+
+    @classmethod
+    def found(cls, pod: Pod, flow_run_id: UUID, flow_run_name: str) -> PodRecord:
+        """A pod the reconciler found: its creation time and price come from RunPod."""
+        created = _parse_time(pod.created_at) or time.time()
+        gpu = f"{pod.gpu.count}x {pod.gpu.id}" if pod.gpu else "CPU"
+        return cls(pod, flow_run_id, flow_run_name, pod.cost or 0.0, created_at=created, gpu=gpu, cloud=pod.cloud or "")
+
+    @property
+    def pod_id(self) -> str:
+        return self.pod.id
+
+    def event_resource(self) -> dict[str, str]:
+        return {
+            "prefect.resource.id": f"runpod.pod.{self.pod_id}",
+            "prefect.resource.name": self.pod.name,
+            "ow.pod.gpu": self.gpu,
+            "ow.pod.cloud": self.cloud,
+        }
+
+    def related(self) -> list[dict[str, str]]:
+        return [
+            {
+                "prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}",
+                "prefect.resource.role": "flow-run",
+                "prefect.resource.name": self.flow_run_name,
+            }
+        ]
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "pod_id": self.pod_id,
+            "gpu": self.gpu,
+            "cloud": self.cloud,
+            "data_center": self.pod.data_center_id,
+            "price_per_hour": self.price_per_hour,
+        }
+
+
+@dataclass
+class Outcome:
+    """How a watch ended: the state to set before and after deleting the pod, and the worker's exit code."""
+
+    reason: str
+    before_delete: Any = None  # a state proposed (forced) before the delete: final states block a reschedule
+    after_delete: Any = None  # a state forced once the pod is gone (Crashed does not block a reschedule)
+    status_code: int = 0
+
+
+class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWorkerResult]):
+    """Runs each flow run in its own RunPod GPU pod and deletes the pod when the run ends."""
+
+    type = "runpod"
+    job_configuration = RunPodJobConfiguration
+    job_configuration_variables = RunPodVariables
+    _description = (
+        "Run each flow run on its own RunPod GPU pod (REST API v2): the cheapest GPU type that fits and is in "
+        "stock, deleted the moment the run ends."
+    )
+    _display_name = "RunPod"
+    _documentation_url = "https://github.com/ow-prefect/ow-prefect/blob/main/docs/runpod.md"
+    _logo_url = "https://avatars.githubusercontent.com/u/95939477"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watched: dict[str, UUID] = {}  # pod id -> flow run id, for the pods this worker watches
+        self._credentials: dict[tuple[str, str], RunPodCredentials] = {}
+        self._reconciler: asyncio.Task | None = None
+        self._warned: set[str] = set()
+
+    @classmethod
+    def base_job_template(cls, credentials_block_id: UUID | str | None = None, **defaults: Any) -> dict[str, Any]:
+        """The pool's base job template with other defaults, e.g. ``credentials_block_id=block_id`` (a saved
+        RunPod Credentials block) or ``cloud="ANY"``; for `create_work_pool` from Python."""
+        template = cls.get_default_base_job_template()
+        properties = template["variables"]["properties"]
+        unknown = set(defaults) - set(properties)
+        if unknown:
+            raise ValueError(f"unknown RunPod job variables {sorted(unknown)}; known: {sorted(properties)}")
+        for name, value in defaults.items():
+            properties[name]["default"] = value
+        if credentials_block_id:
+            properties["credentials"]["default"] = {"$ref": {"block_document_id": str(credentials_block_id)}}
+        return template
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self, *args: Any, **kwargs: Any) -> None:
+        if "query_seconds" in get_current_settings().worker.model_fields_set:
+            return await super().start(*args, **kwargs)
+        with temporary_settings(updates={PREFECT_WORKER_QUERY_SECONDS: DEFAULT_QUERY_SECONDS}):
+            return await super().start(*args, **kwargs)
+
+    async def setup(self) -> None:
+        await super().setup()
+        self._reconciler = asyncio.create_task(self._reconcile_forever(), name="runpod-reconciler")
+
+    async def teardown(self, *exc_info: Any) -> None:
+        if self._reconciler:
+            self._reconciler.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(self._reconciler, return_exceptions=True)
+            self._reconciler = None
+        await super().teardown(*exc_info)
+
+    # ---- one flow run --------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: RunPodJobConfiguration,
+        task_status: anyio.abc.TaskStatus | None = None,
+    ) -> RunPodWorkerResult:
+        logger = self.get_flow_run_logger(flow_run)
+        credentials = configuration.runpod_credentials()
+        self._remember(credentials)
+        self._check_reachable(configuration, credentials, logger)
+        deadline = time.time() + configuration.max_runtime
+        request = configuration.pod_request(f"{POD_PREFIX}{flow_run.id}", deadline)
+        async with credentials.get_client() as runpod:
+            created = await self._create(runpod, flow_run, configuration, request, logger)
+            if created is None:  # cancelled while waiting for capacity
+                if task_status:
+                    task_status.started("")
+                return RunPodWorkerResult(identifier="", status_code=0)
+            pod, candidate = created
+            record = PodRecord.of(pod, flow_run, candidate)
+            self._watched[pod.id] = flow_run.id
+            if task_status:
+                task_status.started(f"{INFRA_PREFIX}{pod.id}")
+            logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
+            self._emit("ow.pod.created", record, attempt=flow_run.run_count + 1)
+            try:
+                outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger)
+            except BaseException as exc:
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    logger.warning(f"Worker stopping: pod {pod.id} keeps running; a restarted worker reconciles it")
+                    self._watched.pop(pod.id, None)
+                    raise
+                logger.exception(f"Watching pod {pod.id} failed; deleting it")
+                outcome = Outcome(f"the worker failed while watching it: {exc}", after_delete=None, status_code=1)
+            await self._end(runpod, record, outcome, logger)
+            return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
+
+    async def _create(
+        self,
+        runpod: AsyncRunPodClient,
+        flow_run: FlowRun,
+        configuration: RunPodJobConfiguration,
+        request: dict[str, Any],
+        logger: Any,
+    ) -> tuple[Pod, Candidate] | None:
+        """Walk the candidates, cheapest first, until one has capacity; wait for capacity if configured."""
+        give_up = time.monotonic() + configuration.capacity_wait
+        tried: list[str] = []
+        fresh = False
+        while True:
+            candidates = await self._candidates(runpod, configuration, fresh=fresh)
+            for number, candidate in enumerate(candidates, 1):
+                logger.info(f"Creating pod {number}/{len(candidates)}: {candidate}")
+                try:
+                    pod = await runpod.create_pod({**request, **configuration.gpu_request(candidate)})
+                except RunPodNoCapacity as exc:
+                    logger.info(f"No capacity for {candidate}: {exc.detail}")
+                    tried.append(f"{candidate}: no capacity")
+                    continue
+                return pod, candidate
+            if time.monotonic() >= give_up:
+                message = _no_capacity_message(configuration, candidates, tried)
+                await propose_state(self.client, Failed(name="NoCapacity", message=message), flow_run_id=flow_run.id)
+                raise RunPodNoCapacity(message)
+            wait = min(CAPACITY_RETRY_SECONDS, give_up - time.monotonic())
+            logger.info(f"No candidate has capacity; trying again in {wait:.0f} s (capacity_wait)")
+            if await self._cancelled_within(flow_run, wait):
+                await self._mark_flow_run_as_cancelled(
+                    flow_run, {"message": "Cancelled while waiting for GPU capacity; no pod was created."}
+                )
+                return None
+            fresh = True
+
+    async def _candidates(
+        self, runpod: AsyncRunPodClient, configuration: RunPodJobConfiguration, fresh: bool
+    ) -> list[Candidate]:
+        catalogs = {
+            cloud: await runpod.gpu_types(count=configuration.gpu_count, cloud=cloud, fresh=fresh)
+            for cloud in configuration.clouds
+        }
+        known = {gpu.id for catalog in catalogs.values() for gpu in catalog}
+        unknown = [gpu_id for gpu_id in configuration.gpu_types if gpu_id not in known]
+        if unknown:
+            raise ValueError(
+                f"gpu_types {unknown} are not RunPod GPU type ids; valid ids include "
+                f"{sorted(known)[:8]} (see GET /v2/catalog/gpus)"
+            )
+        return rank_candidates(
+            catalogs,
+            min_vram_gb=configuration.min_vram_gb,
+            gpu_count=configuration.gpu_count,
+            preferred=configuration.gpu_types,
+            clouds=configuration.clouds,
+            max_price_per_hour=configuration.max_price_per_hour,
+            data_centers=configuration.data_center_ids,
+        )
+
+    async def _cancelled_within(self, flow_run: FlowRun, seconds: float) -> bool:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await anyio.sleep(min(self._poll, max(0.0, end - time.monotonic())))
+            state = await self._state(flow_run.id)
+            if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                return True
+        return False
+
+    async def _watch(
+        self,
+        runpod: AsyncRunPodClient,
+        flow_run: FlowRun,
+        configuration: RunPodJobConfiguration,
+        record: PodRecord,
+        deadline: float,
+        logger: Any,
+    ) -> Outcome:
+        pod = record.pod
+        created = time.monotonic()
+        flow_started = False
+        container: ContainerTracker = ContainerTracker()
+        next_pod_check = 0.0
+        while True:
+            state = await self._state(flow_run.id, logger)
+            if state is _GONE:
+                return Outcome("its flow run was deleted")
+            if state is not None:
+                if state.is_final():
+                    return Outcome(f"the flow run is {state.name}")
+                if state.is_cancelling():
+                    return await self._cancel(flow_run, flow_started, logger)
+                if state.is_scheduled():
+                    return Outcome("the flow run was rescheduled")
+                if state.is_paused() and state.name == "Suspended":
+                    return Outcome("the flow run was suspended")
+                flow_started = flow_started or state.type not in (StateType.PENDING, StateType.SCHEDULED)
+            if time.time() >= deadline:
+                message = f"The run exceeded max_runtime ({configuration.max_runtime} s); pod {pod.id} deleted."
+                return Outcome(
+                    "max_runtime passed", before_delete=Failed(name="TimedOut", message=message), status_code=1
+                )
+            if not flow_started and time.monotonic() - created >= configuration.startup_timeout:
+                reason = f"the flow run did not start within startup_timeout ({configuration.startup_timeout} s)"
+                return await self._crash(runpod, flow_run, pod, reason, logger)
+            if time.monotonic() >= next_pod_check:
+                next_pod_check = time.monotonic() + self._poll
+                try:
+                    pod = await runpod.get_pod(pod.id)
+                except RunPodNotFound:
+                    return await self._pod_gone(runpod, flow_run, pod, "the pod was deleted outside the worker", logger)
+                except RunPodError as exc:
+                    self._warn_once(logger, f"get-{pod.id}", f"Cannot read pod {pod.id} now ({exc}); still watching")
+                else:
+                    record.pod = pod
+                    if pod.status == "ERROR":
+                        return await self._crash(runpod, flow_run, pod, "the pod is in ERROR", logger)
+                    if pod.status in ("EXITED", "TERMINATED"):
+                        return await self._pod_gone(
+                            runpod, flow_run, pod, f"RunPod stopped the pod ({pod.status})", logger
+                        )
+                    if container.observe(pod) == "up":
+                        boot = time.monotonic() - created
+                        logger.info(f"Pod {pod.id} is running (container up after {boot:.0f} s)")
+                        self._emit("ow.pod.running", record, boot_seconds=round(boot, 1))
+                    if container.exits:
+                        state = await self._state(flow_run.id, logger)
+                        if (
+                            state is not None
+                            and state is not _GONE
+                            and not state.is_final()
+                            and not state.is_scheduled()
+                        ):
+                            reason = "the container exited before the flow run finished"
+                            return await self._crash(runpod, flow_run, pod, reason, logger)
+                        continue  # the run just finished or moved on: the top of the loop handles it
+            await anyio.sleep(self._poll)
+
+    async def _cancel(self, flow_run: FlowRun, flow_started: bool, logger: Any) -> Outcome:
+        """A cancelling run: let a running flow's supervisor finish the cancellation for a moment, then mark it
+        Cancelled before the delete (a SIGTERM must not turn a cancellation into a reschedule)."""
+        if flow_started:
+            end = time.monotonic() + CANCEL_GRACE_SECONDS
+            while time.monotonic() < end:
+                state = await self._state(flow_run.id, logger)
+                if state is None or state is _GONE or state.is_final():
+                    return Outcome("the flow run was cancelled")
+                await anyio.sleep(0.25)
+        logger.info("Flow run cancelling: deleting its pod")
+        return Outcome(
+            "the flow run was cancelled",
+            before_delete=Cancelled(message="Cancelled; the RunPod worker deleted the pod."),
+        )
+
+    async def _pod_gone(
+        self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any
+    ) -> Outcome:
+        """The pod ended under the run (preemption, a manual delete): a preempted flow reschedules itself on
+        SIGTERM, so give it time to; anything else is a crash."""
+        end = time.monotonic() + PREEMPT_GRACE_SECONDS
+        while time.monotonic() < end:
+            state = await self._state(flow_run.id, logger)
+            if state is _GONE:
+                return Outcome("its flow run was deleted")
+            if state is not None and (state.is_final() or state.is_scheduled() or state.is_cancelling()):
+                if state.is_scheduled():
+                    logger.info(f"{reason}; the flow run was rescheduled and gets a new pod")
+                    return Outcome("the flow run was rescheduled after the pod stopped")
+                if state.is_cancelling():
+                    return Outcome("the flow run was cancelled", before_delete=Cancelled(message="Cancelled."))
+                return Outcome(f"the flow run is {state.name}")
+            await anyio.sleep(min(self._poll, 1.0))
+        return await self._crash(runpod, flow_run, pod, reason, logger)
+
+    async def _crash(self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any) -> Outcome:
+        lines = await _last_log_lines(runpod, pod.id, LOG_LINES_LOGGED)
+        if lines:
+            logger.error(f"Last lines of pod {pod.id}'s log:\n" + "\n".join(lines))
+        tail = "\n".join(lines[-LOG_LINES_IN_MESSAGE:]) or "(the pod wrote no log lines)"
+        message = f"Pod {pod.id}: {reason}. Last lines of its log:\n{tail}"
+        logger.error(f"Pod {pod.id}: {reason}; marking the run Crashed and deleting the pod")
+        return Outcome(reason, after_delete=Crashed(message=message), status_code=1)
+
+    async def _end(self, runpod: AsyncRunPodClient, record: PodRecord, outcome: Outcome, logger: Any) -> None:
+        """Set the outcome's states around deleting the pod; then the terminated event and the cost artifact."""
+        flow_run_id = record.flow_run_id
+        try:
+            if outcome.before_delete is not None:
+                await self._force_state(flow_run_id, outcome.before_delete, logger)
+            deleted = await self._delete(runpod, record.pod_id, logger, wait=outcome.after_delete is not None)
+            if outcome.after_delete is not None:
+                await self._force_state(flow_run_id, outcome.after_delete, logger)
+        finally:
+            self._watched.pop(record.pod_id, None)
+        if deleted:
+            logger.info(f"Pod {record.pod_id} deleted: {outcome.reason}")
+            await self._account(record, outcome.reason, logger)
+
+    async def _delete(self, runpod: AsyncRunPodClient, pod_id: str, logger: Any, wait: bool = False) -> bool:
+        """Delete a pod (404: already gone). False when RunPod cannot be reached: the reconciler retries."""
+        try:
+            await runpod.delete_pod(pod_id)
+        except RunPodError as exc:
+            logger.error(f"Could not delete pod {pod_id} ({exc}); the reconciler will retry")
+            return False
+        if wait:  # until its processes are gone, so that no SIGTERM handler changes the run's state after us
+            with anyio.move_on_after(30):
+                while True:
+                    try:
+                        if (await runpod.get_pod(pod_id)).status == "TERMINATED":
+                            break
+                    except RunPodNotFound:
+                        break
+                    except RunPodError:
+                        pass
+                    await anyio.sleep(1)
+        return True
+
+    async def _account(self, record: PodRecord, reason: str, logger: Any) -> None:
+        seconds = max(0.0, time.time() - record.created_at)
+        cost = record.price_per_hour * seconds / 3600
+        self._emit(
+            "ow.pod.terminated", record, billed_seconds=round(seconds, 1), cost_usd=round(cost, 6), reason=reason
+        )
+        try:
+            await _add_cost_row(self.client, record, seconds, cost, reason)
+        except Exception:
+            logger.warning("Could not write the cost artifact", exc_info=True)
+
+    # ---- kill_infrastructure (cancellation of pending runs, by Prefect) --------------------------------
+
+    async def kill_infrastructure(
+        self, infrastructure_pid: str, configuration: RunPodJobConfiguration, grace_seconds: int = 30
+    ) -> None:
+        """Delete the run's pod; a pod that is already gone (404) counts as done."""
+        if not infrastructure_pid.startswith(INFRA_PREFIX):
+            from prefect.exceptions import InfrastructureNotFound
+
+            raise InfrastructureNotFound(f"{infrastructure_pid!r} is not a RunPod pod of this worker")
+        async with configuration.runpod_credentials().get_client() as runpod:
+            await runpod.delete_pod(infrastructure_pid.removeprefix(INFRA_PREFIX))
+
+    # ---- reconciler ----------------------------------------------------------------------------------
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception:
+                self._logger.warning("RunPod reconciler pass failed; retrying later", exc_info=True)
+            await anyio.sleep(get_settings().runpod_reconcile_seconds)
+
+    async def reconcile(self) -> list[str]:
+        """Delete this pool's pods that no worker of this process watches and that should not exist: their
+        run is over, deleted, rescheduled, long cancelling or past `max_runtime`. Returns the deleted pod ids."""
+        if self._work_pool is None:
+            return []
+        if not self._credentials:
+            with contextlib.suppress(Exception):
+                self._remember(await self._pool_credentials())
+        deleted = []
+        for credentials in list(self._credentials.values()):
+            async with credentials.get_client() as runpod:
+                for pod in await runpod.find_pods(POD_PREFIX):
+                    if pod.env.get(POOL_MARKER) != str(self._work_pool.id) or pod.id in self._watched:
+                        continue
+                    verdict = await self._orphan_verdict(pod)
+                    if verdict is None:
+                        continue
+                    reason, state = verdict
+                    flow_run_id = _flow_run_id(pod)
+                    self._logger.info(f"Reconciler: deleting pod {pod.id} ({reason})")
+                    if state is not None and flow_run_id:
+                        await self._force_state(flow_run_id, state, self._logger)
+                    if await self._delete(runpod, pod.id, self._logger):
+                        deleted.append(pod.id)
+                        if flow_run_id:
+                            record = PodRecord.found(pod, flow_run_id, pod.name)
+                            await self._account(record, f"reconciler: {reason}", self._logger)
+        return deleted
+
+    async def _orphan_verdict(self, pod: Pod) -> tuple[str, Any] | None:
+        flow_run_id = _flow_run_id(pod)
+        if flow_run_id is None:
+            return "it names no flow run", None
+        state = await self._state(flow_run_id)
+        if state is None:  # the API did not answer: decide next time
+            return None
+        if state is _GONE:
+            return "its flow run no longer exists", None
+        if pod.ended:
+            return f"it is {pod.status}", None
+        if state.is_final():
+            return f"its flow run is {state.name}", None
+        if state.is_scheduled():
+            return "its flow run was rescheduled", None
+        deadline = _float(pod.env.get(DEADLINE_MARKER))
+        if deadline is not None and time.time() > deadline:
+            message = f"The run exceeded its max_runtime; the reconciler deleted pod {pod.id}."
+            return "past its max_runtime", Failed(name="TimedOut", message=message)
+        if state.is_cancelling() and state.timestamp and _age(state.timestamp) > STALE_CANCELLING_SECONDS:
+            return "its flow run has been cancelling for a minute", Cancelled(message="Cancelled; pod deleted.")
+        return None
+
+    async def _pool_credentials(self) -> RunPodCredentials:
+        """The credentials the work pool's defaults resolve to (block or the worker's RUNPOD_API_KEY)."""
+        configuration = await self.job_configuration.from_template_and_values(
+            self._work_pool.base_job_template, {}, client=self.client
+        )
+        return configuration.runpod_credentials()
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    @property
+    def _poll(self) -> float:
+        return get_settings().runpod_poll_seconds
+
+    def _remember(self, credentials: RunPodCredentials) -> None:
+        key = (credentials.api_url, credentials.api_key.get_secret_value())
+        self._credentials.setdefault(key, credentials)
+
+    async def _state(self, flow_run_id: UUID, logger: Any = None) -> Any:
+        """The run's current state; `_GONE` when the run was deleted; None when the API did not answer."""
+        try:
+            return (await self.client.read_flow_run(flow_run_id)).state
+        except ObjectNotFound:
+            return _GONE
+        except Exception as exc:  # the Prefect API is down or restarting: keep the pod, look again
+            self._warn_once(logger or self._logger, f"api-{flow_run_id}", f"Cannot read flow run state now ({exc})")
+            return None
+
+    async def _force_state(self, flow_run_id: UUID, state: Any, logger: Any) -> None:
+        try:
+            await self.client.set_flow_run_state(flow_run_id, state, force=True)
+        except ObjectNotFound:
+            pass
+        except Exception:
+            logger.warning(f"Could not set flow run {flow_run_id} to {state.name}", exc_info=True)
+
+    def _emit(self, event: str, record: PodRecord, **payload: Any) -> None:
+        emit_event(
+            event=event,
+            resource=record.event_resource(),
+            related=record.related(),
+            payload={**record.payload(), **payload},
+        )
+
+    def _warn_once(self, logger: Any, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    def _check_reachable(
+        self, configuration: RunPodJobConfiguration, credentials: RunPodCredentials, logger: Any
+    ) -> None:
+        """Refuse before renting anything when the pod could not reach the Prefect API."""
+        api_url = configuration.env.get("PREFECT_API_URL")
+        if not api_url:
+            raise ValueError(
+                "PREFECT_API_URL is not set for the pod: start the worker against a Prefect server the pod can "
+                "reach (Prefect Cloud or a public self-hosted URL), or set it in the job variables' env"
+            )
+        if _is_loopback(api_url) and not _is_loopback(credentials.api_url):
+            raise ValueError(
+                f"the pod would call the Prefect API at {api_url}, a loopback address it cannot reach: run the "
+                "worker with PREFECT_API_URL set to a public URL (plus PREFECT_API_AUTH_STRING or a Cloud key), "
+                "or override PREFECT_API_URL in the job variables' env"
+            )
+        if not configuration.env.get("OW_STORAGE_BLOCK") and not _is_loopback(credentials.api_url):
+            self._warn_once(
+                logger,
+                "storage",
+                "OW_STORAGE_BLOCK is not set: ow_prefect jobs in this pod keep their outputs on the pod's own disk, "
+                "lost when it is deleted (set it on the worker, e.g. s3-bucket/ow-storage)",
+            )
+
+
+class ContainerTracker:
+    """Counts container starts and exits from successive pod reads. A start: `runtime` or `startedAt` appears.
+    An exit (RunPod then restarts the container): `runtime` disappears while the pod stays RUNNING, the uptime
+    goes back, or `startedAt` changes (a container that lived less than one poll shows only that)."""
+
+    def __init__(self) -> None:
+        self.starts = 0
+        self.exits = 0
+        self._up = False
+        self._uptime: int | None = None
+        self._started_at: str | None = None
+
+    def observe(self, pod: Pod) -> str | None:
+        """ "up" on the first sign of a container, "exited" when one exited since the last read, else None."""
+        uptime = pod.runtime.uptime if pod.started and pod.runtime else None
+        exited = (
+            (self._up and not pod.started)
+            or (uptime is not None and self._uptime is not None and uptime < self._uptime)
+            or bool(pod.started_at and self._started_at and pod.started_at != self._started_at)
+        )
+        first = self.starts == 0 and (pod.started or pod.started_at is not None)
+        self._up, self._uptime = pod.started, uptime
+        self._started_at = pod.started_at or self._started_at
+        if first:
+            self.starts = 1
+        if exited:
+            self.exits += 1
+            return "exited"
+        return "up" if first else None
+
+
+_GONE = object()
+
+
+async def _last_log_lines(runpod: AsyncRunPodClient, pod_id: str, count: int, wait: float = 3.0) -> list[str]:
+    """The pod's last log lines (container and system), read for at most `wait` seconds."""
+    lines: list[str] = []
+    with anyio.move_on_after(wait):
+        try:
+            async for line in runpod.stream_logs(pod_id, source=None, tail=count):
+                lines.append(line.line)
+        except RunPodError:
+            pass
+    return lines[-count:]
+
+
+async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: float, reason: str) -> None:
+    """Append this pod to the run's cost table (key `runpod-cost-<flow run id>`), keeping earlier attempts."""
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    key = f"runpod-cost-{record.flow_run_id}"
+    previous = await client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+    )
+    rows: list[dict[str, Any]] = []
+    if previous and isinstance(previous[0].data, str):
+        with contextlib.suppress(Exception):
+            rows = [row for row in json.loads(previous[0].data) if row.get("pod") != record.pod_id]
+    rows.append(
+        {
+            "attempt": len(rows) + 1,
+            "pod": record.pod_id,
+            "gpu": record.gpu,
+            "cloud": record.cloud,
+            "data_center": record.pod.data_center_id or "",
+            "usd_per_hour": round(record.price_per_hour, 4),
+            "billed_seconds": round(seconds, 1),
+            "cost_usd": round(cost, 6),
+            "ended": reason,
+        }
+    )
+    total = sum(row["cost_usd"] for row in rows)
+    description = (
+        f"**RunPod cost: ${total:.4f}** over {len(rows)} pod{'s' if len(rows) > 1 else ''} "
+        "(price per hour × time from create to delete)."
+    )
+    await client.create_artifact(
+        ArtifactCreate(
+            key=key, type="table", data=json.dumps(rows), description=description, flow_run_id=record.flow_run_id
+        )
+    )
+
+
+def _no_capacity_message(
+    configuration: RunPodJobConfiguration, candidates: Sequence[Candidate], tried: list[str]
+) -> str:
+    wanted = (
+        f"{configuration.gpu_count} GPU(s) with {configuration.min_vram_gb:g} GB in total, cloud "
+        f"{configuration.cloud}"
+        + (f", types {configuration.gpu_types}" if configuration.gpu_types else "")
+        + (f", data centers {configuration.data_center_ids}" if configuration.data_center_ids else "")
+        + (f", at most ${configuration.max_price_per_hour:g}/h" if configuration.max_price_per_hour else "")
+    )
+    if not candidates:
+        return f"No RunPod GPU fits and is in stock: {wanted}. Loosen the job variables or set capacity_wait."
+    waited = f" (waited {configuration.capacity_wait} s)" if configuration.capacity_wait else ""
+    return f"No capacity on any of {len(candidates)} candidates{waited} for {wanted}. Tried: " + "; ".join(tried[-20:])
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _flow_run_id(pod: Pod) -> UUID | None:
+    try:
+        return UUID(pod.env.get("PREFECT__FLOW_RUN_ID", ""))
+    except ValueError:
+        return None
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _age(moment: datetime) -> float:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - moment).total_seconds()
+
+
+__all__ = ["RunPodJobConfiguration", "RunPodVariables", "RunPodWorker", "RunPodWorkerResult"]
