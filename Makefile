@@ -17,3 +17,4 @@ lint: setup
 bench: setup
 	.venv/bin/python bench/submit.py
 	.venv/bin/python bench/train_cpu.py
+	.venv/bin/python bench/worker.py

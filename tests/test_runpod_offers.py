@@ -72,3 +72,29 @@ def test_catalog_per_cloud_and_data_centers():
     assert names(found) == [("A6000", "SECURE")]
     assert rank_candidates({"SECURE": secure}, min_vram_gb=40, data_centers=["EU-RO-1"]) == []
     assert len(rank_candidates({"SECURE": secure}, min_vram_gb=40, data_centers=["US-TX-3", "EU-RO-1"])) == 1
+
+
+async def test_create_on_first_walks_candidates_against_the_fake():
+    import pytest
+
+    from ow_prefect.runpod import AsyncRunPodClient, RunPodNoCapacity
+    from ow_prefect.runpod.offers import create_on_first, find_candidates
+    from ow_prefect.testing.fake_runpod import CAPACITY_DETAIL, FakeRunPod
+
+    with FakeRunPod(api_key="k") as fake:
+        async with AsyncRunPodClient("k", base_url=fake.url, backoff_s=0.01) as runpod:
+            candidates = await find_candidates(runpod, min_vram_gb=40, clouds=("SECURE",))
+            assert [c.gpu_id for c in candidates][:2] == ["NVIDIA RTX A6000", "NVIDIA A100 80GB PCIe"]
+            fake.inject("POST", r"/pods$", status=400, detail=CAPACITY_DETAIL)
+            logged = []
+            request = {"name": "ow-test", "image": "img", "args": "sleep 60"}
+            pod, used = await create_on_first(runpod, request, candidates, min_cuda_version="12.4", log=logged.append)
+            assert used == candidates[1] and pod.gpu.id == "NVIDIA A100 80GB PCIe"
+            assert fake.requests[-1][2]["gpu"] == {"id": "NVIDIA A100 80GB PCIe", "count": 1, "minCudaVersion": "12.4"}
+            assert logged[1].startswith("No capacity for 1x NVIDIA RTX A6000")
+            fake.inject("POST", r"/pods$", status=400, detail=CAPACITY_DETAIL, times=2)
+            with pytest.raises(RunPodNoCapacity) as raised:
+                await create_on_first(runpod, request, candidates[:2], log=logged.append)
+            assert len(raised.value.tried) == 2 and "A100 80GB PCIe" in str(raised.value)
+            with pytest.raises(ValueError, match="not RunPod GPU type ids"):
+                await find_candidates(runpod, min_vram_gb=1, preferred=["NVIDIA RTX 9999"])

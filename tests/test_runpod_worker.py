@@ -248,6 +248,15 @@ def test_no_capacity_anywhere_fails_naming_what_was_tried(client, fake, run):
     assert not pods_of(fake, flow_run.id)
 
 
+def test_with_capacity_wait_the_worker_retries_until_a_gpu_frees_up(client, fake, run):
+    fake.inject("POST", r"/pods$", status=400, detail=CAPACITY_DETAIL, times=1)
+    flow_run = run(seconds=0.5, gpu_types=["NVIDIA RTX A6000"], capacity_wait=60)
+    assert wait_for(client, flow_run.id, finished).state.is_completed()
+    messages = "\n".join(log.message for log in _logs(client, flow_run.id))
+    assert "No candidate has capacity; trying again in 5 s" in messages
+    assert len(pods_of(fake, flow_run.id)) == 1
+
+
 def test_a_lost_create_response_makes_no_second_pod(client, fake, run):
     fake.inject("POST", r"/pods$", lose_response=True)
     flow_run = run(seconds=0.5)
@@ -320,3 +329,17 @@ def test_a_restarted_worker_deletes_the_pod_its_predecessor_left(client, fake, p
     with prefect_worker(prefect_api, pool, "runpod", WORKER_ENV, tmp_path / "second.log"):
         assert eventually(lambda: pod.deleted_at, timeout=30)
     assert "Reconciler: deleting pod" in (tmp_path / "second.log").read_text()
+
+
+def test_blocks_command_saves_the_key_and_sets_up_the_pool(prefect_api, client):
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "RUNPOD_API_KEY": "rpa_cli_secret_123"}
+    command = [sys.executable, "-m", "blocks.runpod", "--name", "rp-cli", "--pool", "gpu-blocks"]
+    first = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert "'gpu-blocks' created" in first.stdout and "'gpu-blocks' updated" in again.stdout
+    assert "rpa_cli_secret_123" not in first.stdout + first.stderr + again.stdout + again.stderr
+    pool = client.read_work_pool("gpu-blocks")
+    block = client.read_block_document_by_name("rp-cli", "runpod-credentials")
+    default = pool.base_job_template["variables"]["properties"]["credentials"]["default"]
+    assert pool.type == "runpod" and default == {"$ref": {"block_document_id": str(block.id)}}

@@ -190,7 +190,8 @@ def test_sdk_fine_tuning_job_on_the_worker_carries_its_vram_estimate(tiny_model,
     )
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(job.flow_run_id)
-    assert run.job_variables == {"min_vram_gb": 2}
+    # the worker gets the image the job id was computed with, and the VRAM estimate
+    assert run.job_variables == {"image": type(job).image(), "min_vram_gb": 2}
     assert run.deployment_id == client_deployment_id("finetune/sft")
     job = job.wait(timeout=300, poll_interval=1)
     assert job.outputs["steps"] == 2 and job.outputs["merged"].startswith("model:dir-")

@@ -202,7 +202,7 @@ class Jobs(_JobsBase):
                         parameters=sub.parameters,
                         tags=sub.tags,
                         idempotency_key=sub.idempotency_key,
-                        job_variables=job_cls.job_variables(sub.validated),
+                        job_variables=_job_variables(job_cls, sub),
                     )
                 )
             return self._job(self._find_run(client, sub.job_id))
@@ -314,7 +314,7 @@ class AsyncJobs(_JobsBase):
             elif action == "retry":
                 await client.set_flow_run_state(run.id, _retry_state())
             else:
-                variables = await anyio.to_thread.run_sync(job_cls.job_variables, sub.validated)
+                variables = await anyio.to_thread.run_sync(_job_variables, job_cls, sub)
                 return await self._job_async(
                     await client.create_flow_run_from_deployment(
                         await self._deployment_id(client, sub.deployment),
@@ -420,3 +420,9 @@ class JobTypeResource:
 
     def retrieve(self, job_id: str):
         return self._jobs.retrieve(job_id)
+
+
+def _job_variables(job_cls: type[Job], sub: Submission) -> dict[str, Any]:
+    """The image the job id was computed with (the RunPod worker runs exactly it), plus the job type's own
+    variables (e.g. ``min_vram_gb``). Pools that have no `image` variable ignore it."""
+    return {"image": sub.parameters["ow_job"]["image"], **job_cls.job_variables(sub.validated)}

@@ -46,6 +46,7 @@ class RunPodCredentials(Block):
         if not key:
             raise ConfigurationError(
                 "no RunPod credentials: set the work pool's `credentials` variable to a RunPod Credentials block "
-                "(`RunPodCredentials(api_key=...).save('runpod')`), or RUNPOD_API_KEY in the worker's environment"
+                "(`RunPodCredentials(api_key=...).save('runpod')`), or set RUNPOD_API_KEY in the environment of the "
+                "worker (or of this command)"
             )
         return cls(api_key=key, api_url=os.environ.get("RUNPOD_API_URL") or DEFAULT_BASE_URL)

@@ -35,6 +35,7 @@ class Pod(_Record):
     data_center_id: str | None = Field(default=None, alias="dataCenterId")
     cost: float | None = Field(default=None, description="USD per hour billed for this pod")
     runtime: PodRuntime | None = None
+    ssh: dict[str, Any] | None = Field(default=None, description="`proxy` and `direct` ssh endpoints, each or null")
     created_at: str | None = Field(default=None, alias="createdAt")
     started_at: str | None = Field(default=None, alias="startedAt")
 

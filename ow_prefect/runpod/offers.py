@@ -6,10 +6,15 @@ The catalog's availability is a hint, not a reservation: candidates listed as av
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from ow_prefect.runpod.models import GpuType
+from ow_prefect.runpod.errors import RunPodNoCapacity
+from ow_prefect.runpod.models import GpuType, Pod
+
+if TYPE_CHECKING:
+    from ow_prefect.runpod.client import AsyncRunPodClient
 
 CLOUDS = ("SECURE", "COMMUNITY")
 
@@ -63,3 +68,61 @@ def rank_candidates(
             candidates.append(Candidate(gpu.id, cloud, total, gpu.memory, gpu_count, gpu.availability))
     rank = {gpu_id: i for i, gpu_id in enumerate(preferred)}
     return sorted(candidates, key=lambda c: (rank.get(c.gpu_id, 0), c.price_per_hour, c.gpu_id, c.cloud))
+
+
+async def find_candidates(
+    runpod: AsyncRunPodClient,
+    *,
+    min_vram_gb: float,
+    gpu_count: int = 1,
+    preferred: Sequence[str] = (),
+    clouds: Sequence[str] = CLOUDS,
+    max_price_per_hour: float | None = None,
+    data_centers: Sequence[str] = (),
+    fresh: bool = False,
+) -> list[Candidate]:
+    """Read RunPod's catalog (per cloud, for `gpu_count` GPUs) and rank it; refuses unknown GPU type ids."""
+    catalogs = {cloud: await runpod.gpu_types(count=gpu_count, cloud=cloud, fresh=fresh) for cloud in clouds}
+    known = {gpu.id for catalog in catalogs.values() for gpu in catalog}
+    unknown = [gpu_id for gpu_id in preferred if gpu_id not in known]
+    if unknown:
+        raise ValueError(
+            f"gpu_types {unknown} are not RunPod GPU type ids; valid ids include {sorted(known)[:8]} "
+            "(the full list: GET /v2/catalog/gpus)"
+        )
+    return rank_candidates(
+        catalogs,
+        min_vram_gb=min_vram_gb,
+        gpu_count=gpu_count,
+        preferred=preferred,
+        clouds=clouds,
+        max_price_per_hour=max_price_per_hour,
+        data_centers=data_centers,
+    )
+
+
+async def create_on_first(
+    runpod: AsyncRunPodClient,
+    request: dict[str, Any],
+    candidates: Sequence[Candidate],
+    *,
+    min_cuda_version: str | None = None,
+    log: Callable[[str], Any] = print,
+) -> tuple[Pod, Candidate]:
+    """Create the pod `request` describes on the first candidate with capacity, logging every attempt.
+
+    Raises `RunPodNoCapacity` naming every candidate tried when none had room; any other error at once."""
+    tried = []
+    for number, candidate in enumerate(candidates, 1):
+        gpu: dict[str, Any] = {"id": candidate.gpu_id, "count": candidate.count}
+        if min_cuda_version:
+            gpu["minCudaVersion"] = min_cuda_version
+        log(f"Creating pod {number}/{len(candidates)}: {candidate}")
+        try:
+            return await runpod.create_pod({**request, "gpu": gpu, "cloud": candidate.cloud}), candidate
+        except RunPodNoCapacity as exc:
+            log(f"No capacity for {candidate}: {exc.detail}")
+            tried.append(f"{candidate}: no capacity")
+    error = RunPodNoCapacity(f"no capacity on any of {len(candidates)} candidates: " + "; ".join(tried))
+    error.tried = tried
+    raise error

@@ -81,16 +81,20 @@ def prefect_server(home: Path, timeout: float = 90) -> Iterator[str]:
 
 @contextlib.contextmanager
 def prefect_worker(
-    api_url: str, pool: str, worker_type: str, env: dict[str, str], log: Path, extra_args: tuple[str, ...] = ()
+    api_url: str,
+    pool: str,
+    worker_type: str,
+    env: dict[str, str],
+    log: Path,
+    extra_args: tuple[str, ...] = (),
+    query_seconds: float | None = 1,
 ) -> Iterator[subprocess.Popen]:
-    """Run `prefect worker start` in its own session (so SIGTERM reaches it, see shared notes)."""
-    worker_env = {
-        **os.environ,
-        **env,
-        "PREFECT_API_URL": api_url,
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
-    }
+    """Run `prefect worker start` in its own session (so SIGTERM reaches it, see shared notes); it polls every
+    `query_seconds` (None: the worker type's default)."""
+    worker_env = {**os.environ, **env, "PREFECT_API_URL": api_url, "PREFECT_WORKER_HEARTBEAT_SECONDS": "5"}
+    worker_env.pop("PREFECT_WORKER_QUERY_SECONDS", None)
+    if query_seconds is not None:
+        worker_env["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*_prefect_cli(), "worker", "start", "--pool", pool, "--type", worker_type, *extra_args],

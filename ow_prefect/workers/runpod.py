@@ -55,7 +55,7 @@ from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
 from ow_prefect.runpod.models import Pod
-from ow_prefect.runpod.offers import CLOUDS, Candidate, rank_candidates
+from ow_prefect.runpod.offers import CLOUDS, Candidate, create_on_first, find_candidates
 from ow_prefect.settings import get_settings
 
 POD_PREFIX = "ow-"
@@ -73,7 +73,7 @@ POD_PREFECT_SETTINGS = (
 POD_OW_SETTINGS = ("OW_STORAGE_BLOCK", "OW_HF_TOKEN_SECRET", "OW_HF_ORG")
 PORT_SPEC = re.compile(r"^\d{1,5}/(http|tcp)$")
 DEFAULT_QUERY_SECONDS = 2.0  # GPU runs deserve a faster pick-up than Prefect's 10 s; PREFECT_WORKER_QUERY_SECONDS wins
-CAPACITY_RETRY_SECONDS = 30.0
+CAPACITY_RETRY_SECONDS = (5.0, 60.0)  # first and longest pause between rounds while waiting for capacity
 CANCEL_GRACE_SECONDS = 5.0  # lets the supervisor in the pod finish a cancellation it already saw
 PREEMPT_GRACE_SECONDS = 60.0  # lets a pod that RunPod stopped reschedule its run through its SIGTERM handler
 STALE_CANCELLING_SECONDS = 60.0
@@ -260,12 +260,6 @@ class RunPodJobConfiguration(BaseJobConfiguration):
             body["registry"] = self.registry_auth_id
         return body
 
-    def gpu_request(self, candidate: Candidate) -> dict[str, Any]:
-        gpu: dict[str, Any] = {"id": candidate.gpu_id, "count": self.gpu_count}
-        if self.min_cuda_version:
-            gpu["minCudaVersion"] = self.min_cuda_version
-        return {"gpu": gpu, "cloud": candidate.cloud}
-
     def runpod_credentials(self) -> RunPodCredentials:
         return self.credentials or RunPodCredentials.from_env()
 
@@ -451,24 +445,31 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
     ) -> tuple[Pod, Candidate] | None:
         """Walk the candidates, cheapest first, until one has capacity; wait for capacity if configured."""
         give_up = time.monotonic() + configuration.capacity_wait
-        tried: list[str] = []
         fresh = False
+        pause = CAPACITY_RETRY_SECONDS[0]
         while True:
-            candidates = await self._candidates(runpod, configuration, fresh=fresh)
-            for number, candidate in enumerate(candidates, 1):
-                logger.info(f"Creating pod {number}/{len(candidates)}: {candidate}")
-                try:
-                    pod = await runpod.create_pod({**request, **configuration.gpu_request(candidate)})
-                except RunPodNoCapacity as exc:
-                    logger.info(f"No capacity for {candidate}: {exc.detail}")
-                    tried.append(f"{candidate}: no capacity")
-                    continue
-                return pod, candidate
+            candidates = await find_candidates(
+                runpod,
+                min_vram_gb=configuration.min_vram_gb,
+                gpu_count=configuration.gpu_count,
+                preferred=configuration.gpu_types,
+                clouds=configuration.clouds,
+                max_price_per_hour=configuration.max_price_per_hour,
+                data_centers=configuration.data_center_ids,
+                fresh=fresh,
+            )
+            try:
+                return await create_on_first(
+                    runpod, request, candidates, min_cuda_version=configuration.min_cuda_version, log=logger.info
+                )
+            except RunPodNoCapacity as exc:
+                tried = exc.tried
             if time.monotonic() >= give_up:
                 message = _no_capacity_message(configuration, candidates, tried)
                 await propose_state(self.client, Failed(name="NoCapacity", message=message), flow_run_id=flow_run.id)
                 raise RunPodNoCapacity(message)
-            wait = min(CAPACITY_RETRY_SECONDS, give_up - time.monotonic())
+            wait = min(pause, give_up - time.monotonic())
+            pause = min(pause * 2, CAPACITY_RETRY_SECONDS[1])
             logger.info(f"No candidate has capacity; trying again in {wait:.0f} s (capacity_wait)")
             if await self._cancelled_within(flow_run, wait):
                 await self._mark_flow_run_as_cancelled(
@@ -476,30 +477,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                 )
                 return None
             fresh = True
-
-    async def _candidates(
-        self, runpod: AsyncRunPodClient, configuration: RunPodJobConfiguration, fresh: bool
-    ) -> list[Candidate]:
-        catalogs = {
-            cloud: await runpod.gpu_types(count=configuration.gpu_count, cloud=cloud, fresh=fresh)
-            for cloud in configuration.clouds
-        }
-        known = {gpu.id for catalog in catalogs.values() for gpu in catalog}
-        unknown = [gpu_id for gpu_id in configuration.gpu_types if gpu_id not in known]
-        if unknown:
-            raise ValueError(
-                f"gpu_types {unknown} are not RunPod GPU type ids; valid ids include "
-                f"{sorted(known)[:8]} (see GET /v2/catalog/gpus)"
-            )
-        return rank_candidates(
-            catalogs,
-            min_vram_gb=configuration.min_vram_gb,
-            gpu_count=configuration.gpu_count,
-            preferred=configuration.gpu_types,
-            clouds=configuration.clouds,
-            max_price_per_hour=configuration.max_price_per_hour,
-            data_centers=configuration.data_center_ids,
-        )
 
     async def _cancelled_within(self, flow_run: FlowRun, seconds: float) -> bool:
         end = time.monotonic() + seconds

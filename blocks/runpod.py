@@ -1,0 +1,75 @@
+"""Save the RunPod API key in a block and make it the default of a `runpod` work pool.
+
+    RUNPOD_API_KEY=rpa_... python -m blocks.runpod --name runpod --pool gpu
+
+Saves a `RunPodCredentials` block (the key is a SecretStr: stored encrypted, never printed), then creates the
+work pool `--pool` (type `runpod`) with that block as its `credentials` default, or updates an existing pool's
+default and leaves its other settings alone. Running it again updates both. `--api-url` points at a proxy or
+at ow_prefect's FakeRunPod (`RUNPOD_API_URL`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def save_runpod_credentials(name: str, api_key: str, api_url: str | None = None) -> Any:
+    """Save (or overwrite) the block; return its document id."""
+    from ow_prefect.runpod.client import DEFAULT_BASE_URL
+    from ow_prefect.runpod.credentials import RunPodCredentials
+
+    return RunPodCredentials(api_key=api_key, api_url=api_url or DEFAULT_BASE_URL).save(
+        name, overwrite=True, _sync=True
+    )
+
+
+def ensure_runpod_pool(pool: str, block_id: Any, **defaults: Any) -> str:
+    """Create the pool with the block as default credentials, or point an existing pool's default at it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    from ow_prefect.workers.runpod import RunPodWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_work_pool(pool)
+        except ObjectNotFound:
+            template = RunPodWorker.base_job_template(block_id, **defaults)
+            client.create_work_pool(WorkPoolCreate(name=pool, type="runpod", base_job_template=template))
+            return "created"
+        if existing.type != "runpod":
+            raise SystemExit(f"work pool {pool!r} has type {existing.type!r}, not 'runpod'; pick another name")
+        template = existing.base_job_template
+        properties = template["variables"]["properties"]
+        properties["credentials"]["default"] = {"$ref": {"block_document_id": str(block_id)}}
+        for name, value in defaults.items():
+            properties[name]["default"] = value
+        client.update_work_pool(pool, WorkPoolUpdate(base_job_template=template))
+        return "updated"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m blocks.runpod", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--name", default="runpod", help="block name (default: runpod)")
+    parser.add_argument("--pool", help="also create or update this `runpod` work pool to use the block")
+    parser.add_argument("--api-url", default=os.environ.get("RUNPOD_API_URL"))
+    args = parser.parse_args(argv)
+    api_key = os.environ.get("RUNPOD_API_KEY")
+    if not api_key:
+        print("error: set RUNPOD_API_KEY (RunPod → Settings → API Keys) in the environment", file=sys.stderr)
+        return 1
+    block_id = save_runpod_credentials(args.name, api_key, args.api_url)
+    print(f"saved runpod-credentials/{args.name}")
+    if args.pool:
+        print(f"work pool {args.pool!r} {ensure_runpod_pool(args.pool, block_id)} with it as default credentials")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The RunPod worker's job configuration without a server: the pod's env, the create body, validation."""
+
+from uuid import uuid4
+
+import pytest
+from pydantic import ValidationError
+
+from ow_prefect.runpod.models import Pod
+from ow_prefect.runpod.offers import Candidate
+from ow_prefect.testing.fake_runpod import spec_schemas
+from ow_prefect.workers.runpod import (
+    ContainerTracker,
+    RunPodJobConfiguration,
+    RunPodWorker,
+    _is_loopback,
+    _no_capacity_message,
+)
+
+
+def flow_run():
+    from prefect.client.schemas.objects import FlowRun
+
+    return FlowRun(id=uuid4(), flow_id=uuid4(), name="quiet-otter")
+
+
+def test_the_pod_env_holds_only_what_the_run_needs(monkeypatch):
+    from prefect.client.schemas.objects import WorkPool
+    from prefect.settings import (
+        PREFECT_API_KEY,
+        PREFECT_API_URL,
+        PREFECT_LOGGING_LEVEL,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
+
+    monkeypatch.setenv("OW_STORAGE_BLOCK", "s3-bucket/ow-storage")
+    pool = WorkPool(id=uuid4(), name="gpu", type="runpod")
+    run = flow_run()
+    config = RunPodJobConfiguration(env={"MY_FLAG": "1", "PREFECT_LOGGING_LEVEL": "INFO"})
+    updates = {
+        PREFECT_API_URL: "https://prefect.example.org/api",
+        PREFECT_API_KEY: "pnu_secret_key",
+        PREFECT_LOGGING_LEVEL: "DEBUG",
+        PREFECT_SERVER_DATABASE_CONNECTION_URL: "postgresql+asyncpg://u:dbpass@db/prefect",
+    }
+    with temporary_settings(updates=updates):
+        config.prepare_for_flow_run(run, work_pool=pool)
+    assert config.env == {
+        "PREFECT_API_URL": "https://prefect.example.org/api",
+        "PREFECT_API_KEY": "pnu_secret_key",
+        "PREFECT__FLOW_RUN_ID": str(run.id),
+        "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule",
+        "OW_STORAGE_BLOCK": "s3-bucket/ow-storage",
+        "OW_WORK_POOL_ID": str(pool.id),
+        "MY_FLAG": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",  # the job's own env, and nothing else of the worker's settings
+    }
+    assert config.command == "prefect flow-run execute"
+
+
+def test_the_create_body_is_what_runpods_spec_accepts():
+    config = RunPodJobConfiguration(
+        image="ghcr.io/me/train:1",
+        env={"A": "b"},
+        ports=["8000/http", "22/tcp"],
+        volume_gb=40,
+        data_center_ids=["US-TX-3"],
+        registry_auth_id="reg-1",
+        min_cuda_version="12.8",
+        gpu_count=2,
+        command="prefect flow-run execute",
+    )
+    gpu = {"id": "NVIDIA RTX A6000", "count": 2, "minCudaVersion": "12.8"}
+    body = {**config.pod_request("ow-123", deadline=1.5e9), "gpu": gpu, "cloud": "COMMUNITY"}
+    assert spec_schemas().errors("CreatePodRequest", body) == []
+    assert body["mounts"] == {"persistent": {"size": 40, "path": "/workspace"}}
+    assert body["env"] == {"A": "b", "OW_POD_DEADLINE": "1500000000"}
+    network = RunPodJobConfiguration(network_volume_id="vol-9").pod_request("ow-1", 0)
+    assert network["mounts"] == {"network": [{"volumeId": "vol-9", "path": "/workspace"}]}
+    assert spec_schemas().errors("CreatePodRequest", {**network, "gpu": {"id": "x"}}) == []
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"ports": ["8000"]}, "'<port>/http' or '<port>/tcp'"),
+        ({"volume_gb": 20, "network_volume_id": "v"}, "not both"),
+        ({"volume_gb": 5}, "greater than or equal to 10"),
+        ({"cloud": "CHEAP"}, "'SECURE', 'COMMUNITY' or 'ANY'"),
+        ({"min_cuda_version": "12"}, "should match pattern"),
+    ],
+)
+def test_bad_job_variables_are_refused_before_anything_is_rented(values, message):
+    with pytest.raises(ValidationError, match=message):
+        RunPodJobConfiguration(**values)
+
+
+def test_the_pool_template_takes_other_defaults():
+    block_id = uuid4()
+    template = RunPodWorker.base_job_template(block_id, cloud="ANY", min_vram_gb=40)
+    properties = template["variables"]["properties"]
+    assert properties["cloud"]["default"] == "ANY" and properties["min_vram_gb"]["default"] == 40
+    assert properties["credentials"]["default"] == {"$ref": {"block_document_id": str(block_id)}}
+    assert all(properties[name].get("description") for name in ("gpu_types", "max_runtime", "startup_timeout"))
+    with pytest.raises(ValueError, match="unknown RunPod job variables \\['gpus'\\]"):
+        RunPodWorker.base_job_template(gpus=["x"])
+
+
+def test_loopback_urls():
+    assert _is_loopback("http://127.0.0.1:4200/api") and _is_loopback("http://localhost/api")
+    assert not _is_loopback("https://api.prefect.cloud/api/accounts/x") and not _is_loopback("https://api.runpod.io/v2")
+
+
+def pod(runtime=None, started_at=None, status="RUNNING"):
+    return Pod.model_validate(
+        {"id": "p", "name": "ow-x", "status": status, "runtime": runtime, "startedAt": started_at}
+    )
+
+
+def test_container_tracker_sees_starts_and_exits():
+    tracker = ContainerTracker()
+    assert tracker.observe(pod()) is None  # RUNNING with runtime null right after create: not started yet
+    assert tracker.observe(pod({"uptime": 3}, "t1")) == "up"
+    assert tracker.observe(pod({"uptime": 9}, "t1")) is None
+    assert tracker.observe(pod({"uptime": 2}, "t1")) == "exited"  # uptime went back: restarted
+    assert tracker.observe(pod(None, "t1")) == "exited"  # down between restarts
+    assert tracker.exits == 2
+    quick = ContainerTracker()  # a container that lives less than one poll shows only a new startedAt
+    assert quick.observe(pod(None, "t1")) == "up"
+    assert quick.observe(pod(None, "t2")) == "exited"
+
+
+def test_the_no_capacity_message_names_what_was_asked_and_tried():
+    config = RunPodJobConfiguration(min_vram_gb=80, gpu_types=["NVIDIA H100 80GB HBM3"], max_price_per_hour=3)
+    candidate = Candidate("NVIDIA H100 80GB HBM3", "SECURE", 2.69, 80, 1, "LOW")
+    message = _no_capacity_message(config, [candidate], [f"{candidate}: no capacity"])
+    assert "1 GPU(s) with 80 GB" in message and "at most $3/h" in message
+    assert "1x NVIDIA H100 80GB HBM3 (80 GB) in SECURE at $2.69/h: no capacity" in message
+    assert "No RunPod GPU fits" in _no_capacity_message(config, [], [])
+
+
+async def test_kill_infrastructure_deletes_the_pod_and_a_gone_pod_counts_as_done():
+    from ow_prefect.runpod import AsyncRunPodClient
+    from ow_prefect.runpod.credentials import RunPodCredentials
+    from ow_prefect.testing.fake_runpod import FakeRunPod
+
+    with FakeRunPod(api_key="k") as fake:
+        async with AsyncRunPodClient("k", base_url=fake.url) as runpod:
+            pod = await runpod.create_pod({"name": "ow-x", "image": "i", "gpu": {"id": "NVIDIA RTX A6000"}})
+        config = RunPodJobConfiguration(credentials=RunPodCredentials(api_key="k", api_url=fake.url))
+        worker = RunPodWorker(work_pool_name="unused")
+        await worker.kill_infrastructure(f"runpod::{pod.id}", config)
+        assert fake.pods[pod.id].deleted_at is not None
+        await worker.kill_infrastructure(f"runpod::{pod.id}", config)  # 404: already gone, no error
