@@ -343,3 +343,17 @@ def test_blocks_command_saves_the_key_and_sets_up_the_pool(prefect_api, client):
     block = client.read_block_document_by_name("rp-cli", "runpod-credentials")
     default = pool.base_job_template["variables"]["properties"]["credentials"]["default"]
     assert pool.type == "runpod" and default == {"$ref": {"block_document_id": str(block.id)}}
+
+
+@pytest.mark.parametrize(
+    "job_variables, message",
+    [
+        ({"ports": ["8000"]}, "'<port>/http' or '<port>/tcp'"),
+        ({"gpu_types": ["NVIDIA RTX 9999"]}, "not RunPod GPU type ids"),
+    ],
+)
+def test_bad_job_variables_crash_the_run_before_any_pod_exists(client, fake, run, job_variables, message):
+    flow_run = run(**job_variables)
+    done = wait_for(client, flow_run.id, finished, timeout=60)
+    assert done.state.is_crashed() and message in done.state.message, done.state
+    assert not pods_of(fake, flow_run.id)

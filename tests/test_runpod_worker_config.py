@@ -152,3 +152,17 @@ async def test_kill_infrastructure_deletes_the_pod_and_a_gone_pod_counts_as_done
         await worker.kill_infrastructure(f"runpod::{pod.id}", config)
         assert fake.pods[pod.id].deleted_at is not None
         await worker.kill_infrastructure(f"runpod::{pod.id}", config)  # 404: already gone, no error
+
+
+def test_a_pod_that_could_not_reach_the_prefect_api_is_never_created():
+    from ow_prefect.runpod.credentials import RunPodCredentials
+
+    worker = RunPodWorker(work_pool_name="unused")
+    real = RunPodCredentials(api_key="k")  # api.runpod.io
+    local = RunPodJobConfiguration(env={"PREFECT_API_URL": "http://127.0.0.1:4200/api"})
+    with pytest.raises(ValueError, match="loopback address it cannot reach"):
+        worker._check_reachable(local, real, logger=None)
+    with pytest.raises(ValueError, match="PREFECT_API_URL is not set"):
+        worker._check_reachable(RunPodJobConfiguration(), real, logger=None)
+    fake = RunPodCredentials(api_key="k", api_url="http://127.0.0.1:9/v2")  # a local fake's pods reach loopback
+    worker._check_reachable(local, fake, logger=None)
