@@ -351,8 +351,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         "stock, deleted the moment the run ends."
     )
     _display_name = "RunPod"
-    _documentation_url = "https://github.com/ow-prefect/ow-prefect/blob/main/docs/runpod.md"
-    _logo_url = "https://avatars.githubusercontent.com/u/95939477"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -431,7 +429,8 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                     self._watched.pop(pod.id, None)
                     raise
                 logger.exception(f"Watching pod {pod.id} failed; deleting it")
-                outcome = Outcome(f"the worker failed while watching it: {exc}", after_delete=None, status_code=1)
+                reason = f"the worker failed while watching it: {type(exc).__name__}: {exc}"
+                outcome = Outcome(reason, after_delete=Crashed(message=f"Pod {pod.id}: {reason}"), status_code=1)
             await self._end(runpod, record, outcome, logger)
             return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
 
@@ -612,17 +611,17 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                 await self._force_state(flow_run_id, outcome.after_delete, logger)
         finally:
             self._watched.pop(record.pod_id, None)
-        if deleted:
+        if deleted != "failed":  # "gone": deleted by kill_infrastructure (a cancellation) or by hand; still ours
             logger.info(f"Pod {record.pod_id} deleted: {outcome.reason}")
             await self._account(record, outcome.reason, logger)
 
-    async def _delete(self, runpod: AsyncRunPodClient, pod_id: str, logger: Any, wait: bool = False) -> bool:
-        """Delete a pod (404: already gone). False when RunPod cannot be reached: the reconciler retries."""
+    async def _delete(self, runpod: AsyncRunPodClient, pod_id: str, logger: Any, wait: bool = False) -> str:
+        """Delete a pod: "deleted", "gone" (404: someone else did) or "failed" (the reconciler retries later)."""
         try:
-            await runpod.delete_pod(pod_id)
+            deleted = await runpod.delete_pod(pod_id)
         except RunPodError as exc:
             logger.error(f"Could not delete pod {pod_id} ({exc}); the reconciler will retry")
-            return False
+            return "failed"
         if wait:  # until its processes are gone, so that no SIGTERM handler changes the run's state after us
             with anyio.move_on_after(30):
                 while True:
@@ -634,7 +633,7 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                     except RunPodError:
                         pass
                     await anyio.sleep(1)
-        return True
+        return "deleted" if deleted else "gone"
 
     async def _account(self, record: PodRecord, reason: str, logger: Any) -> None:
         seconds = max(0.0, time.time() - record.created_at)
@@ -692,7 +691,7 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                     self._logger.info(f"Reconciler: deleting pod {pod.id} ({reason})")
                     if state is not None and flow_run_id:
                         await self._force_state(flow_run_id, state, self._logger)
-                    if await self._delete(runpod, pod.id, self._logger):
+                    if await self._delete(runpod, pod.id, self._logger) == "deleted":  # else another worker did
                         deleted.append(pod.id)
                         if flow_run_id:
                             record = PodRecord.found(pod, flow_run_id, pod.name)
