@@ -124,3 +124,35 @@ def datasets_dir(session_dir: Path) -> Path:
     write_jsonl(sample_conversations(), folder / "conversations.jsonl")
     write_jsonl(sample_preferences(), folder / "preference.jsonl")
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained_adapter(tiny_model, datasets_dir):
+    """A fine-tuning job (embedded) whose LoRA adapter learned the arithmetic answers: greedy decoding says
+    "The answer is ..." and ends its turn. Shared by the inference and serving tests."""
+    from ow_prefect import OpenWeights
+    from ow_prefect.testing.tiny_model import sample_conversations, write_jsonl
+
+    previous = os.environ.get("OW_TRAIN_BACKEND")
+    os.environ["OW_TRAIN_BACKEND"] = "transformers"
+    try:
+        ow = OpenWeights()
+        data = ow.files.upload(write_jsonl(sample_conversations(256), datasets_dir / "answers.jsonl"), "conversations")
+        job = ow.fine_tuning.create(
+            model=str(tiny_model),
+            training_file=data.id,
+            max_steps=120,
+            r=16,
+            lora_alpha=32,
+            learning_rate=4e-3,
+            per_device_train_batch_size=16,
+            gradient_accumulation_steps=1,
+            merge_before_push=False,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("OW_TRAIN_BACKEND", None)
+        else:
+            os.environ["OW_TRAIN_BACKEND"] = previous
+    assert job.status == "completed", job.error
+    return job

@@ -11,10 +11,13 @@ from contextlib import asynccontextmanager, contextmanager
 from functools import cached_property
 from typing import Any
 
+from ow_prefect.client.api import Api
 from ow_prefect.client.files import AsyncFiles, Files
 from ow_prefect.client.jobs import AsyncJobs, Jobs, JobTypeResource
+from ow_prefect.jobs import api as _builtin_api  # noqa: F401  (registers ow.vllm_api; ow.api deploys it)
 from ow_prefect.jobs import custom as _builtin_custom  # noqa: F401  (registers ow.custom)
 from ow_prefect.jobs import finetune as _builtin_finetune  # noqa: F401  (registers ow.fine_tuning)
+from ow_prefect.jobs import inference as _builtin_inference  # noqa: F401  (registers ow.inference)
 from ow_prefect.jobs.base import get_job_type
 from ow_prefect.settings import OWSettings, get_settings
 from ow_prefect.storage import Storage
@@ -96,6 +99,11 @@ class BaseOpenWeights:
         if self.settings.mode != "auto":
             return self.settings.mode == "embedded"
         return not self._prefect_settings.settings.api.url
+
+    @cached_property
+    def api(self) -> Api:
+        """Temporary OpenAI-compatible APIs: ``with ow.api.deploy(model) as client: ...``."""
+        return Api(self)
 
     def __getattr__(self, name: str) -> JobTypeResource:
         if name.startswith("_"):

@@ -39,6 +39,7 @@ class Job:
         code: source files and directories the flow runs, relative to the project root.
         id_prefix: first part of the job id (defaults to the registered name).
         base_image: image the job runs in (defaults to the ``OW_TRAIN_IMAGE`` setting).
+        image_setting: which setting gives the default image: ``train_image`` or ``serve_image`` (vLLM jobs).
     """
 
     name: ClassVar[str] = ""
@@ -48,6 +49,7 @@ class Job:
     code: ClassVar[tuple[str, ...]] = ()
     id_prefix: ClassVar[str | None] = None
     base_image: ClassVar[str | None] = None
+    image_setting: ClassVar[str] = "train_image"  # the OW_* setting naming the default image (or "serve_image")
 
     # ---- the job type -------------------------------------------------------------------------------
 
@@ -80,7 +82,7 @@ class Job:
     def image(cls) -> str:
         from ow_prefect.settings import get_settings
 
-        return cls.base_image or get_settings().train_image
+        return cls.base_image or getattr(get_settings(), cls.image_setting)
 
     @classmethod
     def code_hash(cls) -> str:

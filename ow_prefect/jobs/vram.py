@@ -50,19 +50,56 @@ def parameter_count(config: dict[str, Any]) -> int | None:
     return layers * (attention + mlp + 2 * hidden) + hidden + embeddings
 
 
-def estimate_vram_gb(model: str, *, load_in_4bit: bool, max_seq_length: int, batch_size: int) -> int:
-    """Weights (bf16, or ~4.5 bits) + 20% for LoRA states and buffers + activations + CUDA context."""
+# The shape assumed when only the name says how big a model is (a Llama-3-8B-like decoder).
+FALLBACK_SHAPE = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8}
+
+
+def model_size(model: str) -> tuple[int, dict[str, Any]] | None:
+    """(parameters, text config) from the model's config, else from a size in its name ("…-7B") with a
+    Llama-like shape; None when neither says."""
     config = read_config(model)
     params = parameter_count(config) if config else None
-    if params is None:
-        match = NAME_SIZE_RE.search(model.split("/")[-1])
-        if not match:
-            return DEFAULT_VRAM_GB
-        params = int(float(match.group(1)) * 1e9)
-        hidden = 4096
-    else:
-        hidden = config.get("text_config", config)["hidden_size"]
+    if params is not None:
+        return params, config.get("text_config", config)
+    match = NAME_SIZE_RE.search(model.split("/")[-1])
+    return (int(float(match.group(1)) * 1e9), FALLBACK_SHAPE) if match else None
+
+
+def estimate_vram_gb(model: str, *, load_in_4bit: bool, max_seq_length: int, batch_size: int) -> int:
+    """Weights (bf16, or ~4.5 bits) + 20% for LoRA states and buffers + activations + CUDA context."""
+    size = model_size(model)
+    if size is None:
+        return DEFAULT_VRAM_GB
+    params, text = size
+    hidden = text["hidden_size"]
     weight_bytes = params * (0.56 if load_in_4bit else 2)
     activation_bytes = batch_size * max_seq_length * hidden * 2 * 34
     total = weight_bytes * 1.2 + activation_bytes + 1.5 * GIB
+    return max(1, math.ceil(total / GIB))
+
+
+def estimate_serving_vram_gb(
+    model: str,
+    *,
+    max_model_len: int,
+    max_num_seqs: int = 16,
+    lora_rank: int = 0,
+    lora_adapters: int = 0,
+    quantized: bool = False,
+) -> int:
+    """GPU memory for vLLM serving `model`: weights (16-bit, or ~4.5 bits quantized) + LoRA slots (rank × every
+    linear layer, per adapter) + a KV cache holding `max_num_seqs` full-length sequences (capped at 4 of them:
+    vLLM pages the rest) + 2 GiB of CUDA context and activations."""
+    size = model_size(model)
+    if size is None:
+        return DEFAULT_VRAM_GB
+    params, text = size
+    hidden, layers = text["hidden_size"], text["num_hidden_layers"]
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or hidden // heads
+    kv_heads = text.get("num_key_value_heads") or heads
+    weight_bytes = params * (0.56 if quantized else 2)
+    lora_bytes = lora_adapters * lora_rank * layers * 7 * 2 * hidden * 2 if lora_rank else 0
+    kv_bytes = 2 * layers * kv_heads * head_dim * 2 * max_model_len * min(max_num_seqs, 4)
+    total = weight_bytes + lora_bytes + kv_bytes + 2 * GIB
     return max(1, math.ceil(total / GIB))

@@ -1,0 +1,75 @@
+"""`inference` (deployment `inference/batch`): a conversations file through a model with vLLM's offline engine.
+
+The flow downloads the input (and the LoRA adapter, if any) from storage, runs `runner.py` in vLLM's own
+environment (`OW_VLLM_PYTHON`; Prefect and vLLM cannot share one), streams its progress lines into the run's
+logs, and stores the rows with their completions as a `result` file named in `job.outputs["result_file"]`.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows._runtime import JobRun, run_once, start_job, stream_command, with_params_signature
+from flows._vllm import adapter_rank, fit_max_model_len, vllm_env, vllm_python
+from ow_prefect.jobs.inference import InferenceJob, InferenceParams
+
+RESULT_PURPOSE = "result"
+RUNNER = Path(__file__).with_name("runner.py")
+
+
+def _infer(job: JobRun) -> dict[str, Any]:
+    logger = get_run_logger()
+    cfg = InferenceParams(**job.parameters)
+    python = vllm_python()
+    with tempfile.TemporaryDirectory(prefix=f"{job.id}-") as tmp:
+        work = Path(tmp)
+        input_path = job.storage.download(cfg.input_file_id, work / "input.jsonl")
+        adapter_dir = job.storage.download(cfg.adapter, work / "adapter") if cfg.adapter else None
+        runner_config = {
+            "model": cfg.base_model,
+            "adapter": str(adapter_dir) if adapter_dir else None,
+            "lora_rank": adapter_rank(adapter_dir) if adapter_dir else None,
+            "input": str(input_path),
+            "output": str(work / "output.jsonl"),
+            "summary": str(work / "summary.json"),
+            "max_tokens": cfg.max_tokens,
+            "min_tokens": cfg.min_tokens,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+            "stop": cfg.stop,
+            "prefill": cfg.prefill,
+            "logprobs": cfg.logprobs,
+            "n": cfg.n_completions_per_prompt,
+            "max_model_len": fit_max_model_len(cfg.base_model, cfg.max_model_len),
+            "quantization": cfg.quantization,
+            "chat_template": cfg.chat_template,
+            "seed": cfg.seed,
+        }
+        (work / "config.json").write_text(json.dumps(runner_config))
+        logger.info("vLLM: %s%s", cfg.base_model, f" + adapter {cfg.adapter}" if cfg.adapter else "")
+        command = (
+            f"{shlex.quote(str(python))} {shlex.quote(str(RUNNER))} --config {shlex.quote(str(work / 'config.json'))}"
+        )
+        stream_command(command, cwd=str(work), env=vllm_env())
+        summary = json.loads((work / "summary.json").read_text())
+        result = job.storage.put_path(work / "output.jsonl", RESULT_PURPOSE)
+    logger.info(
+        "%s rows, %s tokens generated in %s s", summary["rows"], summary["generated_tokens"], summary["seconds"]
+    )
+    return {"result_file": result.id, **summary}
+
+
+def inference(**params: Any) -> dict[str, Any]:
+    """Run a conversations file through a model (base or LoRA adapter) with vLLM; store the completions."""
+    ow_job = params.pop("ow_job", None)
+    job = start_job(InferenceJob, params, ow_job)
+    return run_once(job, _infer)
+
+
+inference = flow(name="inference")(with_params_signature(inference, InferenceParams))

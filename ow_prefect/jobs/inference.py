@@ -1,0 +1,139 @@
+"""Batch inference with vLLM: the parameters, model references, and the `inference` job type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ow_prefect.jobs.base import Job, register
+from ow_prefect.storage import ID_RE
+
+
+class ModelRef(BaseModel):
+    """A base model plus, optionally, a LoRA adapter from storage: what a fine-tuning job's
+    ``outputs["model"]`` holds, and what inference and serving load (the adapter as a vLLM LoRA request)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    base: str = Field(min_length=1, description="Base model: a Hub id or a local directory.")
+    adapter: str | None = Field(default=None, description="File id of a LoRA adapter directory (or a checkpoint).")
+    job: str | None = Field(default=None, description="The fine-tuning job that made the adapter, if any.")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_id(cls, value: str | None) -> str | None:
+        if value is not None and not (ID_RE.match(value) and ":dir-" in value):
+            raise ValueError(f"{value!r} is not the file id of a directory (an adapter is stored as 'adapter:dir-…')")
+        return value
+
+
+def resolve_model(value: Any) -> Any:
+    """A fine-tuning job id (``ftjob-…``) becomes its model reference (base + adapter), read from storage;
+    anything else is returned as it is. For a checkpoint, pass ``{"base": ..., "adapter": <one of the job's
+    outputs["checkpoints"]>}``."""
+    if not isinstance(value, str) or not value.startswith("ftjob-"):
+        return value
+    from ow_prefect.errors import NotFoundError
+    from ow_prefect.jobs.submit import outputs_key
+    from ow_prefect.storage import Storage
+
+    try:
+        outputs = Storage.from_settings().get_json(outputs_key(value))
+    except NotFoundError:
+        raise ValueError(f"fine-tuning job {value} has no outputs yet: wait until it completes") from None
+    return dict(outputs["model"])
+
+
+class InferenceParams(BaseModel):
+    """Parameters of the `inference` flow (parity with OpenWeights' inference config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | ModelRef = Field(
+        description="A Hub id, a local directory, a fine-tuning job id ('ftjob-…'), or a model reference "
+        "{'base': ..., 'adapter': 'adapter:dir-…'} (a fine-tuning job's outputs['model']; a checkpoint id works too)."
+    )
+    input_file_id: str = Field(
+        description="File id of a 'conversations' file; a trailing assistant message is continued as a prefix."
+    )
+    max_tokens: int = Field(default=600, ge=1, description="Most tokens generated per completion.")
+    min_tokens: int = Field(default=1, ge=0, description="Fewest tokens per completion (EOS and stop held back).")
+    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a completion (not included).")
+    prefill: str = Field(default="", description="Text the assistant's answer starts with (continued, not repeated).")
+    logprobs: int | None = Field(default=None, ge=0, le=20, description="Top-k logprobs per generated token.")
+    n_completions_per_prompt: int = Field(default=1, ge=1, description="Completions per row (a list when > 1).")
+    max_model_len: int = Field(
+        default=2048, ge=16, description="Context length (prompt + completion); capped at the model's own maximum."
+    )
+    quantization: str | None = Field(default=None, description="vLLM quantization (awq, gptq, fp8, ...).")
+    chat_template: str | None = Field(default=None, description="Jinja chat template instead of the tokenizer's.")
+    seed: int | None = Field(default=None, description="Sampling seed: same seed, same completions.")
+    requires_vram_gb: int | None = Field(default=None, ge=0, description="GPU memory; default: estimated.")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: Any) -> Any:
+        return resolve_model(value)
+
+    @field_validator("input_file_id")
+    @classmethod
+    def _input_file(cls, value: str) -> str:
+        match = ID_RE.match(value)
+        if not match or match["purpose"] != "conversations" or match["kind"] != "file":
+            raise ValueError(
+                f"{value!r} is not a 'conversations' file id; upload the input with "
+                "ow.files.upload(path, purpose='conversations')"
+            )
+        from ow_prefect.storage import Storage
+
+        if not Storage.from_settings().exists(value):  # validated when it was uploaded; it must still be there
+            raise ValueError(f"file {value} is not in storage (OW_STORAGE_BLOCK / OW_HOME): upload it first")
+        return value
+
+    @model_validator(mode="after")
+    def _lengths(self) -> InferenceParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) is larger than max_tokens ({self.max_tokens})")
+        if self.temperature == 0 and self.n_completions_per_prompt > 1:
+            raise ValueError(
+                "n_completions_per_prompt > 1 needs temperature > 0: greedy decoding writes the same completion n times"
+            )
+        return self
+
+    @property
+    def base_model(self) -> str:
+        return self.model.base if isinstance(self.model, ModelRef) else self.model
+
+    @property
+    def adapter(self) -> str | None:
+        return self.model.adapter if isinstance(self.model, ModelRef) else None
+
+
+@register("inference")
+class InferenceJob(Job):
+    """Runs a conversations file through a model (base or LoRA adapter) with vLLM's offline engine."""
+
+    deployment = "inference/batch"
+    entrypoint = "flows/inference/flow.py:inference"
+    params = InferenceParams
+    code = ("flows/inference", "flows/_runtime.py", "flows/_vllm.py")
+    id_prefix = "inferencejob"
+    image_setting = "serve_image"
+
+    @classmethod
+    def job_variables(cls, validated: InferenceParams) -> dict[str, Any]:
+        from ow_prefect.jobs.vram import estimate_serving_vram_gb
+
+        vram = validated.requires_vram_gb
+        if vram is None:
+            vram = estimate_serving_vram_gb(
+                validated.base_model,
+                max_model_len=validated.max_model_len,
+                lora_rank=64 if validated.adapter else 0,
+                lora_adapters=1 if validated.adapter else 0,
+                quantized=validated.quantization is not None,
+            )
+        return {"min_vram_gb": vram}

