@@ -25,3 +25,36 @@ def test_api_job_asks_the_worker_for_memory_and_its_port(tiny_model):
     )
     assert served.served_names == [str(tiny_model), "ftjob-abc", "adapter-dir-ba9876543210"]
     assert adapter_name(ModelRef(base="b", adapter="adapter:dir-0123456789ab")) == "adapter-dir-0123456789ab"
+
+
+def test_the_api_endpoint_locally_on_runpod_and_on_a_mapped_port(monkeypatch):
+    from flows.vllm_api.flow import endpoint
+
+    monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
+    monkeypatch.delenv("RUNPOD_TCP_PORT_8000", raising=False)
+    port, url = endpoint(8000)
+    assert url == f"http://127.0.0.1:{port}/v1"
+    monkeypatch.setenv("RUNPOD_POD_ID", "abc123")
+    assert endpoint(8000) == (8000, "https://abc123-8000.proxy.runpod.net/v1")  # RunPod's http proxy
+    monkeypatch.setenv("RUNPOD_TCP_PORT_8000", "41234")
+    monkeypatch.setenv("RUNPOD_PUBLIC_IP", "203.0.113.7")
+    assert endpoint(8000) == (41234, "http://203.0.113.7:41234/v1")  # a mapped port (tcp, or FakeRunPod)
+
+
+def test_prompts_continue_a_prefill_and_take_a_chat_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    from flows.inference.runner import render
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [{"messages": [{"role": "user", "content": "What is two plus two?"}]}]
+    (plain,) = render(tokenizer, rows, {})
+    assert plain.endswith("<|im_start|>assistant\n")  # a generation prompt
+    (prefilled,) = render(tokenizer, rows, {"prefill": "Two plus"})
+    assert prefilled.endswith("<|im_start|>assistant\nTwo plus")  # continued, not closed
+    template = (
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    (custom,) = render(tokenizer, rows, {"chat_template": template})
+    assert custom == "[user] What is two plus two?\n[assistant]"
