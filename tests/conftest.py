@@ -148,6 +148,7 @@ def trained_adapter(tiny_model, datasets_dir):
             per_device_train_batch_size=16,
             gradient_accumulation_steps=1,
             merge_before_push=False,
+            save_steps=60,  # checkpoints at 60 and 120: inference loads one
         )
     finally:
         if previous is None:

@@ -77,7 +77,8 @@ def test_a_lora_adapter_changes_completions_and_stop_and_min_tokens_are_honoured
     assert tuned[5]["completion"].startswith(" equals")  # a trailing assistant message is continued, not repeated
     stopped = run(trained_adapter.id, stop=[" equals"])
     assert [r["completion"] for r in stopped[:5]] == [r["completion"].split(" equals")[0] for r in tuned[:5]]
-    held = run(trained_adapter.outputs["model"], min_tokens=16)  # a model reference works too
+    checkpoint = {"base": str(tiny_model), "adapter": trained_adapter.outputs["checkpoints"][-1]}  # step 120
+    held = run(checkpoint, min_tokens=16)  # a model reference to a stored checkpoint
     assert all(len(r["logprobs"]) >= 16 for r in held)
 
 

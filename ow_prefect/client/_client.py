@@ -9,7 +9,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ow_prefect.client.api import Api
 from ow_prefect.client.files import AsyncFiles, Files
@@ -21,6 +21,9 @@ from ow_prefect.jobs import inference as _builtin_inference  # noqa: F401  (regi
 from ow_prefect.jobs.base import get_job_type
 from ow_prefect.settings import OWSettings, get_settings
 from ow_prefect.storage import Storage
+
+if TYPE_CHECKING:
+    from ow_prefect.chat import AsyncChat, Chat
 
 
 class BaseOpenWeights:
@@ -137,6 +140,13 @@ class OpenWeights(BaseOpenWeights):
         return Files(self)
 
     @cached_property
+    def chat(self) -> Chat:
+        """openai-python's chat API over base models, adapters and OpenAI: ``ow.chat.completions.create``."""
+        from ow_prefect.chat import Chat
+
+        return Chat(self)
+
+    @cached_property
     def jobs(self) -> Jobs:
         return Jobs(self)
 
@@ -153,6 +163,13 @@ class AsyncOpenWeights(BaseOpenWeights):
     @cached_property
     def files(self) -> AsyncFiles:
         return AsyncFiles(self)
+
+    @cached_property
+    def chat(self) -> AsyncChat:
+        """The async chat API: ``await ow.chat.completions.create(...)``."""
+        from ow_prefect.chat import AsyncChat
+
+        return AsyncChat(self)
 
     @cached_property
     def jobs(self) -> AsyncJobs:

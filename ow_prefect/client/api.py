@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
+from ow_prefect.chat.routing import LIVE_APIS
 from ow_prefect.errors import JobFailedError, OWError
 from ow_prefect.jobs.api import (
     FIRST_DEADLINE_SECONDS,
@@ -96,6 +97,8 @@ class TemporaryApi:
         self._set_deadline(self.keep_alive, "the client stopped extending it", only_later=False)
         self._keeper = threading.Thread(target=self._keep_alive, name=f"{self.job_id}-keep-alive", daemon=True)
         self._keeper.start()
+        for name in self.models:  # ow.chat sends requests for these models here
+            LIVE_APIS[name] = self
         import openai
 
         return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=3)
@@ -103,6 +106,9 @@ class TemporaryApi:
     def down(self, wait: bool = True, timeout: float = 60.0) -> None:
         """Stop keeping it alive and tell it to stop now; with `wait`, return once its run has ended."""
         self._stop.set()
+        for name, api in list(LIVE_APIS.items()):
+            if api is self:
+                del LIVE_APIS[name]
         if self._keeper:
             self._keeper.join(timeout=5)
         with self._ow.prefect_settings():

@@ -1,0 +1,117 @@
+"""The chat client against a bare `AsyncOpenAI` + `asyncio.Semaphore`, on one local OpenAI-compatible server.
+
+    .venv/bin/python bench/chat.py [--requests 2000] [--concurrency 64] [--queued 100000]
+
+The server is tests/fake_openai.py (answers in ~1 ms, plus `--delay`): what is measured is the client.
+Prints, in one run:
+- throughput at `--concurrency` in flight: ow.chat's batch vs the baseline (goal ≥ 0.95×);
+- cache-hit latency: p50 and p99 of a seeded request answered from disk (goal p50 ≤ 1 ms);
+- peak RSS while `--queued` requests are fed lazily to `batch()` (goal: flat, i.e. about the same as for
+  a tenth of them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def requests(n: int, tag: str):
+    for i in range(n):
+        yield {"model": "gpt-bench", "messages": [{"role": "user", "content": f"{tag} {i}"}], "max_tokens": 8}
+
+
+async def baseline(url: str, key: str, n: int, concurrency: int) -> float:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0)
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(request):
+        async with semaphore:
+            return await client.chat.completions.create(**request)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(r) for r in requests(n, "raw")))
+    elapsed = time.perf_counter() - start
+    await client.close()
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--queued", type=int, default=100_000)
+    parser.add_argument("--delay", type=float, default=0.0, help="server-side seconds per request")
+    args = parser.parse_args()
+    from ow_prefect import OpenWeights
+    from ow_prefect.settings import OWSettings
+    from tests.fake_openai import FakeOpenAI
+
+    work = Path(tempfile.mkdtemp(prefix="ow-bench-chat-"))
+    with FakeOpenAI() as server:
+        server.faults.delay = args.delay
+        os.environ.update(OPENAI_BASE_URL=server.url, OPENAI_API_KEY=server.api_key)
+        os.environ["OW_OPENAI_CONCURRENCY"] = str(args.concurrency)
+        ow = OpenWeights(settings=OWSettings(chat_cache_dir=work / "cache"))
+        ow.chat.completions.create(**next(requests(1, "warm")))
+
+        raw = asyncio.run(baseline(server.url, server.api_key, args.requests, args.concurrency))
+        start = time.perf_counter()
+        ow.chat.completions.batch(requests(args.requests, "ow"), progress=False)
+        ours = args.requests / (time.perf_counter() - start)
+        print(
+            f"throughput at {args.concurrency} in flight: baseline {raw:.0f} req/s, ow.chat {ours:.0f} req/s "
+            f"→ {ours / raw:.2f}× (goal ≥ 0.95×)"
+        )
+
+        seeded = {"model": "gpt-bench", "messages": [{"role": "user", "content": "cached"}], "seed": 0}
+        ow.chat.completions.create(**seeded)
+        hits = []
+        for _ in range(2000):
+            t = time.perf_counter()
+            ow.chat.completions.create(**seeded)
+            hits.append((time.perf_counter() - t) * 1000)
+        hits.sort()
+        p50, p99 = statistics.median(hits), hits[int(len(hits) * 0.99)]
+        print(f"cache hit: p50 {p50:.3f} ms, p99 {p99:.3f} ms (goal p50 ≤ 1 ms)")
+
+        small = args.queued // 10
+        peak = {"rss": 0.0}
+
+        def watch(index, answer):
+            if index % 1000 == 0:
+                peak["rss"] = max(peak["rss"], rss_mb())
+
+        before = rss_mb()
+        ow.chat.completions.batch(requests(small, "mem-small"), progress=False, on_result=watch)
+        small_peak, peak["rss"] = peak["rss"], 0.0
+        ow.chat.completions.batch(requests(args.queued, "mem"), progress=False, on_result=watch)
+        print(
+            f"RSS: {before:.0f} MB before; peak {small_peak:.0f} MB while {small} requests were fed, "
+            f"{peak['rss']:.0f} MB while {args.queued} were (read ahead ≤ {ow.chat.settings.max_in_flight})"
+        )
+        ow.chat.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The chat client against tests/fake_openai.py (a FAKE OpenAI server: OpenAI has no local stand-in) for
+routing, retries, ordering, concurrency and the cache; test_chat_vllm.py covers real vLLM servers."""
+
+import json
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletion
+
+from ow_prefect import AsyncOpenWeights, OpenWeights
+from ow_prefect.chat import ChatFailure
+from ow_prefect.settings import OWSettings
+from tests.fake_openai import FakeOpenAI
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    with FakeOpenAI() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        monkeypatch.setenv("OPENAI_API_KEY", server.api_key)
+        monkeypatch.setenv("OW_OPENAI_CONCURRENCY", "8")
+        yield server
+
+
+@pytest.fixture
+def ow(tmp_path):
+    client = OpenWeights(settings=OWSettings(chat_cache_dir=tmp_path / "cache"))
+    client.chat.settings.backoff_s = 0.01  # quick back-off for the tests
+    yield client
+    client.chat.close()
+
+
+def sent(fake, **request):
+    """How many times the fake received exactly this request body."""
+    return fake.requests[json.dumps(request, sort_keys=True)]
+
+
+def test_openai_models_get_openai_types(fake, ow):
+    reply = ow.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=50)
+    assert isinstance(reply, ChatCompletion) and reply.choices[0].message.content == "ereht olleh"
+    prefixed = ow.chat.completions.create(model="openai/my-model", messages=HELLO, max_tokens=50)
+    assert prefixed.model == "my-model"  # the prefix only routes
+
+
+def test_429_with_retry_after_5xx_and_dropped_connections_are_retried(fake, ow):
+    fake.fail(429, times=2, retry_after=0.2)
+    ow.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=7)
+    assert sent(fake, model="gpt-4o", messages=HELLO, max_tokens=7) == 3
+    fake.fail(503, times=3)
+    ow.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=8)
+    assert sent(fake, model="gpt-4o", messages=HELLO, max_tokens=8) == 4
+    fake.drop(1)
+    ow.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=9)
+    assert sent(fake, model="gpt-4o", messages=HELLO, max_tokens=9) == 2
+    fake.fail(400)
+    with pytest.raises(openai.BadRequestError):
+        ow.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=10)
+    assert sent(fake, model="gpt-4o", messages=HELLO, max_tokens=10) == 1  # never retried
+
+
+def test_slow_servers_time_out_by_max_tokens_and_are_retried(fake, ow):
+    ow.chat.settings.base_timeout_s, ow.chat.settings.timeout_per_token_s = 0.2, 0.01
+    fake.faults.delay = 0.5
+    with pytest.raises(openai.APITimeoutError):  # 0.2 + 5 × 0.01 s < 0.5 s, every attempt
+        ow.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=5)
+    assert ow.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=50)  # 0.7 s is enough
+
+
+def test_seeded_requests_are_cached_per_request_and_weights(fake, ow, tmp_path):
+    request = {"model": "gpt-4o", "messages": HELLO, "max_tokens": 5, "seed": 1, "temperature": 0.7}
+    first = ow.chat.completions.create(**request)
+    again = ow.chat.completions.create(**request)
+    assert again == first and sent(fake, **request) == 1  # a hit touches no network
+    ow.chat.completions.create(**{**request, "temperature": 0.8})
+    ow.chat.completions.create(**{**request, "model": "gpt-4.1"})
+    ow.chat.completions.create(**{**request, "seed": 2})
+    assert len(fake.requests) == 4  # any change is a miss
+    unseeded = {k: v for k, v in request.items() if k != "seed"}
+    ow.chat.completions.create(**unseeded)
+    ow.chat.completions.create(**unseeded)
+    assert sent(fake, **unseeded) == 2  # no seed, no cache
+    # a fresh client on the same directory hits; a corrupt entry is a miss, not a crash
+    other = OpenWeights(settings=OWSettings(chat_cache_dir=tmp_path / "cache"))
+    assert other.chat.completions.create(**request) == first
+    for key in list(other.chat.engine.cache._cache.iterkeys()):
+        other.chat.engine.cache._cache.set(key, "{not json")
+    assert other.chat.completions.create(**request) == first and sent(fake, **request) == 2
+    other.chat.close()
+
+
+def test_batch_keeps_order_bounds_concurrency_and_reports_failures_per_item(fake, ow):
+    fake.faults.delay = 0.02
+    requests = [
+        {"model": "gpt-4o", "messages": [{"role": "user", "content": f"n{i}"}], "max_tokens": 9} for i in range(120)
+    ]
+    requests[17] = {"model": "gpt-4o"}  # no messages: this one fails, the others do not
+    results = ow.chat.completions.batch(requests, progress=False)
+    assert len(results) == 120 and isinstance(results[17], ChatFailure) and results[17].index == 17
+    assert [r.choices[0].message.content for i, r in enumerate(results) if i != 17] == [
+        f"n{i}"[::-1] for i in range(120) if i != 17
+    ]
+    assert fake.peak_in_flight <= 8  # OW_OPENAI_CONCURRENCY
+
+
+def test_identical_seeded_requests_in_one_batch_are_paid_once(fake, ow, tmp_path):
+    fake.faults.delay = 0.2
+    request = {"model": "gpt-4o", "messages": HELLO, "max_tokens": 3, "seed": 5}
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(request) + "\n" for _ in range(20)))
+    results = ow.chat.completions.batch(str(path), progress=False)  # a JSONL file works too
+    assert len(results) == 20 and len({r.id for r in results}) == 1
+    assert sent(fake, **request) == 1
+
+
+async def test_the_async_client_creates_and_batches(fake, tmp_path):
+    ow = AsyncOpenWeights(settings=OWSettings(chat_cache_dir=tmp_path / "cache"))
+    reply = await ow.chat.completions.create(model="gpt-4o", messages=HELLO, max_tokens=50)
+    assert reply.choices[0].message.content == "ereht olleh"
+    results = await ow.chat.completions.batch([{"model": "gpt-4o", "messages": HELLO}] * 3, progress=False)
+    assert len(results) == 3
+    await ow.chat.aclose()
+
+
+def test_a_missing_openai_key_says_how_to_set_it(monkeypatch, ow):
+    from ow_prefect import ConfigurationError
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OW_OPENAI_KEY_SECRET", "no-such-secret-block")
+    with pytest.raises(ConfigurationError, match="OPENAI_API_KEY"):
+        ow.chat.completions.create(model="gpt-4o", messages=HELLO)
+
+
+def test_batch_can_hand_answers_over_as_they_come(fake, ow):
+    seen = {}
+    count = ow.chat.completions.batch(
+        ({"model": "gpt-4o", "messages": [{"role": "user", "content": str(i)}]} for i in range(50)),
+        progress=False,
+        on_result=lambda index, answer: seen.__setitem__(index, answer.choices[0].message.content),
+    )
+    assert count == 50 and seen == {i: str(i)[::-1] for i in range(50)}
