@@ -46,6 +46,22 @@ class FakeOpenAI:
         self.faults.drop = times
 
     def __enter__(self) -> FakeOpenAI:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(self.app(), log_level="critical", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        while not self._server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def app(self) -> FastAPI:
         app = FastAPI()
         lock = threading.Lock()
 
@@ -83,20 +99,7 @@ class FakeOpenAI:
         async def models() -> Response:
             return JSONResponse({"object": "list", "data": []})
 
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(app, log_level="critical", access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        while not self._server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        return app
 
 
 def completion(body: dict) -> dict:
@@ -109,3 +112,11 @@ def completion(body: dict) -> dict:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 5, "completion_tokens": len(text.split()), "total_tokens": 5 + len(text.split())},
     }
+
+
+if __name__ == "__main__":  # its own process, for benchmarks: python tests/fake_openai.py PORT [DELAY]
+    import sys
+
+    server = FakeOpenAI()
+    server.faults.delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    uvicorn.run(server.app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="critical", access_log=False)

@@ -211,7 +211,8 @@ class ChatEngine:
         With `on_result(index, answer)`, answers go there as they come instead (memory stays flat however many
         there are) and the number of requests is returned."""
         results: dict[int, Any] = {}
-        pending: set[asyncio.Task] = set()
+        tasks: set[asyncio.Task] = set()
+        read_ahead = asyncio.Semaphore(self.settings.max_in_flight)  # O(1) per request, however many
         bar = _progress(progress)
         total = 0
 
@@ -220,6 +221,8 @@ class ChatEngine:
                 answer = await self.create(**request)
             except Exception as error:
                 answer = ChatFailure(index, error)
+            finally:
+                read_ahead.release()
             if on_result is None:
                 results[index] = answer
             else:
@@ -229,11 +232,12 @@ class ChatEngine:
         for index, request in enumerate(requests):
             total = index + 1
             bar.total = max(bar.total or 0, total)
-            if len(pending) >= self.settings.max_in_flight:
-                _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            pending.add(asyncio.create_task(one(index, request)))
-        if pending:
-            await asyncio.wait(pending)
+            await read_ahead.acquire()
+            task = asyncio.create_task(one(index, request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        while tasks:
+            await asyncio.gather(*list(tasks))
         bar.close()
         return total if on_result is not None else [results[i] for i in range(total)]
 
