@@ -18,3 +18,4 @@ bench: setup
 	.venv/bin/python bench/submit.py
 	.venv/bin/python bench/train_cpu.py
 	.venv/bin/python bench/worker.py
+	.venv/bin/python bench/chat.py
