@@ -23,6 +23,8 @@ from ow_prefect.jobs.submit import JOB_TAG, job_tag, outputs_key, type_tag
 from ow_prefect.settings import get_settings
 from ow_prefect.storage import Storage
 
+RESULT_PURPOSE = "result"  # files a job produces for the user (outputs, completions, logs)
+
 
 @dataclass
 class JobRun:

@@ -13,10 +13,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows._runtime import JobRun, run_once, start_job, stream_command
+from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, stream_command
 from ow_prefect.jobs.custom import CustomJob
-
-RESULT_PURPOSE = "result"
 
 
 def _run_command(job: JobRun) -> dict[str, Any]:

@@ -15,11 +15,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows._runtime import JobRun, run_once, start_job, stream_command, with_params_signature
+from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, stream_command, with_params_signature
 from flows._vllm import adapter_rank, fit_max_model_len, vllm_env, vllm_python
 from ow_prefect.jobs.inference import InferenceJob, InferenceParams
 
-RESULT_PURPOSE = "result"
 RUNNER = Path(__file__).with_name("runner.py")
 
 

@@ -65,6 +65,7 @@ def weights_identity(model: str | dict[str, Any]) -> str:
     model plus the content-addressed adapter id (a fine-tuning job id is resolved to both)."""
     if isinstance(model, str) and is_openai(model):
         return json.dumps({"openai": model.removeprefix(OPENAI_PREFIX), "url": os.environ.get("OPENAI_BASE_URL")})
+    from ow_prefect.jobs.api import adapter_name
     from ow_prefect.jobs.inference import ModelRef, resolve_model
 
     ref = resolve_model(model)
@@ -75,8 +76,6 @@ def weights_identity(model: str | dict[str, Any]) -> str:
     live = LIVE_APIS.get(ref)
     if live is not None:  # a served adapter name of a live API (e.g. "adapter-dir-…")
         for adapter in live.validated.adapters:
-            from ow_prefect.jobs.api import adapter_name
-
             if adapter_name(adapter) == ref:
                 return json.dumps({"base": adapter.base, "adapter": adapter.adapter}, sort_keys=True)
     return json.dumps({"base": ref, "adapter": None}, sort_keys=True)

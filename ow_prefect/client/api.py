@@ -57,8 +57,9 @@ class TemporaryApi:
         self.keep_alive = keep_alive
         self.first_deadline = first_deadline
         self.timeout = timeout
-        self.job_id = ow.jobs._prepare(ApiJob, params).job_id  # validates now, before anything runs
-        self.validated: ApiParams = ApiJob.validate_params(**params)
+        submission = ow.jobs._prepare(ApiJob, params)  # validates now (once: it may read storage), before anything runs
+        self.job_id = submission.job_id
+        self.validated: ApiParams = submission.validated
         self.base_url: str | None = None
         self.api_key: str | None = None
         self.models: list[str] = list(self.validated.served_names)

@@ -42,7 +42,12 @@ class RunPodNoCapacity(RunPodError):
     """400 with RunPod's capacity message: nothing free for this GPU type, cloud and data centers now.
 
     Not retried by the client: the caller moves on to its next candidate (GPU type, cloud, data center).
+    `tried` lists the candidates a caller walked before giving up (empty for a single answer).
     """
+
+    def __init__(self, message: str, *, tried: list[str] | None = None, **kwargs: Any):
+        super().__init__(message, **kwargs)
+        self.tried = tried or []
 
 
 class RunPodInvalidSpec(RunPodError):

@@ -123,6 +123,4 @@ async def create_on_first(
         except RunPodNoCapacity as exc:
             log(f"No capacity for {candidate}: {exc.detail}")
             tried.append(f"{candidate}: no capacity")
-    error = RunPodNoCapacity(f"no capacity on any of {len(candidates)} candidates: " + "; ".join(tried))
-    error.tried = tried
-    raise error
+    raise RunPodNoCapacity(f"no capacity on any of {len(candidates)} candidates: " + "; ".join(tried), tried=tried)
