@@ -111,7 +111,11 @@ def start_server(cfg: ApiParams, adapters: dict[str, Path], port: int, key: str)
     if adapters:
         rank = cfg.max_lora_rank or max(adapter_rank(path) for path in adapters.values())
         modules = [f"{name}={path}" for name, path in adapters.items()]
-        command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(adapters))]
+        # vLLM's CPU LoRA kernels index the adapter slots with -1 for "no adapter", which Python reads as the
+        # last slot: a base-model request batched with adapter requests would get the last adapter applied. One
+        # spare slot that is never filled (zeros) keeps base requests clean on CPU; CUDA kernels skip -1.
+        slots = len(adapters) + (0 if has_cuda() else 1)
+        command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(slots)]
         command += ["--lora-modules", *modules]
     if cfg.quantization:
         command += ["--quantization", cfg.quantization]
