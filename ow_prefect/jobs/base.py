@@ -64,6 +64,12 @@ class Job:
             raise ParameterError(f"invalid parameters for job type '{cls.name}':\n{problems}") from None
 
     @classmethod
+    def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
+        """Client side, before validation: turn what only exists on the user's machine (local files to mount)
+        into what a flow can fetch (file ids in `storage`). The default returns `params` unchanged."""
+        return params
+
+    @classmethod
     def flow_parameters(cls, validated: BaseModel) -> dict[str, Any]:
         """The flow-run parameters for validated params (JSON-ready); also what is hashed into the id."""
         return validated.model_dump(mode="json")
