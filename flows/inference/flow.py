@@ -25,7 +25,6 @@ RUNNER = Path(__file__).with_name("runner.py")
 def _infer(job: JobRun) -> dict[str, Any]:
     logger = get_run_logger()
     cfg = InferenceParams(**job.parameters)
-    python = vllm_python()
     with tempfile.TemporaryDirectory(prefix=f"{job.id}-") as tmp:
         work = Path(tmp)
         input_path = job.storage.download(cfg.input_file_id, work / "input.jsonl")
@@ -36,7 +35,6 @@ def _infer(job: JobRun) -> dict[str, Any]:
             "lora_rank": adapter_rank(adapter_dir) if adapter_dir else None,
             "input": str(input_path),
             "output": str(work / "output.jsonl"),
-            "summary": str(work / "summary.json"),
             "max_tokens": cfg.max_tokens,
             "min_tokens": cfg.min_tokens,
             "temperature": cfg.temperature,
@@ -50,18 +48,23 @@ def _infer(job: JobRun) -> dict[str, Any]:
             "chat_template": cfg.chat_template,
             "seed": cfg.seed,
         }
-        (work / "config.json").write_text(json.dumps(runner_config))
         logger.info("vLLM: %s%s", cfg.base_model, f" + adapter {cfg.adapter}" if cfg.adapter else "")
-        command = (
-            f"{shlex.quote(str(python))} {shlex.quote(str(RUNNER))} --config {shlex.quote(str(work / 'config.json'))}"
-        )
-        stream_command(command, cwd=str(work), env=vllm_env())
-        summary = json.loads((work / "summary.json").read_text())
+        summary = run_runner(runner_config, work)
         result = job.storage.put_path(work / "output.jsonl", RESULT_PURPOSE)
     logger.info(
         "%s rows, %s tokens generated in %s s", summary["rows"], summary["generated_tokens"], summary["seconds"]
     )
     return {"result_file": result.id, **summary}
+
+
+def run_runner(config: dict[str, Any], work: Path) -> dict[str, Any]:
+    """Run `runner.py` in vLLM's environment with `config` (its keys: see the runner), its progress lines
+    streamed into the run's logs; returns its summary ({rows, generated_tokens, seconds})."""
+    config = {**config, "summary": str(work / "summary.json")}
+    (work / "config.json").write_text(json.dumps(config))
+    python, config_path = shlex.quote(str(vllm_python())), shlex.quote(str(work / "config.json"))
+    stream_command(f"{python} {shlex.quote(str(RUNNER))} --config {config_path}", cwd=str(work), env=vllm_env())
+    return json.loads((work / "summary.json").read_text())
 
 
 def inference(**params: Any) -> dict[str, Any]:

@@ -4,7 +4,8 @@
 
 Imports only vLLM and the standard library (Prefect cannot live in vLLM's environment, see
 docs/architecture.md). Reads the rows of `input` (JSONL, one `{"messages": [...]}` per line, any other keys
-kept), writes each row plus `completion` (a list when `n` > 1) and, when `logprobs` is set, `logprobs` to
+kept; or raw text: `{"prompt": "..."}`, or `{"prompts": [...]}` whose first alternative that fits is used),
+writes each row plus `completion` (a list when `n` > 1) and, when `logprobs` is set, `logprobs` to
 `output`, and prints `progress: done/total ...` lines that the flow turns into log lines. The config's keys:
 model, adapter (a LoRA directory or null), input, output, max_tokens, min_tokens, temperature, top_p, stop,
 prefill, logprobs, n, max_model_len, quantization, chat_template, seed, lora_rank, summary (a path for
@@ -48,9 +49,27 @@ def conversation(row: dict, prefill: str) -> tuple[list[dict], bool]:
     return messages, messages[-1]["role"] == "assistant"
 
 
+def fitting_prompt(tokenizer, candidates: list[str], budget: int) -> str:
+    """The first of `candidates` (longest first, e.g. k-shot down to 0-shot) whose tokens fit in `budget`; the
+    last one when none does (vLLM then reports the prompt as too long)."""
+    for candidate in candidates:
+        if len(tokenizer.encode(candidate)) <= budget:
+            return candidate
+    return candidates[-1]
+
+
 def render(tokenizer, rows: list[dict], config: dict) -> list[str]:
+    """A row is a conversation (`messages`, rendered with the chat template), a raw text `prompt`, or raw
+    `prompts`: alternatives, the first that leaves room for `max_tokens` in `max_model_len` is used."""
     prompts = []
+    budget = (config.get("max_model_len") or 2048) - (config.get("max_tokens") or 0)
     for row in rows:
+        if "prompts" in row:
+            prompts.append(fitting_prompt(tokenizer, row["prompts"], budget))
+            continue
+        if "prompt" in row:
+            prompts.append(row["prompt"])
+            continue
         messages, continue_final = conversation(row, config.get("prefill") or "")
         prompts.append(
             tokenizer.apply_chat_template(
@@ -131,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     with open(config["output"], "w", encoding="utf-8") as out:
         for start in range(0, len(rows), CHUNK_ROWS):
             chunk = rows[start : start + CHUNK_ROWS]
-            results = llm.generate(render(tokenizer, chunk, config), sampling, lora_request=lora, use_tqdm=False)
-            for row, result in zip(chunk, results, strict=True):
+            rendered = render(tokenizer, chunk, config)
+            results = llm.generate(rendered, sampling, lora_request=lora, use_tqdm=False)
+            for row, prompt, result in zip(chunk, rendered, results, strict=True):
                 texts = [completion.text for completion in result.outputs]
                 generated_tokens += sum(len(completion.token_ids) for completion in result.outputs)
+                if "prompts" in row:  # keep the alternative that was used, not all of them
+                    row = {**{k: v for k, v in row.items() if k != "prompts"}, "prompt": prompt}
                 record = {**row, "completion": texts if sampling.n > 1 else texts[0]}
                 if sampling.logprobs is not None:
                     lps = [token_logprobs(c, tokenizer, sampling.logprobs) for c in result.outputs]

@@ -12,15 +12,10 @@ died). See ow_prefect/jobs/api.py for the channel's names.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import secrets
-import signal
-import socket
-import subprocess
 import tempfile
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -35,7 +30,7 @@ from prefect.states import Cancelled
 from prefect.variables import Variable
 
 from flows._runtime import start_job, with_params_signature
-from flows._vllm import adapter_rank, fit_max_model_len, has_cuda, vllm_env, vllm_python
+from flows._vllm import ServerSpec, free_port, pump_logs, start_server, stop_server, wait_healthy
 from ow_prefect.jobs.api import (
     FIRST_DEADLINE_SECONDS,
     SERVE_PORT,
@@ -78,109 +73,12 @@ def endpoint(port: int) -> tuple[int, str]:
     return local, f"http://127.0.0.1:{local}/v1"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the flow's process dies, however it dies (Linux)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_server(cfg: ApiParams, adapters: dict[str, Path], port: int, key: str) -> subprocess.Popen:
-    command = [
-        str(vllm_python()),
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        cfg.base_model,
-        "--served-model-name",
-        cfg.base_model,
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(fit_max_model_len(cfg.base_model, cfg.max_model_len)),
-        "--max-num-seqs",
-        str(cfg.max_num_seqs),
-    ]
-    if adapters:
-        rank = cfg.max_lora_rank or max(adapter_rank(path) for path in adapters.values())
-        modules = [f"{name}={path}" for name, path in adapters.items()]
-        # vLLM's CPU LoRA kernels index the adapter slots with -1 for "no adapter", which Python reads as the
-        # last slot: a base-model request batched with adapter requests would get the last adapter applied. One
-        # spare slot that is never filled (zeros) keeps base requests clean on CPU; CUDA kernels skip -1.
-        slots = len(adapters) + (0 if has_cuda() else 1)
-        command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(slots)]
-        command += ["--lora-modules", *modules]
-    if cfg.quantization:
-        command += ["--quantization", cfg.quantization]
-    if cfg.kv_cache_dtype:
-        command += ["--kv-cache-dtype", cfg.kv_cache_dtype]
-    if not has_cuda():
-        command += ["--dtype", "float32"]
-    return subprocess.Popen(
-        command,
-        env={**os.environ, **vllm_env(), "VLLM_API_KEY": key},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        bufsize=1,
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
-
-
-def pump_logs(proc: subprocess.Popen, tail: deque[str]) -> threading.Thread:
-    """vLLM's output into the run's logs (and a tail for error messages)."""
-    logger = get_run_logger()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            tail.append(line)
-            logger.info(line)
-
-    thread = threading.Thread(target=pump, name="vllm-logs", daemon=True)
-    thread.start()
-    return thread
-
-
-def wait_healthy(proc: subprocess.Popen, port: int, tail: deque[str]) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < STARTUP_TIMEOUT_SECONDS:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vLLM exited with code {proc.returncode} while starting:\n" + "\n".join(tail))
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return time.monotonic() - started
-        time.sleep(0.5)
-    raise TimeoutError(f"vLLM was not healthy after {STARTUP_TIMEOUT_SECONDS:g} s:\n" + "\n".join(tail))
-
-
 def requests_in_flight(port: int) -> int:
     try:
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     except httpx.HTTPError:
         return 0
     return int(sum(float(value) for _, value in RUNNING_RE.findall(metrics)))
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @task(name="heartbeat", cache_policy=NO_CACHE)
@@ -227,10 +125,20 @@ def vllm_api(**params: Any) -> Any:
         }
         port, base_url = endpoint(SERVE_PORT)
         tail: deque[str] = deque(maxlen=30)
-        proc = start_server(cfg, adapters, port, key)
+        spec = ServerSpec(
+            base_model=cfg.base_model,
+            served_name=cfg.base_model,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            adapters=adapters,
+            max_lora_rank=cfg.max_lora_rank,
+            quantization=cfg.quantization,
+            kv_cache_dtype=cfg.kv_cache_dtype,
+        )
+        proc = start_server(spec, port, key)
         pump_logs(proc, tail)
         try:
-            seconds = wait_healthy(proc, port, tail)
+            seconds = wait_healthy(proc, port, tail, STARTUP_TIMEOUT_SECONDS)
             logger.info("vLLM healthy after %.0f s at %s serving %s", seconds, base_url, ", ".join(cfg.served_names))
             Variable.set(
                 endpoint_variable(job.id),

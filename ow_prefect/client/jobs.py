@@ -138,8 +138,9 @@ class _JobsBase:
         self._deployment_ids: dict[str, Any] = {}
 
     def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> Submission:
-        kwargs = job_cls.prepare_params(dict(kwargs), self._client.storage)
-        validated = job_cls.validate_params(**kwargs)
+        with self._client.prefect_settings():  # validation may ask Prefect (model="ftjob:latest")
+            kwargs = job_cls.prepare_params(dict(kwargs), self._client.storage)
+            validated = job_cls.validate_params(**kwargs)
         flow_parameters = job_cls.flow_parameters(validated)
         image, code = job_cls.image(), job_cls.code_hash()
         job_id = job_cls.compute_id(flow_parameters, image=image, code=code)

@@ -21,6 +21,16 @@ def check_mount_path(path: str) -> str:
     return pure.as_posix()
 
 
+def check_mounts(mounts: dict[str, str]) -> dict[str, str]:
+    """Mount targets (normalized, inside the work dir) -> file ids."""
+    checked = {}
+    for path, file_id in mounts.items():
+        if not ID_RE.match(file_id):
+            raise ValueError(f"mounts[{path!r}]: {file_id!r} is not a file id (upload it with ow.files first)")
+        checked[check_mount_path(path)] = file_id
+    return checked
+
+
 class CustomRunParams(BaseModel):
     """Parameters of the `custom/run` flow."""
 
@@ -40,12 +50,7 @@ class CustomRunParams(BaseModel):
     @field_validator("mounts")
     @classmethod
     def _check_mounts(cls, mounts: dict[str, str]) -> dict[str, str]:
-        checked = {}
-        for path, file_id in mounts.items():
-            if not ID_RE.match(file_id):
-                raise ValueError(f"mounts[{path!r}]: {file_id!r} is not a file id (upload it with ow.files first)")
-            checked[check_mount_path(path)] = file_id
-        return checked
+        return check_mounts(mounts)
 
 
 @register("custom")

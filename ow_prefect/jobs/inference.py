@@ -28,10 +28,40 @@ class ModelRef(BaseModel):
         return value
 
 
+LATEST_FINETUNE = "ftjob:latest"
+
+
+def newest_finetune_job() -> str:
+    """The id of the fine-tuning job that completed last (what ``model="ftjob:latest"`` means; a scheduled eval
+    uses it to follow the newest model)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from ow_prefect.jobs.submit import JOB_TAG, type_tag
+
+    completed = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))
+    flow_runs = FlowRunFilter(tags=FlowRunFilterTags(all_=[type_tag("fine_tuning")]), state=completed)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=flow_runs, sort=FlowRunSort.END_TIME_DESC, limit=1)
+    for tag in runs[0].tags if runs else []:
+        if tag.startswith(f"{JOB_TAG}:"):
+            return tag.split(":", 1)[1]
+    raise ValueError(f"{LATEST_FINETUNE}: no fine-tuning job has completed yet")
+
+
 def resolve_model(value: Any) -> Any:
-    """A fine-tuning job id (``ftjob-…``) becomes its model reference (base + adapter), read from storage;
-    anything else is returned as it is. For a checkpoint, pass ``{"base": ..., "adapter": <one of the job's
-    outputs["checkpoints"]>}``."""
+    """A fine-tuning job id (``ftjob-…``, or ``ftjob:latest`` for the newest completed one) becomes its model
+    reference (base + adapter), read from storage; anything else is returned as it is. For a checkpoint, pass
+    ``{"base": ..., "adapter": <one of the job's outputs["checkpoints"]>}``."""
+    if value == LATEST_FINETUNE:
+        value = newest_finetune_job()
     if not isinstance(value, str) or not value.startswith("ftjob-"):
         return value
     from ow_prefect.errors import NotFoundError
@@ -45,15 +75,36 @@ def resolve_model(value: Any) -> Any:
     return dict(outputs["model"])
 
 
-class InferenceParams(BaseModel):
-    """Parameters of the `inference` flow (parity with OpenWeights' inference config)."""
+class ServedModel(BaseModel):
+    """The `model` field of every job that serves one model with vLLM, resolved when validated."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | ModelRef = Field(
-        description="A Hub id, a local directory, a fine-tuning job id ('ftjob-…'), or a model reference "
-        "{'base': ..., 'adapter': 'adapter:dir-…'} (a fine-tuning job's outputs['model']; a checkpoint id works too)."
+        description="A Hub id, a local directory, a fine-tuning job id ('ftjob-…'; 'ftjob:latest' for the newest "
+        "completed one), or a model reference {'base': ..., 'adapter': 'adapter:dir-…'} (a fine-tuning job's "
+        "outputs['model']; a checkpoint id works too)."
     )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model(cls, value: Any) -> Any:
+        return resolve_model(value)
+
+    @property
+    def base_model(self) -> str:
+        return self.model.base if isinstance(self.model, ModelRef) else self.model
+
+    @property
+    def adapter(self) -> str | None:
+        return self.model.adapter if isinstance(self.model, ModelRef) else None
+
+
+class InferenceParams(ServedModel):
+    """Parameters of the `inference` flow (parity with OpenWeights' inference config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     input_file_id: str = Field(
         description="File id of a 'conversations' file; a trailing assistant message is continued as a prefix."
     )
@@ -72,11 +123,6 @@ class InferenceParams(BaseModel):
     chat_template: str | None = Field(default=None, description="Jinja chat template instead of the tokenizer's.")
     seed: int | None = Field(default=None, description="Sampling seed: same seed, same completions.")
     requires_vram_gb: int | None = Field(default=None, ge=0, description="GPU memory; default: estimated.")
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model(cls, value: Any) -> Any:
-        return resolve_model(value)
 
     @field_validator("input_file_id")
     @classmethod
@@ -103,17 +149,23 @@ class InferenceParams(BaseModel):
             )
         return self
 
-    @property
-    def base_model(self) -> str:
-        return self.model.base if isinstance(self.model, ModelRef) else self.model
 
-    @property
-    def adapter(self) -> str | None:
-        return self.model.adapter if isinstance(self.model, ModelRef) else None
+class ServingJob(Job):
+    """A job that serves one model with vLLM (base, or base + adapter): the serving image, and job variables
+    asking for the GPU memory its parameters need (`base_model`, `adapter`, `max_model_len`, `quantization`,
+    `requires_vram_gb`)."""
+
+    image_setting = "serve_image"
+
+    @classmethod
+    def job_variables(cls, validated: Any) -> dict[str, Any]:
+        from ow_prefect.jobs.vram import single_model_vram_gb
+
+        return {"min_vram_gb": single_model_vram_gb(validated)}
 
 
 @register("inference")
-class InferenceJob(Job):
+class InferenceJob(ServingJob):
     """Runs a conversations file through a model (base or LoRA adapter) with vLLM's offline engine."""
 
     deployment = "inference/batch"
@@ -121,19 +173,3 @@ class InferenceJob(Job):
     params = InferenceParams
     code = ("flows/inference", "flows/_runtime.py", "flows/_vllm.py")
     id_prefix = "inferencejob"
-    image_setting = "serve_image"
-
-    @classmethod
-    def job_variables(cls, validated: InferenceParams) -> dict[str, Any]:
-        from ow_prefect.jobs.vram import estimate_serving_vram_gb
-
-        vram = validated.requires_vram_gb
-        if vram is None:
-            vram = estimate_serving_vram_gb(
-                validated.base_model,
-                max_model_len=validated.max_model_len,
-                lora_rank=64 if validated.adapter else 0,
-                lora_adapters=1 if validated.adapter else 0,
-                quantized=validated.quantization is not None,
-            )
-        return {"min_vram_gb": vram}

@@ -103,3 +103,17 @@ def estimate_serving_vram_gb(
     kv_bytes = 2 * layers * kv_heads * head_dim * 2 * max_model_len * min(max_num_seqs, 4)
     total = weight_bytes + lora_bytes + kv_bytes + 2 * GIB
     return max(1, math.ceil(total / GIB))
+
+
+def single_model_vram_gb(params: Any) -> int:
+    """`requires_vram_gb` if given, else the estimate for serving `params.base_model` (plus `params.adapter` as
+    one LoRA of rank 64, the largest usual) at `params.max_model_len`: batch inference and evals."""
+    if params.requires_vram_gb is not None:
+        return params.requires_vram_gb
+    return estimate_serving_vram_gb(
+        params.base_model,
+        max_model_len=params.max_model_len,
+        lora_rank=64 if params.adapter else 0,
+        lora_adapters=1 if params.adapter else 0,
+        quantized=params.quantization is not None,
+    )
