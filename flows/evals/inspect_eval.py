@@ -96,7 +96,7 @@ def _evaluate(job: JobRun) -> dict[str, Any]:
             logger.info("inspect eval %s against %s", cfg.eval_name, target)
             env = {f"{PROVIDER.upper()}_API_KEY": key, f"{PROVIDER.upper()}_BASE_URL": base_url}
             stream_command(shlex.join(command), cwd=str(work), env=env)
-        log_paths = sorted(logs.glob("*.eval")) + sorted(logs.glob("*.json"))
+        log_paths = sorted(logs.glob("*.eval"))  # inspect's default log format (the flow never changes it)
         files = {f"logs/{path.name}": job.storage.put_path(path, RESULT_PURPOSE).id for path in log_paths}
         scores, errors = read_scores(log_paths)
     if errors:

@@ -143,8 +143,10 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def build_tiny_model(out: str | Path, seed: int = 0) -> Path:
-    """Write a tiny model + tokenizer to `out` (skipped when `out` already holds one)."""
+def build_tiny_model(out: str | Path, seed: int = 0, **sizes: int) -> Path:
+    """Write a tiny model + tokenizer to `out` (skipped when `out` already holds one). `sizes` overrides the
+    Qwen2 config's dimensions (hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+    num_key_value_heads, head_dim, max_position_embeddings) for a bigger local model, e.g. a throughput check."""
     out = Path(out)
     if (out / "config.json").exists() and (out / "tokenizer.json").exists():
         return out
@@ -176,19 +178,25 @@ def build_tiny_model(out: str | Path, seed: int = 0) -> Path:
         pad_token="<|pad|>",
         additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
         chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
+        model_max_length=sizes.get("max_position_embeddings", 512),
     )
     out.mkdir(parents=True, exist_ok=True)
     hf_tokenizer.save_pretrained(out)
+    dims = {
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "max_position_embeddings": 512,
+    }
+    unknown = set(sizes) - set(dims)
+    if unknown:
+        raise ValueError(f"unknown sizes {sorted(unknown)}; use {sorted(dims)}")
     config = Qwen2Config(
         vocab_size=len(hf_tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
+        **(dims | sizes),
         tie_word_embeddings=True,
         bos_token_id=hf_tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=hf_tokenizer.eos_token_id,
