@@ -64,3 +64,17 @@ def test_entrypoint_imports_and_its_flow_has_the_name_job_types_submit_to(entryp
 def test_prefect_yaml_is_plain_yaml_with_anchors_resolved():
     raw = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert raw["definitions"]["work_pools"]["gpu_api"] == SPECS["serve"]["work_pool"]
+
+
+@pytest.mark.usefixtures("worker", "use_server")
+def test_deployment_suffix_sends_jobs_to_the_local_variants(monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from ow_prefect import OpenWeights
+
+    monkeypatch.setenv("OW_DEPLOYMENT_SUFFIX", LOCAL_SUFFIX)
+    job = OpenWeights().custom.create(entrypoint="echo on the local variant").wait(timeout=180, poll_interval=0.5)
+    assert job.status == "completed", job.error
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(job.flow_run_id)
+        assert client.read_deployment(run.deployment_id).name == "run-local"
