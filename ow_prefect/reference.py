@@ -158,7 +158,7 @@ def _render() -> str:
 
     lines = [HEADER, "## Job types", ""]
     types = dict(sorted(job_types().items()))
-    lines += [f"- [`ow.{name}`](#ow{name.replace('_', '')}): {deployments_of(cls)[0]}" for name, cls in types.items()]
+    lines += [f"- [`ow.{name}`](#ow{name}): {deployments_of(cls)[0]}" for name, cls in types.items()]
     lines.append("")
     for name, job_cls in types.items():
         lines += job_section(name, job_cls)
