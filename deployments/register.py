@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE_WORKDIR = "/opt/ow_prefect"  # where docker/*/Dockerfile put the code
+IMAGE_WORKDIR = "/opt/ow_prefect"  # where docker/Dockerfile puts the code
 
 
 def load_deployments(root: Path = ROOT) -> list[dict[str, Any]]:
@@ -46,7 +46,11 @@ def ensure_pool(client: Any, pool: str, pool_type: str | None) -> Any:
                 f"work pool {pool!r} does not exist: create it (`prefect work-pool create {pool} --type process`, "
                 "or `python -m blocks --pool NAME` for RunPod), or pass --create-pool TYPE"
             ) from None
-        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type))
+        from prefect.workers.base import BaseWorker
+
+        worker = BaseWorker.get_worker_class_from_type(pool_type)  # its form, as `prefect work-pool create` does
+        template = worker.get_default_base_job_template() if worker else {}
+        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type, base_job_template=template))
         return client.read_work_pool(pool)
 
 
