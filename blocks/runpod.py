@@ -15,15 +15,20 @@ import os
 import sys
 from typing import Any
 
+from blocks.documents import Outcome, upsert
+
 
 def save_runpod_credentials(name: str, api_key: str, api_url: str | None = None) -> Any:
-    """Save (or overwrite) the block; return its document id."""
+    """Save (or update) the block; return its document id."""
+    return upsert_runpod_credentials(name, api_key, api_url)[1]._block_document_id
+
+
+def upsert_runpod_credentials(name: str, api_key: str, api_url: str | None = None) -> tuple[Outcome, Any]:
+    """Create or update the `RunPodCredentials` document `name`; return what happened and the saved block."""
     from ow_prefect.runpod.client import DEFAULT_BASE_URL
     from ow_prefect.runpod.credentials import RunPodCredentials
 
-    return RunPodCredentials(api_key=api_key, api_url=api_url or DEFAULT_BASE_URL).save(
-        name, overwrite=True, _sync=True
-    )
+    return upsert(RunPodCredentials(api_key=api_key, api_url=api_url or DEFAULT_BASE_URL), name)
 
 
 def ensure_runpod_pool(pool: str, block_id: Any, **defaults: Any) -> str:

@@ -12,9 +12,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
+
+from blocks.documents import Outcome, upsert
 
 
-def save_s3_storage(
+def save_s3_storage(name: str, bucket: str, **options: Any) -> str:
+    """Save `AwsCredentials` and `S3Bucket` documents named `name`; return the slug for OW_STORAGE_BLOCK."""
+    upsert_s3_storage(name, bucket, **options)
+    return f"s3-bucket/{name}"
+
+
+def upsert_s3_storage(
     name: str,
     bucket: str,
     *,
@@ -23,8 +32,9 @@ def save_s3_storage(
     access_key_id: str | None = None,
     secret_access_key: str | None = None,
     region: str | None = None,
-) -> str:
-    """Save `AwsCredentials` and `S3Bucket` documents named `name`; return the slug for OW_STORAGE_BLOCK."""
+) -> dict[str, Outcome]:
+    """Create or update the `{name}-credentials` AwsCredentials and `{name}` S3Bucket documents; return each
+    document's slug with what happened to it."""
     from prefect_aws import AwsCredentials, S3Bucket
     from prefect_aws.client_parameters import AwsClientParameters
 
@@ -34,9 +44,9 @@ def save_s3_storage(
         region_name=region,
         aws_client_parameters=AwsClientParameters(endpoint_url=endpoint_url),
     )
-    credentials.save(f"{name}-credentials", overwrite=True, _sync=True)
-    S3Bucket(bucket_name=bucket, bucket_folder=folder, credentials=credentials).save(name, overwrite=True, _sync=True)
-    return f"s3-bucket/{name}"
+    credentials_outcome, credentials = upsert(credentials, f"{name}-credentials")
+    bucket_outcome, _ = upsert(S3Bucket(bucket_name=bucket, bucket_folder=folder, credentials=credentials), name)
+    return {f"aws-credentials/{name}-credentials": credentials_outcome, f"s3-bucket/{name}": bucket_outcome}
 
 
 def main(argv: list[str] | None = None) -> int:

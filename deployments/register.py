@@ -1,9 +1,13 @@
-"""Register every deployment of prefect.yaml on a work pool, through the Prefect API.
+"""Register the deployments of prefect.yaml through the Prefect API.
 
-    python -m deployments.register --pool local [--create-pool process]
+    python -m deployments.register                          # all, each on its own pool (gpu or local)
+    python -m deployments.register --variant local          # only those prefect.yaml puts on `local`
+    python -m deployments.register --pool mine --create-pool process   # all, on any one pool
 
 Equivalent to `prefect --no-prompt deploy --all` from the repository root, but usable from Python (tests,
-notebooks, the SDK's own set-up) and for any pool name. The pull step points flow runs at this checkout.
+notebooks, `ow setup`) and for any pool. Where flow runs start follows the pool's type: in the image's copy of
+the code on a `runpod` pool (/opt/ow_prefect, see docker/), in this checkout on any other. Job variables the
+pool does not know (a RunPod preset on a process pool) are left out.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+IMAGE_WORKDIR = "/opt/ow_prefect"  # where docker/Dockerfile puts the code
 
 
 def load_deployments(root: Path = ROOT) -> list[dict[str, Any]]:
@@ -28,14 +33,35 @@ def load_flow(entrypoint: str, root: Path = ROOT) -> Any:
     return load_flow_from_entrypoint(str(root / entrypoint))
 
 
-def ensure_pool(client: Any, pool: str, pool_type: str) -> None:
+def ensure_pool(client: Any, pool: str, pool_type: str | None) -> Any:
+    """Read the pool; create it with `pool_type` when missing (or fail naming the way to create it)."""
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
     try:
-        client.read_work_pool(pool)
+        return client.read_work_pool(pool)
     except ObjectNotFound:
-        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type))
+        if not pool_type:
+            raise SystemExit(
+                f"work pool {pool!r} does not exist: create it (`prefect work-pool create {pool} --type process`, "
+                "or `python -m blocks --pool NAME` for RunPod), or pass --create-pool TYPE"
+            ) from None
+        from prefect.workers.base import BaseWorker
+
+        worker = BaseWorker.get_worker_class_from_type(pool_type)  # its form, as `prefect work-pool create` does
+        template = worker.get_default_base_job_template() if worker else {}
+        client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type, base_job_template=template))
+        return client.read_work_pool(pool)
+
+
+def pull_steps(pool_type: str, root: Path) -> list[dict[str, Any]]:
+    directory = IMAGE_WORKDIR if pool_type == "runpod" else str(root)
+    return [{"prefect.deployments.steps.set_working_directory": {"directory": directory}}]
+
+
+def known_job_variables(job_variables: dict[str, Any], work_pool: Any) -> dict[str, Any]:
+    known = (work_pool.base_job_template.get("variables") or {}).get("properties") or {}
+    return {name: value for name, value in job_variables.items() if name in known}
 
 
 def schedules(spec: dict[str, Any]) -> list[Any]:
@@ -55,33 +81,41 @@ def schedules(spec: dict[str, Any]) -> list[Any]:
     return made
 
 
-def register(pool: str | None = None, create_pool: str | None = None, root: Path = ROOT) -> dict[str, str]:
-    """Create or update every deployment; return {"flow/deployment": deployment id}."""
+def register(
+    pool: str | None = None, create_pool: str | None = None, root: Path = ROOT, variant: str | None = None
+) -> dict[str, str]:
+    """Create or update the deployments (those prefect.yaml puts on pool `variant`, or all), each on `pool` or
+    its own; return {"flow/deployment": deployment id}."""
     from prefect.client.orchestration import get_client
 
     registered = {}
+    flows: dict[str, Any] = {}
+    pools: dict[str, Any] = {}
     with get_client(sync_client=True) as client:
         for spec in load_deployments(root):
+            if variant and spec["work_pool"]["name"] != variant:
+                continue
             pool_name = pool or spec["work_pool"]["name"]
-            if create_pool:
-                ensure_pool(client, pool_name, create_pool)
-            flow = load_flow(spec["entrypoint"], root)
-            name = flow.name
-            flow_id = client.create_flow_from_name(name)
+            if pool_name not in pools:
+                pools[pool_name] = ensure_pool(client, pool_name, create_pool)
+            work_pool = pools[pool_name]
+            if spec["entrypoint"] not in flows:
+                flows[spec["entrypoint"]] = load_flow(spec["entrypoint"], root)
+            flow = flows[spec["entrypoint"]]
             deployment_id = client.create_deployment(
-                flow_id=flow_id,
+                flow_id=client.create_flow_from_name(flow.name),
                 name=spec["name"],
                 entrypoint=spec["entrypoint"],
                 work_pool_name=pool_name,
-                job_variables=spec["work_pool"].get("job_variables") or {},
+                job_variables=known_job_variables(spec["work_pool"].get("job_variables") or {}, work_pool),
                 parameters=spec.get("parameters") or {},
                 schedules=schedules(spec),
                 parameter_openapi_schema=flow.parameters.model_dump(mode="json"),
                 description=spec.get("description"),
                 tags=spec.get("tags") or [],
-                pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}],
+                pull_steps=pull_steps(work_pool.type, root),
             )
-            registered[f"{name}/{spec['name']}"] = str(deployment_id)
+            registered[f"{flow.name}/{spec['name']}"] = str(deployment_id)
     return registered
 
 
@@ -91,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pool", help="work pool for every deployment (default: the one in prefect.yaml)")
     parser.add_argument("--create-pool", metavar="TYPE", help="create the pool with this type if it is missing")
+    parser.add_argument("--variant", metavar="POOL", help="only the deployments prefect.yaml puts on POOL (gpu, local)")
     args = parser.parse_args(argv)
-    for name, deployment_id in register(args.pool, args.create_pool).items():
+    for name, deployment_id in register(args.pool, args.create_pool, variant=args.variant).items():
         print(f"{name}\t{deployment_id}")
     return 0
 

@@ -7,6 +7,8 @@
 - ``OW_VLLM_PYTHON``: interpreter of the separate vLLM environment; default ``OW_HOME/envs/vllm/bin/python``.
 - ``OW_MODE``: ``auto`` (server when a Prefect API URL is set, else embedded), ``server`` or ``embedded``.
 - ``OW_TRAIN_IMAGE`` / ``OW_SERVE_IMAGE``: images of training/custom and vLLM jobs (part of every job id).
+- ``OW_DEPLOYMENT_SUFFIX``: appended to every built-in deployment's name when the SDK submits, e.g. ``-local``
+  for prefect.yaml's local variants (``finetune/sft-local`` on the ``local`` process pool); default none.
 - ``OW_CHAT_CACHE_DIR`` / ``OW_CHAT_CACHE_GB``: the chat client's disk cache (default ``OW_HOME/chat-cache``, 10).
 - ``OW_RUNPOD_POLL_SECONDS``: how often the RunPod worker looks at each run and its pod (default 2).
 - ``OW_RUNPOD_RECONCILE_SECONDS``: how often the RunPod worker looks for orphaned pods (default 60).
@@ -34,6 +36,9 @@ class OWSettings(BaseSettings):
     mode: Literal["auto", "server", "embedded"] = Field(default="auto", description="How jobs are run.")
     train_image: str = Field(default="ow-prefect-train:0.1", description="Image of training and custom jobs.")
     serve_image: str = Field(default="ow-prefect-serve:0.1", description="Image of vLLM jobs.")
+    deployment_suffix: str = Field(
+        default="", description="Appended to built-in deployment names ('-local': the local variants)."
+    )
     chat_cache_dir: Path | None = Field(default=None, description="The chat client's disk cache directory.")
     chat_cache_gb: float = Field(default=10.0, gt=0, description="Size limit of the chat cache, in GiB.")
     runpod_poll_seconds: float = Field(default=2.0, gt=0, description="RunPod worker: run and pod poll interval.")

@@ -4,7 +4,8 @@ import os
 import subprocess
 import sys
 
-from deployments.register import register
+from deployments.register import IMAGE_WORKDIR, register
+from ow_prefect.workers.runpod import RunPodWorker
 from tests.conftest import POOL, ROOT
 
 
@@ -14,8 +15,12 @@ def test_prefect_deploy_all(prefect_api, deployed):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
-        if "local" not in [p.name for p in client.read_work_pools()]:
+        pools = [p.name for p in client.read_work_pools()]
+        if "local" not in pools:
             client.create_work_pool(WorkPoolCreate(name="local", type="process"))
+        if "gpu" not in pools:
+            template = RunPodWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name="gpu", type="runpod", base_job_template=template))
         env = {**os.environ, "PREFECT_API_URL": prefect_api, "PWD": str(ROOT)}
         result = subprocess.run(
             [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
@@ -26,14 +31,28 @@ def test_prefect_deploy_all(prefect_api, deployed):
             timeout=300,
         )
         assert result.returncode == 0, result.stdout + result.stderr
-        deployment = client.read_deployment_by_name("custom/run")
-        assert deployment.work_pool_name == "local"
-        assert deployment.entrypoint == "flows/custom.py:custom_run"
-        assert deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
+        on_runpod = client.read_deployment_by_name("custom/run")
+        assert on_runpod.work_pool_name == "gpu" and on_runpod.entrypoint == "flows/custom.py:custom_run"
+        assert workdir(on_runpod) == IMAGE_WORKDIR  # the image's copy of the code
+        assert on_runpod.job_variables == {
+            "image": "ow-prefect-train:0.1",
+            "min_vram_gb": 16,
+            "min_cuda_version": "13.0",
+        }
+        assert client.read_deployment_by_name("vllm-api/serve").job_variables["ports"] == ["8000/http"]
+        local = client.read_deployment_by_name("custom/run-local")
+        assert local.work_pool_name == "local" and workdir(local) == str(ROOT)
         assert client.read_deployment_by_name("eval/mmlu-pro").entrypoint == "flows/evals/mmlu_pro.py:mmlu_pro"
+        assert len(client.read_deployments()) >= 20
         check_scheduled_evals(client)
         register(pool=POOL)  # give the end-to-end tests their pool back
         check_scheduled_evals(client)  # registering again from Python updates the schedules, adds no copies
+        assert workdir(client.read_deployment_by_name("custom/run")) == str(ROOT)  # a process pool: this checkout
+        assert client.read_deployment_by_name("custom/run").job_variables == {}  # RunPod's variables left out
+
+
+def workdir(deployment):
+    return deployment.pull_steps[0]["prefect.deployments.steps.set_working_directory"]["directory"]
 
 
 def check_scheduled_evals(client):

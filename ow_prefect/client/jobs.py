@@ -39,6 +39,7 @@ from ow_prefect.jobs.submit import (
     tags_for,
     type_tag,
 )
+from ow_prefect.settings import get_settings
 
 if TYPE_CHECKING:
     from ow_prefect.client._client import BaseOpenWeights
@@ -145,9 +146,8 @@ class _JobsBase:
         image, code = job_cls.image(), job_cls.code_hash()
         job_id = job_cls.compute_id(flow_parameters, image=image, code=code)
         envelope = {"id": job_id, "code_hash": code, "image": image}
-        return Submission(
-            job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, job_cls.deployment_for(validated)
-        )
+        deployment = job_cls.deployment_for(validated) + get_settings().deployment_suffix
+        return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment)
 
     def _outputs(self, run: Any) -> dict[str, Any] | None:
         if status_of(run) != "completed":

@@ -1,0 +1,116 @@
+"""Register ow_prefect's block types and create or update its block documents from the environment or `.env`.
+
+    python -m blocks [--env-file .env] [--pool gpu]
+
+- `RUNPOD_API_KEY` (+ `RUNPOD_API_URL`) → `runpod-credentials/runpod` (`OW_RUNPOD_BLOCK` renames it); `--pool`
+  makes it the default credentials of that `runpod` work pool (created if missing);
+- `HF_TOKEN` → `secret/hf-token` (`OW_HF_TOKEN_SECRET` renames it): fine-tuned models are pushed with it;
+- `OW_S3_BUCKET` (+ `OW_S3_FOLDER`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` for R2 or
+  MinIO, `AWS_DEFAULT_REGION`) → `s3-bucket/ow-storage` + `aws-credentials/ow-storage-credentials` (named after
+  `OW_STORAGE_BLOCK=s3-bucket/NAME` when set).
+
+The environment wins over the file. A variable that is not set leaves its document alone. Running it again changes
+only what changed (each line says `created`, `updated` or `unchanged`); secrets are stored encrypted by Prefect and
+never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from blocks.documents import Outcome, upsert
+from blocks.runpod import ensure_runpod_pool, upsert_runpod_credentials
+from blocks.storage import upsert_s3_storage
+
+
+def read_values(env_file: str | os.PathLike[str] | None = ".env", environ: Mapping[str, str] | None = None) -> dict:
+    """The `.env` file's values (if the file exists) overridden by the environment's; empty values dropped."""
+    from dotenv import dotenv_values
+
+    values: dict[str, Any] = {}
+    if env_file and Path(env_file).is_file():
+        values.update(dotenv_values(env_file))
+    values.update(os.environ if environ is None else environ)
+    return {key: value for key, value in values.items() if value}
+
+
+def register_block_types() -> list[str]:
+    """Register the block types ow_prefect uses, so they show in the UI's catalog before any document exists."""
+    from prefect.blocks.system import Secret
+    from prefect_aws import AwsCredentials, S3Bucket
+
+    from ow_prefect.runpod.credentials import RunPodCredentials
+
+    types = [RunPodCredentials, Secret, AwsCredentials, S3Bucket]
+    for block_type in types:
+        block_type.register_type_and_schema(_sync=True)
+    return [block_type.get_block_type_slug() for block_type in types]
+
+
+def storage_block_name(values: Mapping[str, str]) -> str:
+    slug = values.get("OW_STORAGE_BLOCK", "")
+    block_type, _, name = slug.partition("/")
+    if slug and block_type != "s3-bucket":
+        raise SystemExit(f"OW_STORAGE_BLOCK={slug!r} is not an s3-bucket block; unset it or use s3-bucket/NAME")
+    return name or "ow-storage"
+
+
+def register_blocks(
+    values: Mapping[str, str], runpod_pool: str | None = None, say: Callable[[str], Any] = print
+) -> dict[str, Outcome]:
+    """Create or update every document that `values` (see `read_values`) has what it needs for; return each
+    document's slug with what happened to it. `say` gets one line per document, never a secret."""
+    from prefect.blocks.system import Secret
+
+    done: dict[str, Outcome] = {}
+    say(f"block types registered: {', '.join(register_block_types())}")
+    if values.get("RUNPOD_API_KEY"):
+        name = values.get("OW_RUNPOD_BLOCK", "runpod")
+        outcome, block = upsert_runpod_credentials(name, values["RUNPOD_API_KEY"], values.get("RUNPOD_API_URL"))
+        done[f"runpod-credentials/{name}"] = outcome
+        if runpod_pool:
+            pool_outcome = ensure_runpod_pool(runpod_pool, block._block_document_id)
+            say(f"work pool {runpod_pool!r} (type runpod): {pool_outcome}, default credentials {name!r}")
+    elif runpod_pool:
+        raise SystemExit(f"--pool {runpod_pool}: set RUNPOD_API_KEY (RunPod → Settings → API Keys) first")
+    if values.get("HF_TOKEN"):
+        name = values.get("OW_HF_TOKEN_SECRET", "hf-token")
+        done[f"secret/{name}"] = upsert(Secret(value=values["HF_TOKEN"]), name)[0]
+    if values.get("OW_S3_BUCKET"):
+        name = storage_block_name(values)
+        done |= upsert_s3_storage(
+            name,
+            values["OW_S3_BUCKET"],
+            folder=values.get("OW_S3_FOLDER", ""),
+            endpoint_url=values.get("AWS_ENDPOINT_URL"),
+            access_key_id=values.get("AWS_ACCESS_KEY_ID"),
+            secret_access_key=values.get("AWS_SECRET_ACCESS_KEY"),
+            region=values.get("AWS_DEFAULT_REGION"),
+        )
+        if values.get("OW_STORAGE_BLOCK") != f"s3-bucket/{name}":
+            say(f"storage: set OW_STORAGE_BLOCK=s3-bucket/{name} where the SDK and the workers run")
+    for slug, outcome in done.items():
+        say(f"{slug}: {outcome}")
+    if not done:
+        say("no documents: set RUNPOD_API_KEY, HF_TOKEN or OW_S3_BUCKET (in the environment or .env)")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m blocks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--env-file", default=".env", help="read values from this file too (default: .env)")
+    parser.add_argument("--pool", help="also create or update this `runpod` work pool with the RunPod block")
+    args = parser.parse_args(argv)
+    register_blocks(read_values(args.env_file), runpod_pool=args.pool)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

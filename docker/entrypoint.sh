@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The pods' entrypoint (both images). The RunPod worker starts a pod with the command
+# `prefect flow-run execute` and PREFECT__FLOW_RUN_ID in its env: run it. Without a command and without a
+# flow run (a dev pod: `python -m ow_prefect.runpod.devpod`), stay up so that ssh and the terminal work.
+set -euo pipefail
+
+# The Hugging Face cache lives on the pod's volume when it has one (HF_HOME, see the Dockerfiles), so a
+# restarted pod or the next run on the same network volume does not download the weights again.
+mkdir -p "${HF_HOME:-/workspace/.cache/huggingface}"
+
+# RunPod passes the account's (or --public-key's) ssh key as PUBLIC_KEY; images with sshd serve it.
+if [[ -n "${PUBLIC_KEY:-}" ]] && command -v sshd >/dev/null; then
+  mkdir -p ~/.ssh /run/sshd
+  chmod 700 ~/.ssh
+  echo "${PUBLIC_KEY}" >>~/.ssh/authorized_keys
+  chmod 600 ~/.ssh/authorized_keys
+  ssh-keygen -A >/dev/null
+  /usr/sbin/sshd
+fi
+
+if [[ $# -gt 0 ]]; then
+  exec "$@"
+fi
+if [[ -n "${PREFECT__FLOW_RUN_ID:-}" ]]; then
+  exec prefect flow-run execute
+fi
+echo "ow_prefect image: no command and no flow run; staying up (dev pod). Stop the pod to end it."
+exec sleep infinity

@@ -1,0 +1,80 @@
+"""prefect.yaml against the job types: every built-in deployment exists on both pools, with the entrypoint the
+job type hashes, the image its id names, serving ports, and an entrypoint that really imports."""
+
+import pytest
+import yaml
+
+from deployments.register import IMAGE_WORKDIR, load_deployments, load_flow
+from ow_prefect.jobs.api import SERVE_PORT
+from ow_prefect.jobs.base import job_types
+from ow_prefect.settings import OWSettings
+from tests.conftest import ROOT
+
+SPECS = {spec["name"]: spec for spec in load_deployments()}
+LOCAL_SUFFIX = "-local"
+
+
+def builtin_deployments():
+    """(job type, "flow/deployment") for every deployment a built-in job type submits to."""
+    import ow_prefect.client  # noqa: F401  (imports every built-in job type)
+
+    pairs = []
+    for job_cls in job_types().values():
+        names = {job_cls.deployment}
+        if job_cls.name == "fine_tuning":
+            names |= {f"finetune/{loss}" for loss in ("sft", "dpo", "orpo")}
+        pairs += [(job_cls, name) for name in sorted(names)]
+    return pairs
+
+
+@pytest.mark.parametrize(("job_cls", "deployment"), builtin_deployments(), ids=lambda v: getattr(v, "name", v))
+def test_every_job_type_has_a_gpu_and_a_local_deployment(job_cls, deployment):
+    name = deployment.split("/", 1)[1]
+    gpu, local = SPECS[name], SPECS[name + LOCAL_SUFFIX]
+    assert gpu["entrypoint"] == local["entrypoint"] == job_cls.entrypoint
+    assert gpu.get("parameters") == local.get("parameters")
+    assert gpu["work_pool"]["name"] == "gpu" and local["work_pool"]["name"] == "local"
+    variables = gpu["work_pool"]["job_variables"]
+    assert variables["image"] == OWSettings.model_fields[job_cls.image_setting].default
+    assert variables["min_vram_gb"] > 0
+    assert (f"{SERVE_PORT}/http" in variables.get("ports", [])) == (job_cls.name == "vllm_api")
+    assert gpu["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == IMAGE_WORKDIR
+    assert "pull" not in local  # the project's pull step: this checkout
+
+
+def test_every_gpu_deployment_has_a_local_variant_and_schedules_match():
+    gpu = [name for name, spec in SPECS.items() if spec["work_pool"]["name"] == "gpu"]
+    local = [name for name, spec in SPECS.items() if spec["work_pool"]["name"] == "local"]
+    assert sorted(name + LOCAL_SUFFIX for name in gpu) == sorted(local)
+    for name in gpu:
+        assert SPECS[name].get("schedules") == SPECS[name + LOCAL_SUFFIX].get("schedules")
+        assert all(s["active"] is False for s in SPECS[name].get("schedules") or [])
+
+
+@pytest.mark.parametrize("entrypoint", sorted({spec["entrypoint"] for spec in SPECS.values()}))
+def test_entrypoint_imports_and_its_flow_has_the_name_job_types_submit_to(entrypoint):
+    flow = load_flow(entrypoint)
+    submitted_to = {deployment.split("/")[0] for job_cls, deployment in builtin_deployments()}
+    assert flow.name in submitted_to
+    assert {job_cls.entrypoint for job_cls, d in builtin_deployments() if d.startswith(f"{flow.name}/")} <= {
+        spec["entrypoint"] for spec in SPECS.values()
+    }
+
+
+def test_prefect_yaml_is_plain_yaml_with_anchors_resolved():
+    raw = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert raw["definitions"]["work_pools"]["gpu_api"] == SPECS["serve"]["work_pool"]
+
+
+@pytest.mark.usefixtures("worker", "use_server")
+def test_deployment_suffix_sends_jobs_to_the_local_variants(monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from ow_prefect import OpenWeights
+
+    monkeypatch.setenv("OW_DEPLOYMENT_SUFFIX", LOCAL_SUFFIX)
+    job = OpenWeights().custom.create(entrypoint="echo on the local variant").wait(timeout=180, poll_interval=0.5)
+    assert job.status == "completed", job.error
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(job.flow_run_id)
+        assert client.read_deployment(run.deployment_id).name == "run-local"
