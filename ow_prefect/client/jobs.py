@@ -143,7 +143,7 @@ class _JobsBase:
         flow_parameters = job_cls.flow_parameters(validated)
         image, code = job_cls.image(), job_cls.code_hash()
         job_id = job_cls.compute_id(flow_parameters, image=image, code=code)
-        envelope = {"id": job_id, "code_hash": code, "image": image}
+        envelope = {"id": job_id, "type": job_cls.name, "code_hash": code, "image": image}
         return Submission(
             job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, job_cls.deployment_for(validated)
         )
@@ -403,7 +403,12 @@ class JobTypeResource:
 
     def __init__(self, jobs: Jobs | AsyncJobs, job_cls: type[Job]):
         self._jobs = jobs
-        self.job_cls = job_cls
+        self._name = job_cls.name
+
+    @property
+    def job_cls(self) -> type[Job]:
+        """The class registered under this name now (a class registered again, e.g. edited in a notebook, wins)."""
+        return get_job_type(self._name)
 
     def __repr__(self) -> str:
         return f"<ow.{self.job_cls.name}: {self.job_cls.__name__} via {self.job_cls.deployment}>"
