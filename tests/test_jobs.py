@@ -108,3 +108,13 @@ def test_tags_and_idempotency_key_name_the_deployment_and_job():
     assert idempotency_key("finetune/dpo", "ftjob-abc") == "finetune/dpo:ftjob-abc"
     assert tags_for(CommandJob, "customjob-1") == ["ow-job", "ow-job:customjob-1", "ow-type:custom"]
 
+
+@pytest.mark.parametrize(
+    "state,cancel",
+    [("SCHEDULED", "CANCELLED"), ("PAUSED", "CANCELLED"), ("PENDING", "CANCELLING"), ("RUNNING", "CANCELLING")],
+)
+def test_only_an_unclaimed_run_is_cancelled_outright(state, cancel):
+    """A PENDING run's process may be starting, and Prefect lets a Cancelled run move on to Running."""
+    from ow_prefect.client.jobs import _cancel_state
+
+    assert _cancel_state(run(state)).type.value == cancel

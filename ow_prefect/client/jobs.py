@@ -25,7 +25,7 @@ from ow_prefect.client._logs import (
     log_filter,
 )
 from ow_prefect.errors import ConfigurationError, NotFoundError, OWError
-from ow_prefect.jobs.base import Job, JobStatus, get_job_type, project_root, raise_for_failure
+from ow_prefect.jobs.base import TERMINAL_STATUSES, Job, JobStatus, get_job_type, project_root, raise_for_failure
 from ow_prefect.jobs.submit import (
     JOB_TAG,
     STATUS_STATES,
@@ -79,12 +79,18 @@ def _statuses(status: JobStatus | list[JobStatus] | None) -> list[JobStatus] | N
     return statuses
 
 
-def _cancel_state(job: Job):
+UNCLAIMED_STATES = ("SCHEDULED", "PAUSED")  # no worker holds the run: nothing runs that would need stopping
+
+
+def _cancel_state(run: Any):
     from prefect.states import Cancelled, Cancelling
 
-    # A run that has not started has nothing to stop: cancel it outright. A running one is stopped by
-    # whatever runs it (the flow-run supervisor or the worker), which watches for CANCELLING.
-    return Cancelled(message="canceled through ow_prefect") if job.status == "pending" else Cancelling()
+    # A run no worker has claimed is cancelled outright. A PENDING one is not: its process may be starting,
+    # and Prefect lets a Cancelled run move on to Running. Like a running one it goes to CANCELLING, which
+    # what runs it (the flow-run supervisor, the RunPod worker) watches for.
+    if run.state and run.state.type.value in UNCLAIMED_STATES:
+        return Cancelled(message="canceled through ow_prefect")
+    return Cancelling()
 
 
 def _retry_state():
@@ -226,10 +232,12 @@ class Jobs(_JobsBase):
         return [self._job(run) for run in runs]
 
     def cancel(self, job_id: str) -> Job:
-        job = self.retrieve(job_id)
-        if not job.done:
-            with self._prefect() as client:
-                client.set_flow_run_state(job.flow_run_id, _cancel_state(job), force=True)
+        with self._prefect() as client:
+            run = self._find_run(client, job_id)
+            if run is None:
+                raise NotFoundError(f"no job {job_id}")
+            if status_of(run) not in TERMINAL_STATUSES:
+                client.set_flow_run_state(run.id, _cancel_state(run), force=True)
         return self.retrieve(job_id)
 
     def restart(self, job_id: str) -> Job:
@@ -345,10 +353,12 @@ class AsyncJobs(_JobsBase):
         return [await self._job_async(run) for run in runs]
 
     async def cancel(self, job_id: str) -> Job:
-        job = await self.retrieve(job_id)
-        if not job.done:
-            async with self._prefect() as client:
-                await client.set_flow_run_state(job.flow_run_id, _cancel_state(job), force=True)
+        async with self._prefect() as client:
+            run = await self._find_run(client, job_id)
+            if run is None:
+                raise NotFoundError(f"no job {job_id}")
+            if status_of(run) not in TERMINAL_STATUSES:
+                await client.set_flow_run_state(run.id, _cancel_state(run), force=True)
         return await self.retrieve(job_id)
 
     async def restart(self, job_id: str) -> Job:
