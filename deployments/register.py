@@ -28,7 +28,8 @@ def load_flow(entrypoint: str, root: Path = ROOT) -> Any:
     return load_flow_from_entrypoint(str(root / entrypoint))
 
 
-def ensure_pool(client: Any, pool: str, pool_type: str) -> None:
+def ensure_pool(client: Any, pool: str, pool_type: str) -> str:
+    """Create the work pool unless it exists; say which."""
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
@@ -36,6 +37,8 @@ def ensure_pool(client: Any, pool: str, pool_type: str) -> None:
         client.read_work_pool(pool)
     except ObjectNotFound:
         client.create_work_pool(WorkPoolCreate(name=pool, type=pool_type))
+        return "created"
+    return "exists"
 
 
 def register(pool: str | None = None, create_pool: str | None = None, root: Path = ROOT) -> dict[str, str]:
