@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {_describe(exc)}", file=sys.stderr)
-        print("(run again with --debug for the traceback)", file=sys.stderr)
+        if not _is_ours(exc):
+            print("(run again with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
@@ -163,6 +164,8 @@ def _cancel(args: argparse.Namespace, extra: list[str]) -> int:
     from ow_prefect.errors import NotFoundError
 
     ids = _read_ids(sys.stdin) if args.ids == ["-"] else args.ids
+    if not ids:
+        return 0
     ow = _client()
     missing = 0
     for job_id in ids:

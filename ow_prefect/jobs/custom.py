@@ -178,7 +178,7 @@ def _check_mounts(job_cls: type[Job], mounts: dict[str, tuple[Path, str]]) -> No
     problems = []
     for label, (local, target) in mounts.items():
         if not local.exists():
-            problems.append(f"{label}: {str(local)!r} does not exist (mount a local file or directory, or a file id)")
+            problems.append(f"{label}: {str(local)!r} does not exist")
         try:
             check_mount_path(target)
         except ValueError as exc:
