@@ -1,10 +1,12 @@
 """Register ow_prefect's block types and create or update its block documents from the environment or `.env`.
 
-    python -m blocks [--env-file .env] [--pool gpu]
+    python -m blocks [--env-file .env] [--pool gpu] [--local-pool local]      (or: ow setup)
 
 - `RUNPOD_API_KEY` (+ `RUNPOD_API_URL`) → `runpod-credentials/runpod` (`OW_RUNPOD_BLOCK` renames it); `--pool`
   makes it the default credentials of that `runpod` work pool (created if missing);
 - `HF_TOKEN` → `secret/hf-token` (`OW_HF_TOKEN_SECRET` renames it): fine-tuned models are pushed with it;
+- `OPENAI_API_KEY` → `secret/openai-api-key` (`OW_OPENAI_KEY_SECRET` renames it): the chat client's OpenAI key;
+- the `process` work pool `local` (`--local-pool`), for runs on this machine;
 - `OW_S3_BUCKET` (+ `OW_S3_FOLDER`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` for R2 or
   MinIO, `AWS_DEFAULT_REGION`) → `s3-bucket/ow-storage` + `aws-credentials/ow-storage-credentials` (named after
   `OW_STORAGE_BLOCK=s3-bucket/NAME` when set).
@@ -77,10 +79,14 @@ def register_blocks(
             pool_outcome = ensure_runpod_pool(runpod_pool, block._block_document_id)
             say(f"work pool {runpod_pool!r} (type runpod): {pool_outcome}, default credentials {name!r}")
     elif runpod_pool:
-        raise SystemExit(f"--pool {runpod_pool}: set RUNPOD_API_KEY (RunPod → Settings → API Keys) first")
-    if values.get("HF_TOKEN"):
-        name = values.get("OW_HF_TOKEN_SECRET", "hf-token")
-        done[f"secret/{name}"] = upsert(Secret(value=values["HF_TOKEN"]), name)[0]
+        say(f"work pool {runpod_pool!r} (type runpod): skipped, set RUNPOD_API_KEY (RunPod → Settings → API Keys)")
+    for variable, name_variable, default in (
+        ("HF_TOKEN", "OW_HF_TOKEN_SECRET", "hf-token"),
+        ("OPENAI_API_KEY", "OW_OPENAI_KEY_SECRET", "openai-api-key"),
+    ):
+        if values.get(variable):
+            name = values.get(name_variable, default)
+            done[f"secret/{name}"] = upsert(Secret(value=values[variable]), name)[0]
     if values.get("OW_S3_BUCKET"):
         name = storage_block_name(values)
         done |= upsert_s3_storage(
@@ -101,14 +107,53 @@ def register_blocks(
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m blocks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def ensure_process_pool(name: str) -> str:
+    """The `process` work pool for runs on this machine (its GPU, if any): created unless it exists."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.register import ensure_pool
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return "unchanged"
+        except ObjectNotFound:
+            ensure_pool(client, name, "process")
+            return "created"
+
+
+def bucket_problem(slug: str) -> str | None:
+    """Why the saved S3 block cannot reach its bucket (None when it can): caught here, not in a job's upload."""
+    from prefect.blocks.core import Block
+
+    bucket = Block.load(slug, _sync=True)
+    try:
+        bucket.credentials.get_s3_client().head_bucket(Bucket=bucket.bucket_name)
+    except Exception as exc:
+        return type(exc).__name__ + (f" ({exc.response['Error'].get('Code')})" if hasattr(exc, "response") else "")
+    return None
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m blocks") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env-file", default=".env", help="read values from this file too (default: .env)")
-    parser.add_argument("--pool", help="also create or update this `runpod` work pool with the RunPod block")
+    parser.add_argument("--pool", default="gpu", help="the `runpod` work pool using the RunPod block (default: gpu)")
+    parser.add_argument("--local-pool", default="local", help="the `process` work pool (default: local; '' for none)")
     args = parser.parse_args(argv)
-    register_blocks(read_values(args.env_file), runpod_pool=args.pool)
+    values = read_values(args.env_file)
+    # Prefect reads .env from the current directory only; the Prefect settings of another file apply too.
+    os.environ.update({k: v for k, v in values.items() if k.startswith("PREFECT_")})
+    if args.local_pool:
+        print(f"work pool {args.local_pool!r} (type process): {ensure_process_pool(args.local_pool)}")
+    register_blocks(values, runpod_pool=args.pool or None)
+    problem = bucket_problem(f"s3-bucket/{storage_block_name(values)}") if values.get("OW_S3_BUCKET") else None
+    if problem:
+        print(f"warning: bucket {values['OW_S3_BUCKET']!r} is not reachable with these credentials: {problem}")
+    print(
+        "next: register the deployments (`prefect --no-prompt deploy --all`, or `python -m deployments.register "
+        "--variant gpu|local`), then start a worker (`prefect worker start --pool gpu`)"
+    )
     return 0
 
 

@@ -1,7 +1,9 @@
 """`custom/run`: download mounted files, run a shell command, upload what it wrote under uploads/.
 
-The command sees ``OW_JOB_ID``, ``OW_WORK_DIR`` and ``OW_OUTPUTS`` (a path: JSON written there is merged into
-``job.outputs``). Its output streams into the flow run's logs.
+It runs the built-in `custom` type and every custom job type a client defines (`ow_prefect.CustomJob`). The
+command sees ``OW_JOB_ID``, ``OW_WORK_DIR``, ``OW_PARAMS`` (a path: the job type's params as JSON) and
+``OW_OUTPUTS`` (a path: JSON written there is merged into ``job.outputs``). Its output streams into the flow
+run's logs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from prefect import flow
 
 from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, stream_command
-from ow_prefect.jobs.custom import CustomJob
+from ow_prefect.jobs.custom import CommandJob, CustomJob
 
 
 def _run_command(job: JobRun) -> dict[str, Any]:
@@ -25,7 +27,14 @@ def _run_command(job: JobRun) -> dict[str, Any]:
             job.storage.download(file_id, work / target)
         (work / "uploads").mkdir(exist_ok=True)
         outputs_file = work / ".ow_outputs.json"
-        env = {"OW_JOB_ID": job.id, "OW_WORK_DIR": str(work), "OW_OUTPUTS": str(outputs_file)}
+        params_file = work / ".ow_params.json"
+        params_file.write_text(json.dumps(params["params"]))
+        env = {
+            "OW_JOB_ID": job.id,
+            "OW_WORK_DIR": str(work),
+            "OW_PARAMS": str(params_file),
+            "OW_OUTPUTS": str(outputs_file),
+        }
         stream_command(params["entrypoint"], cwd=str(work), env=env)
         files = {
             path.relative_to(work / "uploads").as_posix(): job.storage.put_path(path, RESULT_PURPOSE).id
@@ -48,17 +57,32 @@ def _read_outputs(path: Path) -> dict[str, Any]:
     return extra
 
 
+def _job_type(ow_job: dict[str, Any] | None) -> type[CustomJob]:
+    """The job type the client submitted. A type defined in the client's code is not importable here, and
+    need not be: it only names the job and its id prefix; the id itself is checked against this code."""
+    name = (ow_job or {}).get("type")
+    if not name or name == CommandJob.name:
+        return CommandJob
+    return CommandJob.for_type(name, ow_job["id"].rpartition("-")[0])
+
+
 @flow(name="custom", log_prints=True)
 def custom_run(
     entrypoint: str,
     mounts: dict[str, str] | None = None,
     requires_vram_gb: int = 0,
+    params: dict[str, Any] | None = None,
     ow_job: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files."""
     job = start_job(
-        CustomJob,
-        {"entrypoint": entrypoint, "mounts": mounts or {}, "requires_vram_gb": requires_vram_gb},
+        _job_type(ow_job),
+        {
+            "entrypoint": entrypoint,
+            "mounts": mounts or {},
+            "requires_vram_gb": requires_vram_gb,
+            "params": params or {},
+        },
         ow_job,
     )
     return run_once(job, _run_command)

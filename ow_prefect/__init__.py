@@ -23,6 +23,7 @@ from ow_prefect.errors import (
     StorageError,
 )
 from ow_prefect.jobs import Job, register
+from ow_prefect.jobs.custom import CustomJob
 from ow_prefect.storage import FileObject
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "AsyncOpenWeights",
     "CodeMismatchError",
     "ConfigurationError",
+    "CustomJob",
     "DatasetValidationError",
     "FileObject",
     "Job",

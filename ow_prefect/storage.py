@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -244,10 +244,13 @@ def load_backend(settings: OWSettings | None = None) -> Backend:
     return backend_for_block(block)
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            yield path
+def _walk(root: Path, skip: Collection[str] = ()) -> Iterator[Path]:
+    """Every file under `root`, sorted; directories and files named in `skip` are left out (not entered)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in skip]
+        found += [Path(folder, name) for name in files if name not in skip]
+    yield from (path for path in sorted(found) if path.is_file())
 
 
 class Storage:
@@ -294,19 +297,20 @@ class Storage:
         check_purpose(purpose)
         return self._put_file(purpose, sha256_bytes(data), len(data), filename, data=data)
 
-    def put_path(self, path: str | os.PathLike[str], purpose: str) -> FileObject:
-        """Store a file or a whole directory; unchanged content is never uploaded twice."""
+    def put_path(self, path: str | os.PathLike[str], purpose: str, skip: Collection[str] = ()) -> FileObject:
+        """Store a file or a whole directory; unchanged content is never uploaded twice. In a directory, files
+        and folders named in `skip` (e.g. ``.git``) are left out."""
         check_purpose(purpose)
         path = Path(path)
         if path.is_dir():
-            return self._put_directory(path, purpose)
+            return self._put_directory(path, purpose, skip)
         if not path.is_file():
             raise NotFoundError(f"{path} does not exist")
         return self._put_file(purpose, sha256_file(path), path.stat().st_size, path.name, path=path)
 
-    def _put_directory(self, root: Path, purpose: str) -> FileObject:
+    def _put_directory(self, root: Path, purpose: str, skip: Collection[str]) -> FileObject:
         entries = []
-        for file in _walk(root):
+        for file in _walk(root, skip):
             sha = sha256_file(file)
             self._put_blob(sha, path=file)
             entries.append(

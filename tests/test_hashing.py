@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from ow_prefect.hashing import canonical_json, code_hash, file_id, job_id
-from ow_prefect.jobs.custom import CustomJob
+from ow_prefect.jobs.custom import CommandJob
 
 PARAMS = {
     "entrypoint": "python x.py",
@@ -61,13 +61,13 @@ def test_code_hash_follows_file_bytes_and_names(tmp_path: Path):
 
 
 def test_job_code_change_changes_job_id(tmp_path, monkeypatch):
-    params = CustomJob.flow_parameters(CustomJob.validate_params(entrypoint="true"))
-    before = CustomJob.compute_id(params)
+    params = CommandJob.flow_parameters(CommandJob.validate_params(entrypoint="true"))
+    before = CommandJob.compute_id(params)
     (tmp_path / "flows").mkdir()
-    for rel in CustomJob.code:
+    for rel in CommandJob.code:
         (tmp_path / rel).write_text("changed\n")
     monkeypatch.setattr("ow_prefect.jobs.base.project_root", lambda: tmp_path)
-    assert CustomJob.compute_id(params) != before
+    assert CommandJob.compute_id(params) != before
 
 
 def test_file_id_format():

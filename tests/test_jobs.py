@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ow_prefect import Job, OpenWeights, ParameterError, register
 from ow_prefect.jobs import get_job_type
-from ow_prefect.jobs.custom import CustomJob
+from ow_prefect.jobs.custom import CommandJob
 from ow_prefect.jobs.submit import idempotency_key, plan, status_of, tags_for
 
 FILE = "custom_job_file:file-0123456789ab"
@@ -30,7 +30,7 @@ def test_register_makes_the_type_available_on_every_client():
     assert get_job_type("echo_test") is EchoJob
     ow = OpenWeights()
     assert ow.echo_test.job_cls is EchoJob
-    assert ow.custom.job_cls is CustomJob
+    assert ow.custom.job_cls is CommandJob
     with pytest.raises(AttributeError, match="no job type 'nope'"):
         ow.nope  # noqa: B018
 
@@ -56,9 +56,11 @@ def test_mount_targets_that_escape_the_work_dir_are_rejected(target):
         OpenWeights().custom.validate(entrypoint="true", mounts={target: FILE})
 
 
-def test_mounts_need_file_ids():
-    with pytest.raises(ParameterError, match="is not a file id"):
+def test_mounts_are_file_ids_or_existing_local_paths():
+    with pytest.raises(ParameterError, match=r"mounts\['a.py'\]: 'a.py' does not exist"):
         OpenWeights().custom.validate(entrypoint="true", mounts={"a.py": "a.py"})
+    with pytest.raises(ParameterError, match="is neither a file id nor an existing local file"):
+        CommandJob.validate_params(entrypoint="true", mounts={"a.py": "a.py"})
 
 
 def test_validate_returns_the_job_id_stable_across_key_order():
@@ -104,4 +106,15 @@ def test_submission_plan():
 
 def test_tags_and_idempotency_key_name_the_deployment_and_job():
     assert idempotency_key("finetune/dpo", "ftjob-abc") == "finetune/dpo:ftjob-abc"
-    assert tags_for(CustomJob, "customjob-1") == ["ow-job", "ow-job:customjob-1", "ow-type:custom"]
+    assert tags_for(CommandJob, "customjob-1") == ["ow-job", "ow-job:customjob-1", "ow-type:custom"]
+
+
+@pytest.mark.parametrize(
+    "state,cancel",
+    [("SCHEDULED", "CANCELLED"), ("PAUSED", "CANCELLED"), ("PENDING", "CANCELLING"), ("RUNNING", "CANCELLING")],
+)
+def test_only_an_unclaimed_run_is_cancelled_outright(state, cancel):
+    """A PENDING run's process may be starting, and Prefect lets a Cancelled run move on to Running."""
+    from ow_prefect.client.jobs import _cancel_state
+
+    assert _cancel_state(run(state)).type.value == cancel

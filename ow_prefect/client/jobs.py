@@ -25,7 +25,7 @@ from ow_prefect.client._logs import (
     log_filter,
 )
 from ow_prefect.errors import ConfigurationError, NotFoundError, OWError
-from ow_prefect.jobs.base import Job, JobStatus, get_job_type, project_root, raise_for_failure
+from ow_prefect.jobs.base import TERMINAL_STATUSES, Job, JobStatus, get_job_type, project_root, raise_for_failure
 from ow_prefect.jobs.submit import (
     JOB_TAG,
     STATUS_STATES,
@@ -80,12 +80,18 @@ def _statuses(status: JobStatus | list[JobStatus] | None) -> list[JobStatus] | N
     return statuses
 
 
-def _cancel_state(job: Job):
+UNCLAIMED_STATES = ("SCHEDULED", "PAUSED")  # no worker holds the run: nothing runs that would need stopping
+
+
+def _cancel_state(run: Any):
     from prefect.states import Cancelled, Cancelling
 
-    # A run that has not started has nothing to stop: cancel it outright. A running one is stopped by
-    # whatever runs it (the flow-run supervisor or the worker), which watches for CANCELLING.
-    return Cancelled(message="canceled through ow_prefect") if job.status == "pending" else Cancelling()
+    # A run no worker has claimed is cancelled outright. A PENDING one is not: its process may be starting,
+    # and Prefect lets a Cancelled run move on to Running. Like a running one it goes to CANCELLING, which
+    # what runs it (the flow-run supervisor, the RunPod worker) watches for.
+    if run.state and run.state.type.value in UNCLAIMED_STATES:
+        return Cancelled(message="canceled through ow_prefect")
+    return Cancelling()
 
 
 def _retry_state():
@@ -145,7 +151,7 @@ class _JobsBase:
         flow_parameters = job_cls.flow_parameters(validated)
         image, code = job_cls.image(), job_cls.code_hash()
         job_id = job_cls.compute_id(flow_parameters, image=image, code=code)
-        envelope = {"id": job_id, "code_hash": code, "image": image}
+        envelope = {"id": job_id, "type": job_cls.name, "code_hash": code, "image": image}
         deployment = job_cls.deployment_for(validated) + get_settings().deployment_suffix
         return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment)
 
@@ -227,10 +233,12 @@ class Jobs(_JobsBase):
         return [self._job(run) for run in runs]
 
     def cancel(self, job_id: str) -> Job:
-        job = self.retrieve(job_id)
-        if not job.done:
-            with self._prefect() as client:
-                client.set_flow_run_state(job.flow_run_id, _cancel_state(job), force=True)
+        with self._prefect() as client:
+            run = self._find_run(client, job_id)
+            if run is None:
+                raise NotFoundError(f"no job {job_id}")
+            if status_of(run) not in TERMINAL_STATUSES:
+                client.set_flow_run_state(run.id, _cancel_state(run), force=True)
         return self.retrieve(job_id)
 
     def restart(self, job_id: str) -> Job:
@@ -346,10 +354,12 @@ class AsyncJobs(_JobsBase):
         return [await self._job_async(run) for run in runs]
 
     async def cancel(self, job_id: str) -> Job:
-        job = await self.retrieve(job_id)
-        if not job.done:
-            async with self._prefect() as client:
-                await client.set_flow_run_state(job.flow_run_id, _cancel_state(job), force=True)
+        async with self._prefect() as client:
+            run = await self._find_run(client, job_id)
+            if run is None:
+                raise NotFoundError(f"no job {job_id}")
+            if status_of(run) not in TERMINAL_STATUSES:
+                await client.set_flow_run_state(run.id, _cancel_state(run), force=True)
         return await self.retrieve(job_id)
 
     async def restart(self, job_id: str) -> Job:
@@ -404,7 +414,12 @@ class JobTypeResource:
 
     def __init__(self, jobs: Jobs | AsyncJobs, job_cls: type[Job]):
         self._jobs = jobs
-        self.job_cls = job_cls
+        self._name = job_cls.name
+
+    @property
+    def job_cls(self) -> type[Job]:
+        """The class registered under this name now (a class registered again, e.g. edited in a notebook, wins)."""
+        return get_job_type(self._name)
 
     def __repr__(self) -> str:
         return f"<ow.{self.job_cls.name}: {self.job_cls.__name__} via {self.job_cls.deployment}>"

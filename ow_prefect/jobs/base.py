@@ -55,13 +55,7 @@ class Job:
 
     @classmethod
     def validate_params(cls, **kwargs: Any) -> BaseModel:
-        try:
-            return cls.params.model_validate(kwargs)
-        except PydanticValidationError as exc:
-            problems = "\n".join(
-                f"  - {'.'.join(str(p) for p in err['loc']) or '(params)'}: {err['msg']}" for err in exc.errors()
-            )
-            raise ParameterError(f"invalid parameters for job type '{cls.name}':\n{problems}") from None
+        return validate_for(cls, cls.params, kwargs)
 
     @classmethod
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
@@ -204,6 +198,24 @@ class Job:
 
     def events(self):
         return self._jobs().events(self.id)
+
+
+def validate_for(job_cls: type[Job], model: type[BaseModel], values: dict[str, Any]) -> BaseModel:
+    """`values` validated by `model`, or a ParameterError naming the job type and every bad field."""
+    try:
+        return model.model_validate(values)
+    except PydanticValidationError as exc:
+        raise parameter_error(job_cls, validation_problems(exc)) from None
+
+
+def validation_problems(exc: PydanticValidationError) -> list[str]:
+    """`field.path: what is wrong`, one per problem pydantic found."""
+    return [f"{'.'.join(str(p) for p in err['loc']) or '(params)'}: {err['msg']}" for err in exc.errors()]
+
+
+def parameter_error(job_cls: type[Job], problems: list[str]) -> ParameterError:
+    listed = "\n".join(f"  - {problem}" for problem in problems)
+    return ParameterError(f"invalid parameters for job type '{job_cls.name}':\n{listed}")
 
 
 def raise_for_failure(job: Job) -> Job:

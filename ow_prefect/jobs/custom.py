@@ -1,14 +1,48 @@
-"""The generic custom job: mounted files + a shell command, run by the `custom/run` deployment."""
+"""Custom jobs: files mounted into a work dir + a shell command, all run by the `custom/run` deployment.
+
+Two ways in, one flow:
+- ``ow.custom.create(entrypoint="python job.py", mounts={"job.py": "./job.py"})``: the built-in `custom` type
+  (`CommandJob`); a mount is a file id or a local path (uploaded first).
+- Your own job type, as in OpenWeights: subclass `CustomJob`, declare ``mount`` (local path -> path in the
+  job), ``params`` (a pydantic model), ``requires_vram_gb``, ``base_image`` and ``get_entrypoint``, and
+  ``@register("my_job")`` it; ``ow.my_job.create(**params)`` uploads the mounted files and submits.
+
+Either way the client turns the call into the flow's parameters (`CustomRunParams`: the command, the mounted
+file ids, the GPU memory, the job type's validated params): uploading is content-addressed, so unchanged files
+are not uploaded again and give the same job id, and a changed file gives a new one.
+"""
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-from typing import Any
+import os
+import sys
+from pathlib import Path, PurePosixPath
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ow_prefect.jobs.base import Job, register
+from ow_prefect.jobs.base import Job, parameter_error, register, validate_for
 from ow_prefect.storage import ID_RE
+
+MOUNT_PURPOSE = "custom"
+# Left out when a mounted directory is uploaded: tool caches, environments, version control, and `.env`
+# (it usually holds API keys). A file named explicitly in a mount is always uploaded.
+MOUNT_SKIP = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".venv",
+        "venv",
+        "__pycache__",
+        ".ipynb_checkpoints",
+        ".pytest_cache",
+        ".ruff_cache",
+        ".mypy_cache",
+        "node_modules",
+        ".DS_Store",
+        ".env",
+    }
+)
 
 
 def check_mount_path(path: str) -> str:
@@ -26,9 +60,16 @@ def check_mounts(mounts: dict[str, str]) -> dict[str, str]:
     checked = {}
     for path, file_id in mounts.items():
         if not ID_RE.match(file_id):
-            raise ValueError(f"mounts[{path!r}]: {file_id!r} is not a file id (upload it with ow.files first)")
+            raise ValueError(
+                f"mounts[{path!r}]: {file_id!r} is neither a file id nor an existing local file or directory"
+            )
         checked[check_mount_path(path)] = file_id
     return checked
+
+
+def upload_mount(local: Path, storage: Any) -> str:
+    """Upload a local file or directory to mount (content-addressed; caches, .git, .venv and .env left out)."""
+    return storage.put_path(local, MOUNT_PURPOSE, skip=MOUNT_SKIP).id
 
 
 class CustomRunParams(BaseModel):
@@ -43,9 +84,14 @@ class CustomRunParams(BaseModel):
     )
     mounts: dict[str, str] = Field(
         default_factory=dict,
-        description="Path in the work dir -> file id (a file or a directory) downloaded there before the command runs.",
+        description="Path in the work dir -> file id (a file or a directory) downloaded there before the command "
+        "runs ('.' is the work dir itself). The SDK uploads local paths given here first.",
     )
     requires_vram_gb: int = Field(default=0, ge=0, description="GPU memory the job needs (0: runs on CPU).")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The job type's validated parameters, written as JSON to the file $OW_PARAMS names.",
+    )
 
     @field_validator("mounts")
     @classmethod
@@ -53,16 +99,118 @@ class CustomRunParams(BaseModel):
         return check_mounts(mounts)
 
 
-@register("custom")
+class NoParams(BaseModel):
+    """The parameters of a custom job type that takes none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class CustomJob(Job):
-    """Runs `entrypoint` with `mounts` in a fresh work dir; the base of user-defined custom jobs."""
+    """Base class of custom job types (not registered itself). Subclass it, as in OpenWeights::
+
+        @register("word_count")
+        class WordCount(CustomJob):
+            mount = {"count.py": "count.py", "data/": "data"}  # local path -> path in the job's work dir
+            params = WordCountParams                            # pydantic; unknown keys are rejected
+            requires_vram_gb = 0                                # or a `requires_vram_gb` field in params
+            base_image = "ghcr.io/me/ow-train:0.1"              # optional; default OW_TRAIN_IMAGE
+
+            def get_entrypoint(self, validated_params: WordCountParams) -> str:
+                return f"python count.py --min-length {validated_params.min_length}"
+
+    Relative local paths in ``mount`` are relative to the file that defines the class (the current directory
+    when there is none, e.g. in a notebook); directories are uploaded without the names in ``MOUNT_SKIP``.
+    The command finds the validated params as JSON in the file ``$OW_PARAMS`` too. The job id covers the
+    command, the mounted files' content, the params, the image and the `custom/run` flow's code.
+    """
 
     deployment = "custom/run"
     entrypoint = "flows/custom.py:custom_run"
-    params = CustomRunParams
     code = ("flows/custom.py", "flows/_runtime.py")
-    id_prefix = "customjob"
+    params: ClassVar[type[BaseModel]] = NoParams
+    mount: ClassVar[dict[str, str]] = {}
+    requires_vram_gb: ClassVar[int] = 0
+
+    def get_entrypoint(self, validated_params: BaseModel) -> str:
+        raise NotImplementedError(f"{type(self).__name__} must define get_entrypoint(self, validated_params) -> str")
+
+    @classmethod
+    def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
+        """Validate the type's own params (before any upload), upload the mounts, build the flow's parameters."""
+        validated = validate_for(cls, cls.params, params)
+        base = cls._mount_base()
+        mounts = {f"mount[{local!r}]": (base / Path(local).expanduser(), target) for local, target in cls.mount.items()}
+        _check_mounts(cls, mounts)
+        vram = getattr(validated, "requires_vram_gb", None)
+        return {
+            "entrypoint": cls._command(validated),
+            "mounts": {target: upload_mount(local, storage) for local, target in mounts.values()},
+            "requires_vram_gb": cls.requires_vram_gb if vram is None else vram,
+            "params": validated.model_dump(mode="json"),
+        }
+
+    @classmethod
+    def validate_params(cls, **kwargs: Any) -> CustomRunParams:
+        """Validate the flow's parameters (what `prepare_params` built)."""
+        return validate_for(cls, CustomRunParams, kwargs)
 
     @classmethod
     def job_variables(cls, validated: CustomRunParams) -> dict[str, Any]:
         return {"min_vram_gb": validated.requires_vram_gb}
+
+    @classmethod
+    def for_type(cls, name: str, id_prefix: str) -> type[CustomJob]:
+        """This type under another name and id prefix: how `custom/run` identifies a run of a job type defined
+        only in the client's code (what runs is all in the parameters, so the class itself is not needed)."""
+        return type(cls.__name__, (cls,), {"name": name, "id_prefix": id_prefix})
+
+    @classmethod
+    def _command(cls, validated: BaseModel) -> str:
+        # OpenWeights declares get_entrypoint as an instance method; there is no job yet, a bare instance serves.
+        command = object.__new__(cls).get_entrypoint(validated)
+        if not isinstance(command, str) or not command.strip():
+            raise parameter_error(cls, [f"get_entrypoint returned {command!r}; return the shell command to run"])
+        return command
+
+    @classmethod
+    def _mount_base(cls) -> Path:
+        defined_in = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        return Path(defined_in).resolve().parent if defined_in else Path.cwd()
+
+
+def _check_mounts(job_cls: type[Job], mounts: dict[str, tuple[Path, str]]) -> None:
+    """Every local path exists and every target stays in the work dir (`label -> (local, target)`); checked
+    before anything is uploaded, every problem listed."""
+    problems = []
+    for label, (local, target) in mounts.items():
+        if not local.exists():
+            problems.append(f"{label}: {str(local)!r} does not exist")
+        try:
+            check_mount_path(target)
+        except ValueError as exc:
+            problems.append(f"{label}: {exc}")
+    if problems:
+        raise parameter_error(job_cls, problems)
+
+
+def _is_local(source: Any) -> bool:
+    return isinstance(source, os.PathLike) or isinstance(source, str) and not ID_RE.match(source)
+
+
+@register("custom")
+class CommandJob(CustomJob):
+    """The built-in `custom` type: any command, with mounts given as file ids or local paths."""
+
+    params = CustomRunParams
+    id_prefix = "customjob"
+
+    @classmethod
+    def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
+        """Upload the mounts given as local paths; file ids stay as they are."""
+        mounts = params.get("mounts")
+        if not isinstance(mounts, dict):
+            return params
+        local = {target: Path(source).expanduser() for target, source in mounts.items() if _is_local(source)}
+        _check_mounts(cls, {f"mounts[{target!r}]": (path, target) for target, path in local.items()})
+        uploaded = {target: upload_mount(path, storage) for target, path in local.items()}
+        return {**params, "mounts": {**mounts, **uploaded}}

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from ow_prefect.jobs.base import register
-from ow_prefect.jobs.custom import check_mount_path, check_mounts
+from ow_prefect.jobs.custom import check_mount_path, check_mounts, upload_mount
 from ow_prefect.jobs.inference import ModelRef, ServedModel, ServingJob
 from ow_prefect.storage import ID_RE
 
@@ -133,10 +133,6 @@ def inspect_cli_options(options: dict[str, Any]) -> list[str]:
     return args
 
 
-def _upload_local(path: str, storage: Any, purpose: str) -> str:
-    return storage.put_path(Path(path).expanduser(), purpose).id
-
-
 class MmluProParams(EvalParams):
     """Parameters of the `eval/mmlu-pro` deployment (chain-of-thought, as in TIGER-Lab's reference)."""
 
@@ -175,6 +171,13 @@ class InspectJob(ServingJob):
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
         """A local task file or directory in `eval_name` is uploaded (content-addressed: an unchanged file is
         the same file id, so the same job) and mounted under its name."""
+        mounts = {  # a mount given as a local path is uploaded like the task file
+            target: value if ID_RE.match(value) or not Path(value).expanduser().exists() else upload_mount(
+                Path(value).expanduser(), storage
+            )
+            for target, value in (params.get("mounts") or {}).items()
+        }
+        params = {**params, "mounts": mounts} if mounts else params
         name = params.get("eval_name")
         if not isinstance(name, str):
             return params
@@ -183,7 +186,7 @@ class InspectJob(ServingJob):
         if not local.exists() or task_file(name) is None and not local.is_dir():
             return params
         target = local.name
-        mounts = {**(params.get("mounts") or {}), target: _upload_local(path, storage, "custom")}
+        mounts = {**(params.get("mounts") or {}), target: upload_mount(local, storage)}
         eval_name = target if local.is_file() else path.rstrip("/").rsplit("/", 1)[-1]
         return {**params, "mounts": mounts, "eval_name": f"{eval_name}@{task}" if task else eval_name}
 
@@ -202,5 +205,5 @@ class MmluProJob(ServingJob):
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
         dataset = params.get("dataset")
         if isinstance(dataset, str) and not ID_RE.match(dataset) and Path(dataset).expanduser().is_dir():
-            return {**params, "dataset": _upload_local(dataset, storage, "dataset")}
+            return {**params, "dataset": storage.put_path(Path(dataset).expanduser(), "dataset").id}
         return params

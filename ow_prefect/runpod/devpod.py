@@ -117,10 +117,10 @@ def connection_lines(pod: Pod) -> list[str]:
     return lines or [f"Pod {pod.id} is up (no ssh details reported: is an ssh key registered with RunPod?)"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m ow_prefect.runpod.devpod") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ow_prefect.runpod.devpod",
-        description=__doc__,
+        prog=prog,
+        description=__doc__.replace("python -m ow_prefect.runpod.devpod", prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--image", required=True, help="container image (e.g. ow_prefect's training image)")

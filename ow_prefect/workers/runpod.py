@@ -49,8 +49,10 @@ from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, get_current_settings,
 from prefect.states import Cancelled, Crashed, Failed
 from prefect.utilities.engine import propose_state
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from ow_prefect.errors import ParameterError
+from ow_prefect.jobs.base import validation_problems
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
@@ -262,6 +264,30 @@ class RunPodJobConfiguration(BaseJobConfiguration):
 
     def runpod_credentials(self) -> RunPodCredentials:
         return self.credentials or RunPodCredentials.from_env()
+
+
+def runpod_job_variables(**variables: Any) -> dict[str, Any]:
+    """Job variables for a flow on a `runpod` pool, checked before anything is deployed::
+
+        my_flow.from_source(source, "flow.py:my_flow").deploy(
+            "nightly", work_pool_name="gpu", job_variables=runpod_job_variables(min_vram_gb=40, image="...")
+        )
+
+    Prefect accepts a misspelled variable (`min_vram=40`) silently and ignores it, and explains a wrong type
+    only with an HTTP error; this names every problem. Credentials stay on the pool (`ow setup`), never in a
+    deployment.
+    """
+    allowed = set(RunPodVariables.model_fields) - {"credentials"}
+    problems = [f"{name}: not a runpod job variable" for name in sorted(set(variables) - allowed)]
+    if not problems:
+        try:
+            checked = RunPodJobConfiguration.model_validate(variables)
+        except ValidationError as exc:
+            problems = validation_problems(exc)
+    if problems:
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        raise ParameterError(f"invalid runpod job variables:\n{listed}\nknown variables: {', '.join(sorted(allowed))}")
+    return checked.model_dump(mode="json", include=set(variables))
 
 
 class RunPodWorkerResult(BaseWorkerResult):

@@ -1,0 +1,312 @@
+"""`ow`: ow_prefect's command line. Thin on purpose: job ids in and out, one line each, so commands pipe into
+each other (``ow ls --status pending | ow cancel -``). Pools, workers, deployments and flow runs have
+Prefect's own CLI (``prefect worker start``, ``prefect deployment run``, ``prefect flow-run ls``).
+
+Exit codes: 0 done, 1 something failed (the message says what; ``--debug`` adds the traceback), 2 a usage
+error, 130 interrupted; ``ow exec --wait`` exits with the job's own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ow_prefect import __version__
+
+STATUSES = ("pending", "in_progress", "completed", "failed", "canceled")
+# Values that must never reach the terminal, even inside an error message.
+SECRET_VARIABLES = (
+    "RUNPOD_API_KEY",
+    "HF_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "OPENAI_API_KEY",
+    "PREFECT_API_KEY",
+    "PREFECT_API_AUTH_STRING",
+)
+COMMAND_EXIT = re.compile(r"command exited with code (\d+)")
+LOG_POLL_SECONDS = 1.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "forward", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.handler(args, extra)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`ow ls | head -1`): stop quietly, as cat does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: {_describe(exc)}", file=sys.stderr)
+        if not _is_ours(exc):
+            print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ow",
+        description="ow_prefect: fine-tuning, inference and custom GPU jobs on Prefect.",
+        epilog="Pools, workers, deployments, flow runs: Prefect's CLI (prefect worker start --pool gpu, "
+        "prefect deployment run custom/run, prefect flow-run ls). Docs: docs/cli.md.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"ow_prefect {__version__}")
+    parser.set_defaults(handler=lambda args, extra: parser.print_help() or 2)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    ls = commands.add_parser("ls", help="list job ids, newest first", description="List job ids, newest first.")
+    ls.add_argument("--status", action="append", choices=STATUSES, help="only jobs in this status (repeatable)")
+    ls.add_argument("--type", help="only jobs of this type (custom, fine_tuning, inference, ...)")
+    ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    ls.add_argument("-l", "--long", action="store_true", help="id, status, type, last update, flow run (tab-separated)")
+    ls.set_defaults(handler=_ls)
+
+    cancel = commands.add_parser(
+        "cancel",
+        help="cancel jobs",
+        description="Cancel jobs: a pending one at once, a running one is stopped by what runs it. Prints each id "
+        "and its status; exits 1 when an id is unknown (the others are still cancelled).",
+    )
+    cancel.add_argument("ids", nargs="+", metavar="JOB", help="job ids, or - to read them from stdin (first word)")
+    cancel.set_defaults(handler=_cancel)
+
+    logs = commands.add_parser("logs", help="print a job's logs", description="Print a job's logs.")
+    logs.add_argument("job", metavar="JOB", help="job id")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(handler=_logs)
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="download a file, a directory or a job's result files",
+        description="Download a stored file or directory by id, or every result file of a job (by job id).",
+    )
+    fetch.add_argument("id", metavar="FILE_ID|JOB", help="a file id (purpose:file-…, purpose:dir-…) or a job id")
+    fetch.add_argument(
+        "-o", "--output", help="where to write (default: the stored name in the current directory; - for stdout)"
+    )
+    fetch.set_defaults(handler=_fetch)
+
+    files = commands.add_parser("files", help="upload files", description="Stored files.")
+    files_commands = files.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    upload = files_commands.add_parser(
+        "upload",
+        help="validate and store a file or a directory; prints its id",
+        description="Validate and store a file (datasets are checked line by line) or a whole directory; prints "
+        "its id. An invalid file stores nothing and exits 1, naming every bad line.",
+    )
+    upload.add_argument("path", help="file or directory")
+    upload.add_argument("--purpose", required=True, help="conversations, preference, custom, result, ...")
+    upload.set_defaults(handler=_upload)
+
+    exec_ = commands.add_parser(
+        "exec",
+        help="run a command as a custom job",
+        description="Run a shell command as a custom job (deployment custom/run), with local files mounted into "
+        "its work dir. Prints the job id; with --wait, streams its logs to stderr, prints its outputs as JSON "
+        "and exits with the job's code.",
+        epilog='Example: ow exec "python train.py --lr 1e-4" --mount . --vram 24 --wait',
+    )
+    exec_.add_argument("command", nargs="+", help="the command (one quoted string, or words after --)")
+    exec_.add_argument(
+        "--mount",
+        action="append",
+        default=[],
+        metavar="PATH[:TARGET]",
+        help="a local file or directory to mount (repeatable); '.' mounts the current directory as the work dir. "
+        "TARGET defaults to PATH when it is relative and inside, else to its name. .git, .venv, .env and caches "
+        "in directories are left out.",
+    )
+    exec_.add_argument("--vram", type=int, default=0, metavar="GB", help="GPU memory the job needs (default 0: CPU)")
+    exec_.add_argument("--wait", action="store_true", help="wait for the job, stream its logs, exit with its code")
+    exec_.set_defaults(handler=_exec)
+
+    dev_pod = commands.add_parser(
+        "dev-pod", help="a RunPod GPU pod with ssh, deleted when you are done (ow dev-pod --help)", add_help=False
+    )
+    dev_pod.set_defaults(handler=_dev_pod, forward=True)
+
+    setup = commands.add_parser(
+        "setup", help="create the blocks and work pools from .env; idempotent (ow setup --help)", add_help=False
+    )
+    setup.set_defaults(handler=_setup, forward=True)
+    return parser
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+
+
+def _ls(args: argparse.Namespace, extra: list[str]) -> int:
+    for job in _client().jobs.list(status=args.status, type=args.type, limit=args.limit):
+        if args.long:
+            updated = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(job.updated_at or 0))
+            print(f"{job.id}\t{job.status}\t{job.type}\t{updated}\t{job.flow_run_id}")
+        else:
+            print(job.id)
+    return 0
+
+
+def _cancel(args: argparse.Namespace, extra: list[str]) -> int:
+    from ow_prefect.errors import NotFoundError
+
+    ids = _read_ids(sys.stdin) if args.ids == ["-"] else args.ids
+    if not ids:
+        return 0
+    ow = _client()
+    missing = 0
+    for job_id in ids:
+        try:
+            print(f"{job_id}\t{ow.jobs.cancel(job_id).status}", flush=True)
+        except NotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            missing += 1
+    return 1 if missing else 0
+
+
+def _read_ids(stream: Any) -> list[str]:
+    """The first word of every non-empty line (so `ow ls -l` output works too)."""
+    return [line.split()[0] for line in stream if line.strip() and not line.startswith("#")]
+
+
+def _logs(args: argparse.Namespace, extra: list[str]) -> int:
+    ow = _client()
+    if args.follow:
+        _follow(ow, args.job, sys.stdout)
+    else:
+        text = ow.jobs.logs(args.job)
+        if text:
+            print(text)
+    return 0
+
+
+def _follow(ow: Any, job_id: str, out: Any) -> Any:
+    """Print the job's log lines as they arrive until it ends; return the finished job."""
+    printed = 0
+    while True:
+        job = ow.jobs.retrieve(job_id)
+        lines = ow.jobs.logs(job_id).splitlines()
+        for line in lines[printed:]:
+            print(line, file=out, flush=True)
+        printed = len(lines)
+        if job.done:
+            # Logs are sent in batches: the last lines can reach the server after the final state.
+            time.sleep(LOG_POLL_SECONDS * 2)
+            for line in ow.jobs.logs(job_id).splitlines()[printed:]:
+                print(line, file=out, flush=True)
+            return job
+        time.sleep(LOG_POLL_SECONDS)
+
+
+def _fetch(args: argparse.Namespace, extra: list[str]) -> int:
+    from ow_prefect.storage import ID_RE
+
+    ow = _client()
+    if not ID_RE.match(args.id):
+        print(ow.jobs.download(args.id, args.output or args.id))
+        return 0
+    if args.output == "-":
+        sys.stdout.buffer.write(ow.files.content(args.id))
+        return 0
+    record = ow.files.retrieve(args.id)
+    default = record.filename or args.id.split(":", 1)[1]
+    print(ow.files.download(args.id, args.output or default))
+    return 0
+
+
+def _upload(args: argparse.Namespace, extra: list[str]) -> int:
+    print(_client().files.upload(args.path, purpose=args.purpose).id)
+    return 0
+
+
+def _exec(args: argparse.Namespace, extra: list[str]) -> int:
+    command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
+    mounts = dict(_mount(spec) for spec in args.mount)
+    ow = _client()
+    job = ow.custom.create(entrypoint=command, mounts=mounts, requires_vram_gb=args.vram)
+    if not args.wait:
+        print(job.id)
+        return 0
+    print(f"{job.id} ({job.status}); Ctrl-C stops waiting, not the job", file=sys.stderr)
+    try:
+        job = job if ow.embedded else _follow(ow, job.id, sys.stderr)
+    except KeyboardInterrupt:
+        print(f"stopped waiting; {job.id} goes on (ow cancel {job.id} stops it)", file=sys.stderr)
+        return 130
+    if job.status == "completed":
+        print(json.dumps(job.outputs, indent=1, sort_keys=True))
+        return 0
+    print(f"{job.id} {job.status}: {job.error or 'no message'}", file=sys.stderr)
+    code = COMMAND_EXIT.search(job.error or "")
+    return int(code[1]) if code and 0 < int(code[1]) < 256 else 1
+
+
+def _mount(spec: str) -> tuple[str, str]:
+    """`PATH[:TARGET]` -> (target in the work dir, local path)."""
+    local, _, target = spec.partition(":")
+    local = os.path.expanduser(local)
+    if not target:
+        relative = PurePosixPath(Path(local).as_posix())
+        inside = not relative.is_absolute() and ".." not in relative.parts
+        target = relative.as_posix() if inside else Path(local).resolve().name
+    return target, local
+
+
+def _dev_pod(args: argparse.Namespace, extra: list[str]) -> int:
+    from ow_prefect.runpod.devpod import main as dev_pod_main
+
+    return dev_pod_main(extra, prog="ow dev-pod")
+
+
+def _setup(args: argparse.Namespace, extra: list[str]) -> int:
+    from ow_prefect.errors import ConfigurationError
+
+    try:
+        from blocks.setup import main as setup_main
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"ow setup needs the ow_prefect repository (blocks/ beside ow_prefect/): {exc}"
+        ) from None
+    return setup_main(extra, prog="ow setup")
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
+
+
+def _client() -> Any:
+    from ow_prefect import OpenWeights
+
+    return OpenWeights()
+
+
+def _describe(exc: BaseException) -> str:
+    """The message of an error, with any secret of the environment masked."""
+    message = str(exc) if _is_ours(exc) else f"{type(exc).__name__}: {exc}"
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            message = message.replace(value, "***")
+    return message
+
+
+def _is_ours(exc: BaseException) -> bool:
+    from ow_prefect.errors import OWError
+
+    return isinstance(exc, OWError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
