@@ -136,7 +136,9 @@ def bucket_problem(slug: str) -> str | None:
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m blocks") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--env-file", default=".env", help="read values from this file too (default: .env)")
     parser.add_argument("--pool", default="gpu", help="the `runpod` work pool using the RunPod block (default: gpu)")
     parser.add_argument("--local-pool", default="local", help="the `process` work pool (default: local; '' for none)")

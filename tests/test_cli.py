@@ -187,7 +187,10 @@ def test_setup_creates_blocks_and_pools_once_and_prints_no_secret(server_env, s3
     assert first.returncode == 0, first.stderr
     assert "work pool 'setup-local' (type process): created" in first.stdout
     assert "work pool 'setup-gpu' (type runpod): created" in first.stdout
-    assert "runpod-credentials/setup-runpod: created" in first.stdout and "s3-bucket/setup-storage: created" in first.stdout
+    assert (
+        "runpod-credentials/setup-runpod: created" in first.stdout
+        and "s3-bucket/setup-storage: created" in first.stdout
+    )
     assert "warning" not in first.stdout
     second = ow(*args, env=env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
@@ -222,9 +225,7 @@ def test_setup_without_a_reachable_bucket_warns(server_env, s3_endpoint, tmp_pat
     }
     (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     env = {k: v for k, v in server_env.items() if k not in ("RUNPOD_API_KEY", "HF_TOKEN", "OPENAI_API_KEY")}
-    (tmp_path / ".env").write_text(
-        (tmp_path / ".env").read_text() + "OW_STORAGE_BLOCK=s3-bucket/setup-missing\n"
-    )
+    (tmp_path / ".env").write_text((tmp_path / ".env").read_text() + "OW_STORAGE_BLOCK=s3-bucket/setup-missing\n")
     result = ow("setup", "--local-pool", "setup-local", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "warning: bucket 'no-such-bucket' is not reachable" in result.stdout

@@ -172,9 +172,9 @@ class InspectJob(ServingJob):
         """A local task file or directory in `eval_name` is uploaded (content-addressed: an unchanged file is
         the same file id, so the same job) and mounted under its name."""
         mounts = {  # a mount given as a local path is uploaded like the task file
-            target: value if ID_RE.match(value) or not Path(value).expanduser().exists() else upload_mount(
-                Path(value).expanduser(), storage
-            )
+            target: value
+            if ID_RE.match(value) or not Path(value).expanduser().exists()
+            else upload_mount(Path(value).expanduser(), storage)
             for target, value in (params.get("mounts") or {}).items()
         }
         params = {**params, "mounts": mounts} if mounts else params
