@@ -228,3 +228,20 @@ def test_params_mounted_directory_and_uploads_on_the_worker(src, tmp_path):
     assert changed.id != job.id and changed.flow_run_id != job.flow_run_id
     assert changed.wait(timeout=120, poll_interval=0.5).outputs["words"] == 6
     assert changed.params["mounts"]["corpus"] != job.params["mounts"]["corpus"]
+
+
+def test_openweights_spelling_subclassing_job_makes_a_custom_job_type(src, counting):
+    from ow_prefect import Job
+
+    @register("count_words_ow")
+    class CountWordsOW(Job):  # as OpenWeights users write it: no deployment of its own
+        mount = {str(src / "report.py"): "report.py"}
+        params = WordsParams
+
+        def get_entrypoint(self, validated_params: WordsParams) -> str:
+            return f"python report.py  # {validated_params.label}"
+
+    assert issubclass(CountWordsOW, CustomJob) and CountWordsOW.deployment == "custom/run"
+    assert CountWordsOW.__name__ == "CountWordsOW" and CountWordsOW.__module__ == __name__
+    first = counting.count_words_ow.validate(label="a")
+    assert first == counting.count_words_ow.validate(label="a") != counting.count_words_ow.validate(label="b")

@@ -78,3 +78,17 @@ def test_deployment_suffix_sends_jobs_to_the_local_variants(monkeypatch):
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(job.flow_run_id)
         assert client.read_deployment(run.deployment_id).name == "run-local"
+
+
+def test_the_presets_are_prefect_yaml_s_and_valid_runpod_job_variables():
+    from deployments.presets import job_variables, presets
+    from ow_prefect.workers.runpod import runpod_job_variables
+
+    known = presets()
+    assert {"gpu_train", "gpu_custom", "gpu_serve", "gpu_api", "local"} <= set(known)
+    for preset in known.values():
+        if preset["pool"] == "gpu":
+            assert runpod_job_variables(**preset["job_variables"]) == preset["job_variables"]
+    assert job_variables("gpu_api")["ports"] == ["8000/http"]
+    with pytest.raises(KeyError, match="no preset 'gpu_huge'"):
+        job_variables("gpu_huge")

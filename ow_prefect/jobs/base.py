@@ -232,6 +232,11 @@ def register(name: str) -> Callable[[type[Job]], type[Job]]:
     def decorator(cls: type[Job]) -> type[Job]:
         if not (isinstance(cls, type) and issubclass(cls, Job)):
             raise TypeError(f"@register({name!r}) decorates Job subclasses, not {cls!r}")
+        if not hasattr(cls, "deployment") and "get_entrypoint" in vars(cls):
+            # OpenWeights' spelling, `class MyJob(Job)` with mount/params/get_entrypoint: a custom job type
+            from ow_prefect.jobs.custom import CustomJob
+
+            cls = type(cls.__name__, (cls, CustomJob), {"__module__": cls.__module__, "__doc__": cls.__doc__})
         for attr in ("deployment", "entrypoint", "params"):
             if not hasattr(cls, attr):
                 raise TypeError(f"job type {cls.__name__} must define '{attr}'")
