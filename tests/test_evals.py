@@ -132,6 +132,11 @@ def test_inspect_task_files_are_uploaded_content_addressed_and_must_be_mounted(t
     task.write_text(task.read_text() + "\n# changed\n")
     assert ow.inspect_ai.validate(model="some/model", eval_name=f"{task}@arithmetic") != first
     assert ow.inspect_ai.validate(model="some/model", eval_name="inspect_evals/gpqa_diamond").startswith("inspectjob-")
+    helpers = tmp_path / "helpers"
+    helpers.mkdir()
+    (helpers / "util.py").write_text("X = 1\n")
+    mounted = ow.inspect_ai.validate(model="some/model", eval_name="tasks/t.py", mounts={"tasks": helpers})
+    assert mounted == ow.inspect_ai.validate(model="some/model", eval_name="tasks/t.py", mounts={"tasks": str(helpers)})
     with pytest.raises(ParameterError, match="nothing is mounted at 'tasks/missing.py'"):
         ow.inspect_ai.validate(model="some/model", eval_name="tasks/missing.py")
     with pytest.raises(ParameterError, match="escapes the work dir"):

@@ -170,10 +170,10 @@ class InspectJob(ServingJob):
     @classmethod
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
         """A local task file or directory in `eval_name` is uploaded (content-addressed: an unchanged file is
-        the same file id, so the same job) and mounted under its name."""
+        the same file id, so the same job) and mounted under its name; so is a local path given in `mounts`."""
         mounts = {  # a mount given as a local path is uploaded like the task file
-            target: value
-            if ID_RE.match(value) or not Path(value).expanduser().exists()
+            target: str(value)
+            if ID_RE.match(str(value)) or not Path(value).expanduser().exists()
             else upload_mount(Path(value).expanduser(), storage)
             for target, value in (params.get("mounts") or {}).items()
         }
