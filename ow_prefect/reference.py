@@ -157,7 +157,8 @@ def _render() -> str:
     from ow_prefect.workers.runpod import RunPodVariables
 
     lines = [HEADER, "## Job types", ""]
-    types = dict(sorted(job_types().items()))
+    # the built-in types only: a user's (or a test's) registered types are not part of the project's reference
+    types = {name: cls for name, cls in sorted(job_types().items()) if cls.__module__.startswith("ow_prefect.")}
     lines += [f"- [`ow.{name}`](#ow{name}): {deployments_of(cls)[0]}" for name, cls in types.items()]
     lines.append("")
     for name, job_cls in types.items():

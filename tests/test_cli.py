@@ -175,9 +175,9 @@ def test_setup_creates_blocks_and_pools_once_and_prints_no_secret(server_env, s3
         "AWS_ENDPOINT_URL": s3_endpoint,
         "AWS_DEFAULT_REGION": "us-east-1",
         "OW_S3_BUCKET": "ow-setup",
-        "OW_HF_TOKEN_SECRET": "setup-hf-token",
-        "OW_RUNPOD_BLOCK": "setup-runpod",
-        "OW_STORAGE_BLOCK": "s3-bucket/setup-storage",
+        "OW_HF_TOKEN_SECRET": "cli-setup-hf-token",
+        "OW_RUNPOD_BLOCK": "cli-setup-runpod",
+        "OW_STORAGE_BLOCK": "s3-bucket/cli-setup-storage",
         "RUNPOD_API_URL": "http://127.0.0.1:9/v2",
     }
     (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
@@ -188,14 +188,14 @@ def test_setup_creates_blocks_and_pools_once_and_prints_no_secret(server_env, s3
     assert "work pool 'setup-local' (type process): created" in first.stdout
     assert "work pool 'setup-gpu' (type runpod): created" in first.stdout
     assert (
-        "runpod-credentials/setup-runpod: created" in first.stdout
-        and "s3-bucket/setup-storage: created" in first.stdout
+        "runpod-credentials/cli-setup-runpod: created" in first.stdout
+        and "s3-bucket/cli-setup-storage: created" in first.stdout
     )
     assert "warning" not in first.stdout
     second = ow(*args, env=env, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "(type process): unchanged" in second.stdout and "(type runpod): updated" in second.stdout
-    assert "runpod-credentials/setup-runpod: unchanged" in second.stdout
+    assert "runpod-credentials/cli-setup-runpod: unchanged" in second.stdout
     for secret in secrets.values():
         assert secret not in first.stdout + first.stderr + second.stdout + second.stderr
 
@@ -207,10 +207,10 @@ def test_setup_creates_blocks_and_pools_once_and_prints_no_secret(server_env, s3
     from ow_prefect.runpod.credentials import RunPodCredentials
 
     with temporary_settings(updates={PREFECT_API_URL: server_env["PREFECT_API_URL"]}):
-        assert Secret.load("setup-hf-token", _sync=True).get() == secrets["HF_TOKEN"]
-        credentials = RunPodCredentials.load("setup-runpod", _sync=True)
+        assert Secret.load("cli-setup-hf-token", _sync=True).get() == secrets["HF_TOKEN"]
+        credentials = RunPodCredentials.load("cli-setup-runpod", _sync=True)
         assert credentials.api_key.get_secret_value() == secrets["RUNPOD_API_KEY"]
-        assert S3Bucket.load("setup-storage", _sync=True).bucket_name == "ow-setup"
+        assert S3Bucket.load("cli-setup-storage", _sync=True).bucket_name == "ow-setup"
         with get_client(sync_client=True) as client:
             assert client.read_work_pool("setup-gpu").type == "runpod"
             assert client.read_work_pool("setup-local").type == "process"

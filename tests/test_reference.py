@@ -10,8 +10,18 @@ def test_committed_reference_is_up_to_date(monkeypatch):
 
 
 def test_reference_lists_every_field_of_every_job_type():
+    from ow_prefect import CustomJob, register
+
+    @register("not_in_the_reference")  # a user's type (tests register some too) stays out of the project's docs
+    class UserJob(CustomJob):
+        def get_entrypoint(self, validated_params) -> str:
+            return "true"
+
     text = reference.render()
-    for name, job_cls in job_types().items():
+    assert "not_in_the_reference" not in text
+    builtin = {name: cls for name, cls in job_types().items() if cls.__module__.startswith("ow_prefect.")}
+    assert {"fine_tuning", "inference", "vllm_api", "custom", "inspect_ai", "mmlu_pro"} <= set(builtin)
+    for name, job_cls in builtin.items():
         assert f"## `ow.{name}`" in text
         for field in job_cls.params.model_fields:
             assert f"| `{field}` |" in text, (name, field)
