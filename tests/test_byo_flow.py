@@ -61,6 +61,11 @@ def test_a_user_flow_runs_on_the_runpod_pool_with_storage_and_events(prefect_api
         with prefect_worker(prefect_api, POOL, "runpod", WORKER_ENV, tmp_path / "worker.log"):
             run = client.create_flow_run_from_deployment(deployment_id, parameters={"input_file": text.id})
             assert eventually(lambda: client.read_flow_run(run.id).state.is_final(), timeout=120, interval=0.5)
+            # the worker deletes the pod once it sees the final state (a poll later): keep it running until then
+            assert eventually(
+                lambda: [p for p in fake.pods.values() if p.name == f"ow-{run.id}" and p.deleted_at is not None],
+                timeout=60,
+            )
         state = client.read_flow_run(run.id).state
         assert state.is_completed(), f"{state}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
         (pod,) = [pod for pod in fake.pods.values() if pod.name == f"ow-{run.id}"]
