@@ -112,7 +112,8 @@ def grade(record: dict[str, Any]) -> dict[str, Any]:
     """The record with `pred`, `guessed` (no letter found: a seeded random guess, as the reference scores it),
     `correct` and `shots` instead of the prompt (which can be long)."""
     pred = extract_answer(record["completion"])
-    prompt = record.pop("prompt", "")
+    prompt = record.get("prompt", "")
+    record = {k: v for k, v in record.items() if k != "prompt"}
     record["shots"] = max(prompt.count("Question:\n") - 1, 0)  # the few-shot examples that fitted
     if pred is None:
         guess = random.Random(GUESS_SEED).randint(0, len(record["options"]) - 1)

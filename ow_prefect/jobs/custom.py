@@ -207,10 +207,16 @@ class CommandJob(CustomJob):
     @classmethod
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
         """Upload the mounts given as local paths; file ids stay as they are."""
-        mounts = params.get("mounts")
-        if not isinstance(mounts, dict):
-            return params
-        local = {target: Path(source).expanduser() for target, source in mounts.items() if _is_local(source)}
-        _check_mounts(cls, {f"mounts[{target!r}]": (path, target) for target, path in local.items()})
-        uploaded = {target: upload_mount(path, storage) for target, path in local.items()}
-        return {**params, "mounts": {**mounts, **uploaded}}
+        return upload_local_mounts(cls, params, storage)
+
+
+def upload_local_mounts(job_cls: type[Job], params: dict[str, Any], storage: Any) -> dict[str, Any]:
+    """`params` with the `mounts` given as local paths uploaded (file ids stay as they are); every missing path
+    or escaping target is named before anything is uploaded."""
+    mounts = params.get("mounts")
+    if not isinstance(mounts, dict):
+        return params
+    local = {target: Path(source).expanduser() for target, source in mounts.items() if _is_local(source)}
+    _check_mounts(job_cls, {f"mounts[{target!r}]": (path, target) for target, path in local.items()})
+    uploaded = {target: upload_mount(path, storage) for target, path in local.items()}
+    return {**params, "mounts": {**mounts, **uploaded}}

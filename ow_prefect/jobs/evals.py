@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from ow_prefect.jobs.base import register
-from ow_prefect.jobs.custom import check_mount_path, check_mounts, upload_mount
+from ow_prefect.jobs.custom import check_mount_path, check_mounts, upload_local_mounts, upload_mount
 from ow_prefect.jobs.inference import ModelRef, ServedModel, ServingJob
 from ow_prefect.storage import ID_RE
 
@@ -171,13 +171,7 @@ class InspectJob(ServingJob):
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
         """A local task file or directory in `eval_name` is uploaded (content-addressed: an unchanged file is
         the same file id, so the same job) and mounted under its name; so is a local path given in `mounts`."""
-        mounts = {  # a mount given as a local path is uploaded like the task file
-            target: str(value)
-            if ID_RE.match(str(value)) or not Path(value).expanduser().exists()
-            else upload_mount(Path(value).expanduser(), storage)
-            for target, value in (params.get("mounts") or {}).items()
-        }
-        params = {**params, "mounts": mounts} if mounts else params
+        params = upload_local_mounts(cls, params, storage)
         name = params.get("eval_name")
         if not isinstance(name, str):
             return params
