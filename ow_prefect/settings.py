@@ -3,6 +3,7 @@
 - ``OW_HOME``: where local state lives (storage, the vLLM environment); default ``~/.ow_prefect``.
 - ``OW_STORAGE_BLOCK``: slug of a saved Prefect filesystem block, e.g. ``s3-bucket/ow-storage``; default: local
   disk at ``OW_STORAGE_DIR`` (default ``OW_HOME/storage``).
+- ``OW_STORAGE_RETRY_SECONDS``: how long storage calls retry while S3 is unreachable or failing (default 300).
 - ``OW_MAX_FILE_MB``: largest file ``ow.files`` accepts (default 2048).
 - ``OW_VLLM_PYTHON``: interpreter of the separate vLLM environment; default ``OW_HOME/envs/vllm/bin/python``.
 - ``OW_MODE``: ``auto`` (server when a Prefect API URL is set, else embedded), ``server`` or ``embedded``.
@@ -31,6 +32,9 @@ class OWSettings(BaseSettings):
         default=None, description="Slug of a saved Prefect filesystem block, e.g. 's3-bucket/ow-storage'."
     )
     storage_dir: Path | None = Field(default=None, description="Local storage directory (no block set).")
+    storage_retry_seconds: float = Field(
+        default=300, ge=0, description="How long storage calls keep retrying while S3 is unreachable or failing."
+    )
     max_file_mb: float = Field(default=2048, gt=0, description="Largest file ow.files accepts, in MiB.")
     vllm_python: Path | None = Field(default=None, description="Interpreter of the vLLM environment.")
     mode: Literal["auto", "server", "embedded"] = Field(default="auto", description="How jobs are run.")

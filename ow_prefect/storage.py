@@ -130,13 +130,53 @@ class LocalBackend:
         shutil.copyfile(self._path(key), path)
 
 
-class S3Backend:
-    """A prefect-aws `S3Bucket` block (S3, R2, MinIO: the endpoint comes from its `AwsCredentials`)."""
+TRANSIENT_S3_CODES = frozenset(
+    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
+)
 
-    def __init__(self, bucket: Any):
+
+def _transient(exc: Exception) -> bool:
+    """An S3 error that the same request may not meet again: no connection, a timeout, 5xx, throttling."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(exc, ConnectionError | HTTPClientError):
+        return True
+    if isinstance(exc, S3UploadFailedError):  # upload_file raises it while handling the part's ClientError
+        inner = exc.__cause__ or exc.__context__
+        return isinstance(inner, Exception) and _transient(inner)
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or error.get("Code") in TRANSIENT_S3_CODES
+    return False
+
+
+def _storage_logger() -> Any:
+    """The flow run's logger inside a run (the warning belongs in its logs), else this module's."""
+    import logging
+
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("ow_prefect.storage")
+
+
+class S3Backend:
+    """A prefect-aws `S3Bucket` block (S3, R2, MinIO: the endpoint comes from its `AwsCredentials`).
+
+    Every call is retried while the store is unreachable or answers 5xx/throttling, with back-off (1 s doubling
+    to 30 s) for up to `OW_STORAGE_RETRY_SECONDS` (300 s by default), so that a storage outage delays a job's
+    uploads instead of losing what it computed. Errors that retrying cannot fix (403, a missing bucket) raise at
+    once."""
+
+    def __init__(self, bucket: Any, retry_seconds: float | None = None):
         self.bucket = bucket
         self.client = bucket.credentials.get_s3_client()
         self.prefix = (bucket.bucket_folder or "").strip("/")
+        self.retry_seconds = get_settings().storage_retry_seconds if retry_seconds is None else retry_seconds
 
     def __repr__(self) -> str:
         return f"S3Backend(bucket={self.bucket.bucket_name!r}, folder={self.prefix!r})"
@@ -145,12 +185,35 @@ class S3Backend:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _is_missing(self, exc: Exception) -> bool:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+        code = (getattr(exc, "response", None) or {}).get("Error", {}).get("Code", "")
         return code in ("404", "NoSuchKey", "NotFound")
+
+    def _call(self, what: str, operation: Any, *args: Any, **kwargs: Any) -> Any:
+        give_up = time.monotonic() + self.retry_seconds
+        pause = 1.0
+        while True:
+            try:
+                return operation(*args, **kwargs)
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if time.monotonic() + pause > give_up:
+                    raise StorageError(
+                        f"{self!r} was unavailable for {self.retry_seconds:.0f} s during {what} ({exc}); check the "
+                        "endpoint and credentials of the storage block, or raise OW_STORAGE_RETRY_SECONDS"
+                    ) from exc
+                _storage_logger().warning(
+                    f"Storage {self!r} unavailable during {what} ({type(exc).__name__}: {exc}); "
+                    f"retrying in {pause:.0f} s"
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, 30.0)
 
     def exists(self, key: str) -> bool:
         try:
-            self.client.head_object(Bucket=self.bucket.bucket_name, Key=self._key(key))
+            self._call(f"head {key}", self.client.head_object, Bucket=self.bucket.bucket_name, Key=self._key(key))
+        except StorageError:
+            raise
         except Exception as exc:
             if self._is_missing(exc):
                 return False
@@ -158,14 +221,19 @@ class S3Backend:
         return True
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket.bucket_name, Key=self._key(key), Body=data)
+        self._call(
+            f"upload of {key}", self.client.put_object, Bucket=self.bucket.bucket_name, Key=self._key(key), Body=data
+        )
 
     def put_file(self, key: str, path: Path) -> None:
-        self.client.upload_file(str(path), self.bucket.bucket_name, self._key(key))
+        self._call(f"upload of {key}", self.client.upload_file, str(path), self.bucket.bucket_name, self._key(key))
 
     def get_bytes(self, key: str) -> bytes:
-        try:
+        def read() -> bytes:
             return self.client.get_object(Bucket=self.bucket.bucket_name, Key=self._key(key))["Body"].read()
+
+        try:
+            return self._call(f"download of {key}", read)
         except Exception as exc:
             if self._is_missing(exc):
                 raise NotFoundError(f"{key} is not in {self!r}") from None
@@ -174,7 +242,7 @@ class S3Backend:
     def get_file(self, key: str, path: Path) -> None:
         if not self.exists(key):
             raise NotFoundError(f"{key} is not in {self!r}")
-        self.client.download_file(self.bucket.bucket_name, self._key(key), str(path))
+        self._call(f"download of {key}", self.client.download_file, self.bucket.bucket_name, self._key(key), str(path))
 
 
 class BlockBackend:
@@ -356,10 +424,11 @@ class Storage:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.backend.get_file(f"blobs/{record.sha256}", target)
             return target
-        for entry in record.entries or []:
-            target = (dest / entry.path).resolve()
+        targets = [((dest / entry.path).resolve(), entry) for entry in record.entries or []]
+        for target, entry in targets:  # all checked before anything is written
             if not target.is_relative_to(dest.resolve()):
-                raise StorageError(f"{file_id}: entry {entry.path!r} points outside the directory; not written")
+                raise StorageError(f"{file_id}: entry {entry.path!r} points outside the directory; nothing written")
+        for target, entry in targets:
             target.parent.mkdir(parents=True, exist_ok=True)
             self.backend.get_file(f"blobs/{entry.sha256}", target)
         dest.mkdir(parents=True, exist_ok=True)

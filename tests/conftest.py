@@ -32,6 +32,8 @@ from ow_prefect.testing.servers import moto_s3, prefect_server, prefect_worker  
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "ow-test-local"
+# Fixtures of the RunPod worker tests (FakeRunPod, a `runpod` pool and worker per module).
+pytest_plugins = ["tests.runpod_support"]
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+
+from ow_prefect.testing.servers import AppServer
 
 
 @dataclass
@@ -46,20 +46,12 @@ class FakeOpenAI:
         self.faults.drop = times
 
     def __enter__(self) -> FakeOpenAI:
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        config = uvicorn.Config(self.app(), log_level="critical", access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self._thread.start()
-        while not self._server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        self._served = AppServer(self.app()).__enter__()
+        self.url = f"http://127.0.0.1:{self._served.port}/v1"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._served.__exit__(*exc)
 
     def app(self) -> FastAPI:
         app = FastAPI()
@@ -119,4 +111,6 @@ if __name__ == "__main__":  # its own process, for benchmarks: python tests/fake
 
     server = FakeOpenAI()
     server.faults.delay = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+    import uvicorn
+
     uvicorn.run(server.app(), host="127.0.0.1", port=int(sys.argv[1]), log_level="critical", access_log=False)

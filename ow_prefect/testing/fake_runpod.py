@@ -286,6 +286,8 @@ class FakePod:
     started_at: datetime | None = None
     up_since: datetime | None = None  # when the current container started; None while it is not up
     deleted_at: datetime | None = None
+    stopped_at: datetime | None = None  # when it was last stopped (EXITED, not billed); None while it runs
+    boot_stalled: bool = False  # its image pull never finishes: no container, no runtime, until deleted
     logs: list[LogLine] = field(default_factory=list)  # a list, so tests can read it while lines arrive
     next_log_seq: int = 1
 
@@ -406,6 +408,8 @@ class FakeRunPod:
         self.pods: dict[str, FakePod] = {}
         self.stock: dict[tuple[str, str, str], StockEntry] = {}
         self.requests: list[tuple[str, str, Any]] = []
+        self.request_times: list[float] = []  # time.monotonic() of each entry in `requests`
+        self._stalled_boots = 0
         self._lock = threading.RLock()
         self._faults: list[Fault] = []
         self._closed = False
@@ -495,6 +499,12 @@ class FakeRunPod:
         with self._lock:
             self._faults.append(fault)
 
+    def stall_boots(self, times: int = 1) -> None:
+        """Make the next `times` pods created hang in their image pull: they stay listed as RUNNING with no
+        runtime and no container, the way a pod stuck starting looks, until they are deleted."""
+        with self._lock:
+            self._stalled_boots += times
+
     def preempt(self, pod_id: str) -> None:
         """End a pod the way a spot interruption does: SIGTERM to its processes and status EXITED at once, then
         TERMINATED when they are gone (SIGKILL after `kill_grace`). It is not restarted and stays listed."""
@@ -516,6 +526,7 @@ class FakeRunPod:
         """Record a request as received and return the injected fault it triggers, if any."""
         with self._lock:
             self.requests.append((method, path, _json_or_none(body)))
+            self.request_times.append(time.monotonic())
             fault = next((fault for fault in self._faults if fault.matches(method, path)), None)
             if fault:
                 fault.remaining -= 1
@@ -530,6 +541,9 @@ class FakeRunPod:
             raise Problem(404, f"template {body['templateId']!r} not found (FakeRunPod has no templates)")
         with self._lock:
             pod = self._new_pod(body)
+            if self._stalled_boots:
+                self._stalled_boots -= 1
+                pod.boot_stalled = True
             self.pods[pod.id] = pod
             self._log(pod, "system", f"pod created on {pod.data_center_id} ({pod.cloud})")
             self._start_container(pod)
@@ -652,12 +666,14 @@ class FakeRunPod:
     def _start_pod(self, pod: FakePod) -> None:
         self._acquire_stock(pod)
         pod.status = "RUNNING"
+        pod.stopped_at = None
         self._log(pod, "system", "pod started")
         self._start_container(pod)
 
     def _stop_pod(self, pod: FakePod, reason: str = "pod stopped") -> subprocess.Popen | None:
         process = self._stop_container(pod)
         pod.status = "EXITED"
+        pod.stopped_at = _now()
         self._release_stock(pod)
         self._log(pod, "system", reason)
         return process
@@ -722,6 +738,12 @@ class FakeRunPod:
 
     def _supervise(self, pod: FakePod, generation: int) -> None:
         """Boot the container and restart it whenever its command exits, until the pod's container is stopped."""
+        if pod.boot_stalled:
+            with self._lock:
+                self._log(pod, "system", f"pulling image {pod.image or '(the default image)'}")
+            while not self._closed and pod.generation == generation:
+                time.sleep(0.2)
+            return
         delay = self.boot_seconds
         while True:
             time.sleep(delay)

@@ -1,4 +1,5 @@
-"""Real local servers for tests: Prefect (SQLite, loopback), a Prefect worker, and moto's S3."""
+"""Real local servers for tests: Prefect (SQLite, loopback), a Prefect worker, moto's S3, and a TCP proxy that
+can be taken down."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,10 +53,11 @@ def _prefect_cli() -> list[str]:
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, timeout: float = 90) -> Iterator[str]:
-    """Run `prefect server start` (SQLite in `home`) on a free loopback port; yield its API URL."""
+def prefect_server(home: Path, timeout: float = 90, port: int | None = None) -> Iterator[str]:
+    """Run `prefect server start` (SQLite in `home`) on `port` or a free loopback port; yield its API URL.
+    Started again with the same home and port, it is the same server after a restart."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -63,7 +66,7 @@ def prefect_server(home: Path, timeout: float = 90) -> Iterator[str]:
         "PREFECT_API_URL": "",
     }
     log = home / "server.log"
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen(
             [*_prefect_cli(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
             env=env,
@@ -121,3 +124,101 @@ def moto_s3() -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.stop()
+
+
+class FlakyProxy:
+    """A TCP proxy on a free loopback port in front of `target` ("host:port") that tests can take down: while
+    down, open connections are cut and new ones are closed at once, as when a service is unreachable.
+
+    Use as ``with FlakyProxy("127.0.0.1:9000") as proxy: ... proxy.down() ... proxy.up()``; `url` is
+    ``http://127.0.0.1:<port>``."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._available = threading.Event()
+        self._available.set()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+
+    def __enter__(self) -> FlakyProxy:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, name="flaky-proxy", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._listener.close()
+        self._cut()
+
+    def down(self) -> None:
+        self._available.clear()
+        self._cut()
+
+    def up(self) -> None:
+        self._available.set()
+
+    def _cut(self) -> None:
+        with self._lock:
+            for sock in self._open:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            self._open.clear()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._available.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open |= {client, upstream}
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            self._open -= {source, sink}
+
+
+class AppServer:
+    """Serve an ASGI app with uvicorn on a free loopback port, in a thread, while entered (for the test fakes)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.port = 0
+
+    def __enter__(self) -> AppServer:
+        import uvicorn
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="critical", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        while not self._server.started:
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

@@ -55,7 +55,7 @@ from ow_prefect.errors import ParameterError
 from ow_prefect.jobs.base import validation_problems
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
-from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
+from ow_prefect.runpod.errors import RunPodAuthError, RunPodError, RunPodNoCapacity, RunPodNotFound
 from ow_prefect.runpod.models import Pod
 from ow_prefect.runpod.offers import CLOUDS, Candidate, create_on_first, find_candidates
 from ow_prefect.settings import get_settings
@@ -72,7 +72,7 @@ POD_PREFECT_SETTINGS = (
     "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
     "PREFECT_CLOUD_API_URL",
 )
-POD_OW_SETTINGS = ("OW_STORAGE_BLOCK", "OW_HF_TOKEN_SECRET", "OW_HF_ORG")
+POD_OW_SETTINGS = ("OW_STORAGE_BLOCK", "OW_HF_TOKEN_SECRET", "OW_HF_ORG", "OW_STORAGE_RETRY_SECONDS")
 PORT_SPEC = re.compile(r"^\d{1,5}/(http|tcp)$")
 DEFAULT_QUERY_SECONDS = 2.0  # GPU runs deserve a faster pick-up than Prefect's 10 s; PREFECT_WORKER_QUERY_SECONDS wins
 CAPACITY_RETRY_SECONDS = (5.0, 60.0)  # first and longest pause between rounds while waiting for capacity
@@ -691,6 +691,8 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         while True:
             try:
                 await self.reconcile()
+            except RunPodAuthError as exc:  # said once, without a traceback every pass
+                self._warn_once(self._logger, "reconcile-auth", f"RunPod reconciler cannot list pods: {exc}")
             except Exception:
                 self._logger.warning("RunPod reconciler pass failed; retrying later", exc_info=True)
             await anyio.sleep(get_settings().runpod_reconcile_seconds)

@@ -1,0 +1,61 @@
+"""The Prefect server restarts (an upgrade, a crash) while pods run: the worker keeps watching through the outage
+instead of deleting pods it cannot account for, the flows finish, and every pod is deleted afterwards."""
+
+import contextlib
+import time
+import uuid
+
+import pytest
+
+from ow_prefect.testing.servers import free_port, prefect_server, prefect_worker
+from tests.runpod_support import (
+    WORKER_ENV,
+    assert_clean,
+    assert_outputs_intact,
+    deploy,
+    finished,
+    make_pool,
+    pods_of,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+POOL = "ow-test-runpod-server-restart"
+DOWN_SECONDS = 8
+
+
+def test_runs_survive_a_prefect_server_restart(fake, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home, port = tmp_path / "server", free_port()
+    with contextlib.ExitStack() as first_server:
+        api = first_server.enter_context(prefect_server(home, port=port))
+        with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+            make_pool(client, fake, POOL)
+            deployment_id = deploy(client, POOL, "server-restart")
+            worker = prefect_worker(api, POOL, "runpod", WORKER_ENV, tmp_path / "worker.log")
+            with worker:
+                outputs = {}
+                for _ in range(3):
+                    output = f"output-{uuid.uuid4()}"
+                    flow_run = client.create_flow_run_from_deployment(
+                        deployment_id, parameters={"seconds": 20, "payload": output}
+                    )
+                    outputs[flow_run.id] = output
+                for flow_run_id in outputs:
+                    wait_for(client, flow_run_id, lambda fr: fr.state.is_running(), timeout=120)
+                first_server.close()  # the server goes away mid-run...
+                time.sleep(DOWN_SECONDS)
+                assert all(not pod.deleted_at for id_ in outputs for pod in pods_of(fake, id_)), (
+                    "a pod was deleted while the server was down"
+                )
+                with prefect_server(home, port=port):  # ...and comes back on the same address and database
+                    for flow_run_id in outputs:
+                        done = wait_for(client, flow_run_id, finished, timeout=120)
+                        assert done.state.is_completed(), done.state
+                    assert_clean(fake)
+    assert all(len(pods_of(fake, flow_run_id)) == 1 for flow_run_id in outputs)
+    assert_outputs_intact(outputs)
+    assert "Cannot read flow run state now" in (tmp_path / "worker.log").read_text()

@@ -1,0 +1,173 @@
+"""What the RunPod worker tests share: a `runpod` pool on FakeRunPod, deployments of small flows, waiting for runs,
+and the invariants every fault scenario ends with (no pod left, no two live pods for one run, outputs intact)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ow_prefect.testing.fake_runpod import FakePod, FakeRunPod
+from ow_prefect.testing.servers import prefect_worker
+from tests.helpers import eventually
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "rp-test-key-7f3a9c2e5b"
+AUTH_STRING = "prefect-auth-secret-41d8"
+POD_COMMAND = f"{sys.executable} -m prefect flow-run execute"
+WORKER_ENV = {
+    "OW_RUNPOD_POLL_SECONDS": "0.5",
+    "OW_RUNPOD_RECONCILE_SECONDS": "2",
+    "PREFECT_API_AUTH_STRING": AUTH_STRING,  # the test server ignores it; it must reach pods and nothing else
+}
+
+
+def make_pool(client, fake: FakeRunPod, name: str, **defaults: Any) -> None:
+    """A `runpod` pool whose credentials block points at the fake and whose pods run this interpreter."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from ow_prefect.runpod.credentials import RunPodCredentials
+    from ow_prefect.workers.runpod import RunPodWorker
+
+    block_id = RunPodCredentials(api_key=fake.api_key, api_url=fake.url).save(name, overwrite=True, _sync=True)
+    defaults = {"command": POD_COMMAND, "min_vram_gb": 20, **defaults}
+    template = RunPodWorker.base_job_template(block_id, **defaults)
+    client.create_work_pool(WorkPoolCreate(name=name, type="runpod", base_job_template=template), overwrite=True)
+
+
+def deploy(client, pool: str, name: str, entrypoint: str = "tests/runpod_flows.py:sleeper", **job_variables: Any):
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(str(ROOT / entrypoint))
+    return client.create_deployment(
+        flow_id=client.create_flow_from_name(flow.name),
+        name=name,
+        entrypoint=entrypoint,
+        work_pool_name=pool,
+        job_variables=job_variables,
+        parameter_openapi_schema=flow.parameters.model_dump(mode="json"),
+        pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
+    )
+
+
+def pods_of(fake: FakeRunPod, flow_run_id) -> list[FakePod]:
+    return [pod for pod in list(fake.pods.values()) if pod.name == f"ow-{flow_run_id}"]
+
+
+def wait_for(client, flow_run_id, check, timeout: float = 90):
+    final = eventually(lambda: check(client.read_flow_run(flow_run_id)), timeout=timeout, interval=0.3)
+    assert final, f"flow run {flow_run_id} is {client.read_flow_run(flow_run_id).state}"
+    return client.read_flow_run(flow_run_id)
+
+
+def finished(flow_run) -> bool:
+    return flow_run.state.is_final()
+
+
+def all_deleted(fake: FakeRunPod, flow_run_id, timeout: float = 20) -> bool:
+    return eventually(
+        lambda: pods_of(fake, flow_run_id) and all(p.deleted_at for p in pods_of(fake, flow_run_id)), timeout=timeout
+    )
+
+
+def cancel(client, flow_run_id) -> None:
+    from prefect.states import Cancelling
+
+    client.set_flow_run_state(flow_run_id, Cancelling(), force=True)
+
+
+def run_logs(client, flow_run_id) -> str:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return "\n".join(log.message for log in logs)
+
+
+def billed_until(pod: FakePod) -> datetime | None:
+    """When the pod stopped costing money: deleted, or stopped by RunPod (a preempted pod is EXITED, unbilled)."""
+    return pod.deleted_at or pod.stopped_at
+
+
+def assert_clean(fake: FakeRunPod, timeout: float = 30) -> None:
+    """The invariants every fault scenario ends with: no pod left (each one deleted), and never two billed pods
+    for one flow run at the same time (a retried create, a second worker or a reschedule must not double up)."""
+    assert eventually(lambda: all(pod.deleted_at for pod in list(fake.pods.values())), timeout=timeout), [
+        (pod.id, pod.name, pod.status) for pod in fake.pods.values() if not pod.deleted_at
+    ]
+    by_run: dict[str, list[FakePod]] = {}
+    for pod in fake.pods.values():
+        by_run.setdefault(pod.name, []).append(pod)
+    for name, pods in by_run.items():
+        pods.sort(key=lambda pod: pod.created_at)
+        for earlier, later in zip(pods, pods[1:], strict=False):
+            assert billed_until(earlier) <= later.created_at, (
+                f"{name}: pod {later.id} was created while {earlier.id} was still billed"
+            )
+
+
+# Fixtures (a pytest plugin: tests/conftest.py loads this module). Module-scoped: each test module gets its own
+# fake, pool and worker, so a fault one module injects cannot reach another.
+
+POOL = "ow-test-runpod"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeRunPod(api_key=API_KEY, boot_seconds=0.3, restart_backoff=0.5, kill_grace=2, log_follow_seconds=0.3) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def prefect_client(prefect_api):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def runpod_pool(request, prefect_client, fake):
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")
+    name = f"{POOL}-{module}"[:60]
+    make_pool(prefect_client, fake, name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def runpod_worker_log(tmp_path_factory):
+    return tmp_path_factory.mktemp("runpod-worker") / "worker.log"
+
+
+@pytest.fixture(scope="module")
+def runpod_worker(prefect_api, runpod_pool, runpod_worker_log):
+    with prefect_worker(prefect_api, runpod_pool, "runpod", WORKER_ENV, runpod_worker_log) as proc:
+        yield proc
+
+
+@pytest.fixture
+def start_run(prefect_client, runpod_pool, runpod_worker, request):
+    """Deploy the sleeper with job variables and start a run: start_run(seconds=..., **job_variables) -> flow run."""
+
+    def start(seconds=1.0, fail=False, **job_variables):
+        name = f"{request.node.name[:40]}-{len(job_variables)}"
+        deployment_id = deploy(prefect_client, runpod_pool, name, **job_variables)
+        return prefect_client.create_flow_run_from_deployment(
+            deployment_id, parameters={"seconds": seconds, "fail": fail}
+        )
+
+    return start
+
+
+def assert_outputs_intact(payloads: dict[Any, str]) -> None:
+    """Each finished run's output (see runpod_flows.sleeper's `payload`) is in storage, byte for byte."""
+    from ow_prefect.hashing import file_id, sha256_bytes
+    from ow_prefect.storage import Storage
+
+    storage = Storage.from_settings()
+    for flow_run_id, payload in payloads.items():
+        expected = file_id("result", sha256_bytes(payload.encode()))
+        assert storage.get_bytes(expected) == payload.encode(), f"output of {flow_run_id} is missing or changed"
