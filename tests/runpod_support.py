@@ -150,14 +150,13 @@ def runpod_worker(prefect_api, runpod_pool, runpod_worker_log):
 
 @pytest.fixture
 def start_run(prefect_client, runpod_pool, runpod_worker, request):
-    """Deploy the sleeper with job variables and start a run: start_run(seconds=..., **job_variables) -> flow run."""
+    """Deploy the sleeper with job variables and start a run: start_run(seconds=..., payload=..., **job_variables)."""
 
-    def start(seconds=1.0, fail=False, **job_variables):
+    def start(seconds=1.0, fail=False, payload=None, **job_variables):
         name = f"{request.node.name[:40]}-{len(job_variables)}"
         deployment_id = deploy(prefect_client, runpod_pool, name, **job_variables)
-        return prefect_client.create_flow_run_from_deployment(
-            deployment_id, parameters={"seconds": seconds, "fail": fail}
-        )
+        parameters = {"seconds": seconds, "fail": fail, **({"payload": payload} if payload else {})}
+        return prefect_client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
 
     return start
 

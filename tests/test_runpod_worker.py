@@ -59,7 +59,7 @@ def test_a_run_gets_its_own_pod_which_is_deleted_when_it_completes(prefect_clien
     assert pod.env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
     assert pod.args == POD_COMMAND
 
-    from prefect.prefect_client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     def cost():
         found = prefect_client.read_artifacts(

@@ -53,7 +53,7 @@ def _prefect_cli() -> list[str]:
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, timeout: float = 90, port: int | None = None) -> Iterator[str]:
+def prefect_server(home: Path, timeout: float = 240, port: int | None = None) -> Iterator[str]:
     """Run `prefect server start` (SQLite in `home`) on `port` or a free loopback port; yield its API URL.
     Started again with the same home and port, it is the same server after a restart."""
     home.mkdir(parents=True, exist_ok=True)
