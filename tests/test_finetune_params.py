@@ -3,7 +3,7 @@
 import pytest
 
 from ow_prefect import OpenWeights, ParameterError
-from ow_prefect.jobs.finetune import FineTuneJob, FineTuningParams
+from ow_prefect.jobs.finetune import FineTuneJob, FineTuningParams, WeightedSFTJob
 from ow_prefect.jobs.vram import estimate_vram_gb, parameter_count
 
 CONV = "conversations:file-0123456789ab"
@@ -57,7 +57,18 @@ def test_equal_learning_rates_give_equal_job_ids():
         ({"finetuned_model_id": "{user}/x"}, "unknown placeholder(s) ['user']"),
         ({"finetuned_model_id": "just-a-name"}, "must look like 'org/name'"),
         ({"test_file": CONV, "test_file_eval_strategy": "steps"}, "needs test_file_eval_steps"),
-        ({"loss": "ppo"}, "loss: Input should be 'sft', 'dpo' or 'orpo'"),
+        ({"loss": "ppo"}, "loss: Input should be 'sft', 'dpo', 'orpo' or 'weighted_sft'"),
+        ({"loss": "weighted_sft"}, "loss: 'weighted_sft' belongs to job type weighted_sft: use ow.weighted_sft.create"),
+        (
+            {"load_in_4bit": True, "merge_before_push": False, "logp_callback_datasets": {"a": CONV}},
+            "logp_callback_datasets cannot be used with load_in_4bit=True",
+        ),
+        ({"logp_callback_datasets": {"a": PREF}}, "logp_callback_datasets['a']: 'preference:file-0123456789ab' is not"),
+        ({"logp_callback_datasets": {"a/b": CONV}}, "logp_callback_datasets: tag 'a/b' must be"),
+        ({"eval_every_n_steps": 0}, "eval_every_n_steps: 0 must be at least 1"),
+        ({"sampling_callbacks": [{"dataset": PREF}]}, "sampling_callbacks.0: Value error, dataset: 'preference:"),
+        ({"sampling_callbacks": [{"dataset": CONV, "eval_steps": 0}]}, "eval_steps: 0 must be at least 1"),
+        ({"sampling_callbacks": [{"dataset": CONV}, {"dataset": CONV}]}, "tags ['samples', 'samples'] repeat"),
         ({"job_id_suffix": "Has Spaces"}, "job_id_suffix"),
     ],
 )
@@ -75,6 +86,25 @@ def test_deployment_and_suffix():
     assert FineTuneJob.deployment_for(params(loss="dpo", training_file=PREF)) == "finetune/dpo"
     job_id = OpenWeights().fine_tuning.validate(model="m", training_file=CONV, job_id_suffix="run-2")
     assert job_id.endswith("-run-2")
+
+
+def test_weighted_sft_is_its_own_job_type_on_its_own_deployment():
+    ow = OpenWeights()
+    validated = ow.weighted_sft.validate(model="m", training_file=CONV)
+    assert validated.startswith("ftjob-")  # inference, APIs and evals take it like any fine-tuning job
+    params = WeightedSFTJob.validate_params(model="m", training_file=CONV)
+    assert params.loss == "weighted_sft" and WeightedSFTJob.deployment_for(params) == "finetune/weighted-sft"
+    with pytest.raises(ParameterError, match="packing: weighted SFT keeps each row's token weights apart"):
+        ow.weighted_sft.validate(model="m", training_file=CONV, packing=True)
+    with pytest.raises(ParameterError, match="needs a 'conversations' file"):
+        ow.weighted_sft.validate(model="m", training_file=PREF)
+
+
+def test_callbacks_are_parameters_with_openweights_defaults():
+    p = params(logp_callback_datasets={"heldout": CONV}, sampling_callbacks=[{"dataset": CONV, "eval_steps": 5}])
+    assert p.eval_every_n_steps == "log"
+    spec = p.sampling_callbacks[0]
+    assert (spec.tag, spec.temperature, spec.max_tokens, spec.batch_size) == ("samples", 0.0, 600, 8)
 
 
 def test_parameter_count_from_config_matches_the_model(tiny_model):

@@ -1,4 +1,5 @@
-"""`finetune`: LoRA fine-tuning with SFT, DPO or ORPO (deployments finetune/sft, finetune/dpo, finetune/orpo).
+"""`finetune`: LoRA fine-tuning with SFT, DPO, ORPO or token-weighted SFT (deployments finetune/sft, finetune/dpo,
+finetune/orpo, finetune/weighted-sft).
 
 Training data comes from storage by file id; the adapter (and the merged model when `merge_before_push`)
 goes back to storage, checkpoints too as they are written. A rerun of the same job resumes from its newest
@@ -14,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows._runtime import JobRun, run_once, start_job, with_params_signature
-from ow_prefect.jobs.finetune import FineTuneJob, FineTuningParams
+from ow_prefect.jobs.finetune import FineTuningParams, job_class_for
 
 ADAPTER_PURPOSE = "adapter"
 MODEL_PURPOSE = "model"
@@ -24,7 +25,7 @@ def _train(job: JobRun) -> dict[str, Any]:
     from flows.finetune import hub, reporting, train
 
     logger = get_run_logger()
-    cfg = FineTuningParams(**job.parameters)
+    cfg = job.job_cls.params(**job.parameters)
     flow_run_id = str(job.flow_run.id) if job.flow_run else None
     with tempfile.TemporaryDirectory(prefix=f"{job.id}-") as tmp:
         work = Path(tmp)
@@ -34,6 +35,12 @@ def _train(job: JobRun) -> dict[str, Any]:
         if resume_from:
             logger.info("resuming from stored checkpoint %s", resume_from.name)
         checkpoints = reporting.CheckpointSync(job.id, job.storage)
+        watched = {*cfg.logp_callback_datasets.values(), *(c.dataset for c in cfg.sampling_callbacks)}
+        dataset_paths = {
+            file_id: job.storage.download(file_id, work / "watch" / f"{n}.jsonl")
+            for n, file_id in enumerate(sorted(watched))
+        }
+        sink = reporting.PrefectSink(job.id, flow_run_id, job.storage)
         result = train.main(
             cfg,
             training_path,
@@ -41,6 +48,8 @@ def _train(job: JobRun) -> dict[str, Any]:
             work / "out",
             resume_from=resume_from,
             callbacks=[reporting.PrefectReporter(job.id, flow_run_id), checkpoints],
+            sink=sink,
+            dataset_paths=dataset_paths,
         )
         checkpoints.finish()
         adapter = job.storage.put_path(result.adapter_dir, ADAPTER_PURPOSE)
@@ -81,14 +90,15 @@ def _train(job: JobRun) -> dict[str, Any]:
         "resumed_from_step": result.resumed_from_step,
         "checkpoints": checkpoints.uploaded,
         "hub_model_id": hub_model_id,
-        "files": {"loss_curve.svg": loss_curve},
+        "files": {"loss_curve.svg": loss_curve, **sink.files},
+        **{kind: records for kind, records in sink.records.items() if records},
     }
 
 
 def finetune(**parameters: Any) -> dict[str, Any]:
-    """Fine-tune a model with LoRA (SFT, DPO or ORPO)."""
+    """Fine-tune a model with LoRA (SFT, DPO, ORPO or token-weighted SFT)."""
     ow_job = parameters.pop("ow_job", None)
-    job = start_job(FineTuneJob, parameters, ow_job)
+    job = start_job(job_class_for(parameters.get("loss", "sft")), parameters, ow_job)
     return run_once(job, _train)
 
 

@@ -7,6 +7,7 @@ training code itself (train.py) knows nothing of them.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import shutil
 import time
@@ -163,3 +164,56 @@ def publish_results(job_id: str, history: list[dict[str, Any]], storage: Storage
         description=f"loss curve of {job_id} (file {record.id})",
     )
     return record.id
+
+
+class PrefectSink:
+    """Where the logprob and sampling callbacks' results go in a flow run: each is a result file (its id in the
+    event, its path in job.outputs["files"]) and an event on the job (`ow.train.logprobs`, one
+    `ow.train.logprob_block` per tagged block, `ow.train.samples`)."""
+
+    def __init__(self, job_id: str, flow_run_id: str | None, storage: Storage):
+        self.job_id, self.storage = job_id, storage
+        self.related = PrefectReporter(job_id, flow_run_id).related
+        self.files: dict[str, str] = {}
+        self.records: dict[str, dict[str, list[dict[str, Any]]]] = {"logprobs": {}, "samples": {}}
+
+    def _store(self, kind: str, tag: str, step: int, rows: list[dict[str, Any]]) -> str:
+        from flows.finetune.callbacks import result_name
+
+        name = result_name(kind, tag, step)
+        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+        record = self.storage.put_bytes(data, "result", filename=name.replace("/", "-"))
+        self.files[name] = record.id
+        return record.id
+
+    def _emit(self, event: str, payload: dict[str, Any]) -> None:
+        emit_event(event=event, resource=job_resource(self.job_id), related=self.related, payload=payload)
+
+    def logprobs(self, tag: str, step: int, loss: float | None, rows: list[dict[str, Any]]) -> None:
+        from flows.finetune.logprobs import tagged_blocks
+
+        file_id = self._store("logprobs", tag, step, rows)
+        payload = {"type": "logprobs", "tag": tag, "step": step, "value": loss, "file": file_id}
+        self._emit("ow.train.logprobs", payload)
+        self.records["logprobs"].setdefault(tag, []).append(payload)
+        for conversation, row in enumerate(rows):
+            for message, block, content in tagged_blocks(row):
+                self._emit(
+                    "ow.train.logprob_block",
+                    {
+                        "type": "logprob_block",
+                        "source": tag,
+                        "tag": content["tag"],
+                        "step": step,
+                        "value": content.get("logprobs"),
+                        "weight": content.get("weight"),
+                        "conversation": conversation,
+                        "message": message,
+                        "block": block,
+                    },
+                )
+
+    def samples(self, tag: str, step: int, rows: list[dict[str, Any]]) -> None:
+        payload = {"type": "samples", "tag": tag, "step": step, "file": self._store("samples", tag, step, rows)}
+        self._emit("ow.train.samples", payload)
+        self.records["samples"].setdefault(tag, []).append(payload)

@@ -5,8 +5,9 @@ on its own with local paths:
 
     python -m flows.finetune.train --config cfg.json
 
-where cfg.json holds the `finetune` parameters with `training_file` / `test_file` as local JSONL paths, plus
-optional "output_dir".
+where cfg.json holds the `finetune` parameters with `training_file` / `test_file` (and the datasets of
+`logp_callback_datasets` / `sampling_callbacks`) as local JSONL paths, plus optional "output_dir"; the
+callbacks' files go under output_dir/callbacks/.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 from flows.finetune import backends, data  # noqa: E402
+from flows.finetune import callbacks as callbacks_module  # noqa: E402
 
 OPTIMIZERS = {
     "adamw": "adamw_torch",
@@ -97,10 +99,24 @@ def build_trainer(
     test_path: Path | None,
     output_dir: Path,
     callbacks: list[Any],
+    sink: callbacks_module.Sink | None = None,
+    dataset_paths: dict[str, Path] | None = None,
 ):
     tokenizer = data.prepare_tokenizer(loaded.tokenizer, cfg.chat_template)
     args = common_args(cfg, output_dir, test_path is not None)
-    if cfg.loss == "sft":
+    callbacks = [*callbacks, *callbacks_module.build(cfg, tokenizer, sink, dataset_paths or {})]
+    extra: dict[str, Any] = {}
+    if cfg.loss == "weighted_sft":
+        from trl import SFTConfig as Config
+
+        from flows.finetune.weighting import WeightedCollator, weighted_dataset
+        from flows.finetune.weighting import WeightedSFTTrainer as Trainer
+
+        def load(path: Path):
+            return weighted_dataset(path, tokenizer, cfg.train_on_responses_only, cfg.max_seq_length)
+
+        extra["data_collator"] = WeightedCollator(pad_token_id=tokenizer.pad_token_id)
+    elif cfg.loss == "sft":
         from trl import SFTConfig as Config
         from trl import SFTTrainer as Trainer
 
@@ -124,6 +140,7 @@ def build_trainer(
         eval_dataset=load(test_path) if test_path else None,
         processing_class=tokenizer,
         callbacks=callbacks,
+        **extra,
     )
 
 
@@ -140,11 +157,17 @@ def main(
     *,
     callbacks: list[Any] = (),
     resume_from: Path | None = None,
+    sink: callbacks_module.Sink | None = None,
+    dataset_paths: dict[str, Path] | None = None,
 ) -> TrainResult:
-    """Train and save the adapter (and the merged model when cfg.merge_before_push) under `output_dir`."""
+    """Train and save the adapter (and the merged model when cfg.merge_before_push) under `output_dir`.
+    `sink` receives what logp_callback_datasets / sampling_callbacks compute; `dataset_paths` maps their file
+    ids to local files."""
     output_dir.mkdir(parents=True, exist_ok=True)
     loaded = backends.load(cfg)
-    trainer = build_trainer(cfg, loaded, training_path, test_path, output_dir, list(callbacks))
+    trainer = build_trainer(
+        cfg, loaded, training_path, test_path, output_dir, list(callbacks), sink=sink, dataset_paths=dataset_paths
+    )
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     history = trainer.state.log_history
     evaluated_at = [h["step"] for h in history if "eval_loss" in h]
@@ -184,17 +207,28 @@ def cli(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--config", required=True, type=Path)
     args = parser.parse_args(argv)
-    from ow_prefect.jobs.finetune import FineTuningParams
+    from ow_prefect.jobs.finetune import DATA_PURPOSE, job_class_for
 
     raw = json.loads(args.config.read_text())
     output_dir = Path(raw.pop("output_dir", "finetune-output"))
-    training_path, test_path = Path(raw["training_file"]), raw.get("test_file")
-    purpose = "conversations" if raw.get("loss", "sft") == "sft" else "preference"
-    raw["training_file"] = f"{purpose}:file-{'0' * 12}"
-    if test_path:
-        raw["test_file"] = raw["training_file"]
-    cfg = FineTuningParams(**raw)
-    result = main(cfg, training_path, Path(test_path) if test_path else None, output_dir)
+    loss = raw.get("loss", "sft")
+    paths: dict[str, Path] = {}
+
+    def local(path: str, purpose: str = "conversations") -> str:
+        file_id = f"{purpose}:file-{len(paths):012x}"
+        paths[file_id] = Path(path)
+        return file_id
+
+    raw["training_file"] = local(raw["training_file"], DATA_PURPOSE[loss])
+    if raw.get("test_file"):
+        raw["test_file"] = local(raw["test_file"], DATA_PURPOSE[loss])
+    raw["logp_callback_datasets"] = {tag: local(p) for tag, p in raw.get("logp_callback_datasets", {}).items()}
+    for spec in raw.get("sampling_callbacks", []):
+        spec["dataset"] = local(spec["dataset"])
+    cfg = job_class_for(loss).params(**raw)
+    sink = callbacks_module.LocalSink(output_dir / "callbacks")
+    test_path = paths[cfg.test_file] if cfg.test_file else None
+    result = main(cfg, paths[cfg.training_file], test_path, output_dir, sink=sink, dataset_paths=paths)
     print(
         json.dumps(
             {
@@ -203,6 +237,7 @@ def cli(argv: list[str] | None = None) -> int:
                 "eval_loss": result.eval_loss,
                 "steps": result.global_step,
                 "backend": result.backend,
+                "callbacks": sink.records,
             }
         )
     )

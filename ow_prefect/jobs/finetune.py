@@ -8,14 +8,67 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, register
+from ow_prefect.jobs.base import Job, parameter_error, register
 from ow_prefect.storage import ID_RE
 
-Loss = Literal["sft", "dpo", "orpo"]
-DATA_PURPOSE: dict[str, str] = {"sft": "conversations", "dpo": "preference", "orpo": "preference"}
+Loss = Literal["sft", "dpo", "orpo", "weighted_sft"]
+DATA_PURPOSE: dict[str, str] = {
+    "sft": "conversations",
+    "dpo": "preference",
+    "orpo": "preference",
+    "weighted_sft": "conversations",
+}
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MODEL_ID_FIELDS = {"job_id", "model_name", "org"}
 SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+Every = int | Literal["log"]
+EVERY_HELP = "an integer N (every N steps) or 'log' (steps 1-9, 10, 20, ..., 100, 200, ...); also step 0 and the last"
+
+
+def conversations_file(field: str, value: str) -> str:
+    """`value` if it is a 'conversations' file id, else an error naming `field` and how to make one."""
+    match = ID_RE.match(value)
+    if not match or match["purpose"] != "conversations" or match["kind"] != "file":
+        raise ValueError(
+            f"{field}: {value!r} is not a 'conversations' file id; upload it with "
+            "ow.files.upload(path, purpose='conversations')"
+        )
+    return value
+
+
+def check_tag(field: str, tag: str) -> str:
+    if not TAG_RE.match(tag):
+        raise ValueError(f"{field}: tag {tag!r} must be 1-64 letters, digits, '.', '-' or '_' (it names result files)")
+    return tag
+
+
+def check_every(field: str, value: Every) -> Every:
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"{field}: {value} must be at least 1, or 'log'")
+    return value
+
+
+class SamplingCallback(BaseModel):
+    """One sampling callback: completions of `dataset`'s prompts every `eval_steps` while training runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        description="'conversations' file id of the prompts (a trailing assistant message is a prefix)."
+    )
+    eval_steps: Every = Field(default="log", description=f"When to sample: {EVERY_HELP}.")
+    tag: str = Field(default="samples", description="Name of this callback's events and result files.")
+    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
+    max_tokens: int = Field(default=600, ge=1, description="Most tokens per completion.")
+    batch_size: int = Field(default=8, ge=1, description="Prompts generated at once.")
+
+    @model_validator(mode="after")
+    def _fields(self) -> SamplingCallback:
+        conversations_file("dataset", self.dataset)
+        check_tag("tag", self.tag)
+        check_every("eval_steps", self.eval_steps)
+        return self
 
 
 class FineTuningParams(BaseModel):
@@ -82,6 +135,17 @@ class FineTuningParams(BaseModel):
         description="'default' keeps the tokenizer's template (ChatML "
         "when it has none); any other value is used as the Jinja template.",
     )
+    logp_callback_datasets: dict[str, str] = Field(
+        default_factory=dict,
+        description="{tag: 'conversations' file id}: at step 0 and every eval_every_n_steps, each dataset's mean "
+        "per-token loss becomes an event and its tokens' (and blocks') logprobs a result file.",
+    )
+    eval_every_n_steps: Every = Field(default="log", description=f"When logp_callback_datasets run: {EVERY_HELP}.")
+    sampling_callbacks: list[SamplingCallback] = Field(
+        default_factory=list,
+        description="Completions of a dataset's prompts while training runs: [{dataset, eval_steps, tag, "
+        "temperature, max_tokens, batch_size}].",
+    )
     meta: dict[str, Any] | None = Field(default=None, description="Free-form metadata kept with the job.")
     requires_vram_gb: int | None = Field(
         default=None, ge=0, description="GPU memory to ask for; default: estimated from the model's config."
@@ -135,6 +199,9 @@ class FineTuningParams(BaseModel):
                 raise ValueError(
                     f"{field}: loss={self.loss!r} needs a '{purpose}' file, got a '{match['purpose']}' file ({value})"
                 )
+        self._check_callbacks()
+        if self.loss == "weighted_sft" and self.packing:
+            raise ValueError("packing: weighted SFT keeps each row's token weights apart; set packing=False")
         if self.test_file and self.test_file_eval_strategy == "steps" and not self.test_file_eval_steps:
             raise ValueError("test_file_eval_strategy='steps' needs test_file_eval_steps")
         if self.merge_before_push is None:
@@ -146,6 +213,28 @@ class FineTuningParams(BaseModel):
             )
         return self
 
+    def _check_callbacks(self) -> None:
+        for tag, file_id in self.logp_callback_datasets.items():
+            check_tag("logp_callback_datasets", tag)
+            conversations_file(f"logp_callback_datasets[{tag!r}]", file_id)
+        check_every("eval_every_n_steps", self.eval_every_n_steps)
+        tags = [c.tag for c in self.sampling_callbacks]
+        if len(set(tags)) < len(tags):
+            raise ValueError(f"sampling_callbacks: tags {tags} repeat; give each callback its own tag")
+        if self.load_in_4bit and self.logp_callback_datasets:
+            raise ValueError(
+                "logp_callback_datasets cannot be used with load_in_4bit=True (logprob tracking is not supported "
+                "on 4-bit models); set load_in_4bit=False or drop logp_callback_datasets"
+            )
+
+
+class WeightedSFTParams(FineTuningParams):
+    """Parameters of token-weighted SFT: the fine-tuning parameters, with block weights in the training data."""
+
+    loss: Literal["weighted_sft"] = Field(
+        default="weighted_sft", description="Token-weighted SFT: loss = sum(w * CE) / sum(|w|) over tokens."
+    )
+
 
 @register("fine_tuning")
 class FineTuneJob(Job):
@@ -156,10 +245,19 @@ class FineTuneJob(Job):
     params = FineTuningParams
     code = ("flows/finetune", "flows/_runtime.py")
     id_prefix = "ftjob"
+    losses: tuple[str, ...] = ("sft", "dpo", "orpo")
+
+    @classmethod
+    def validate_params(cls, **kwargs: Any) -> BaseModel:
+        validated = super().validate_params(**kwargs)
+        if validated.loss not in cls.losses:
+            other = "weighted_sft" if validated.loss == "weighted_sft" else "fine_tuning"
+            raise parameter_error(cls, [f"loss: {validated.loss!r} belongs to job type {other}: use ow.{other}.create"])
+        return validated
 
     @classmethod
     def deployment_for(cls, validated: FineTuningParams) -> str:
-        return f"finetune/{validated.loss}"
+        return f"finetune/{validated.loss.replace('_', '-')}"
 
     @classmethod
     def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None, code: str | None = None) -> str:
@@ -180,3 +278,18 @@ class FineTuneJob(Job):
                 batch_size=validated.per_device_train_batch_size,
             )
         return {"min_vram_gb": vram}
+
+
+@register("weighted_sft")
+class WeightedSFTJob(FineTuneJob):
+    """Token-weighted SFT on block-formatted conversations (block `weight`: 0 ignores, negative unlearns).
+    Its id starts with ftjob- like every fine-tuning job, so inference, APIs and evals take it the same way."""
+
+    deployment = "finetune/weighted-sft"
+    params = WeightedSFTParams
+    losses = ("weighted_sft",)
+
+
+def job_class_for(loss: str) -> type[FineTuneJob]:
+    """The job type whose flow runs train with `loss` (the `finetune` flow serves both)."""
+    return WeightedSFTJob if loss == "weighted_sft" else FineTuneJob

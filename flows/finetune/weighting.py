@@ -1,0 +1,77 @@
+"""Token-weighted SFT: block weights become token weights, and the loss is Σ(w·CE) / Σ|w| over tokens.
+
+A weight of 0 takes a block out of the loss (no gradient), a negative weight pushes its likelihood down. With
+no weights (or all 1) the tokens and the loss are plain SFT's. The normalisation is per micro-batch; with
+gradient accumulation the trainer averages the micro-batches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from flows.finetune.data import read_jsonl
+from flows.finetune.logprobs import encode, token_weights
+
+WEIGHTS = "token_weights"
+
+
+def weighted_row(tokenizer: Any, row: dict[str, Any], responses_only: bool, max_length: int) -> dict[str, list]:
+    encoded = encode(tokenizer, row, responses_only)
+    weights = token_weights(encoded)[:max_length]
+    input_ids = encoded.input_ids[:max_length]
+    labels = [token if weight else -100 for token, weight in zip(input_ids, weights, strict=True)]
+    return {"input_ids": input_ids, "labels": labels, WEIGHTS: weights}
+
+
+def weighted_dataset(path: str | Path, tokenizer: Any, responses_only: bool, max_length: int):
+    from datasets import Dataset
+
+    rows = [weighted_row(tokenizer, row, responses_only, max_length) for row in read_jsonl(path)]
+    return Dataset.from_list([r for r in rows if any(r[WEIGHTS])])
+
+
+class WeightedCollator(DataCollatorForLanguageModeling):
+    """TRL's padding, plus the token weights padded with 0."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call([{k: v for k, v in e.items() if k != WEIGHTS} for e in examples])
+        weights = torch.zeros(output["input_ids"].shape, dtype=torch.float32)
+        for row, example in enumerate(examples):
+            weights[row, : len(example[WEIGHTS])] = torch.tensor(example[WEIGHTS], dtype=torch.float32)
+        output[WEIGHTS] = weights
+        return output
+
+
+def weighted_loss(logits: torch.Tensor, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ(w·CE) / Σ|w| over the predicted tokens (token t is predicted from the ones before it)."""
+    target_weights = weights[:, 1:].to(logits.device)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), input_ids[:, 1:].reshape(-1), reduction="none"
+    ).view_as(target_weights)
+    return (target_weights * ce).sum() / target_weights.abs().sum().clamp_min(1e-8)
+
+
+class WeightedSFTTrainer(SFTTrainer):
+    """SFTTrainer whose loss weighs each token by its block's weight (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # The loss is normalised per micro-batch by Σ|w|: the Trainer then divides by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if WEIGHTS not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, WEIGHTS]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weights = inputs.pop(WEIGHTS)
+        inputs.pop("labels", None)
+        outputs = model(**inputs, use_cache=False)
+        loss = weighted_loss(outputs.logits, inputs["input_ids"], weights)
+        return (loss, outputs) if return_outputs else loss
