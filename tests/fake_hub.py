@@ -1,10 +1,10 @@
 """A FAKE Hugging Face Hub for the push at the end of fine-tuning (the Hub has no local stand-in; nothing here
 can reach huggingface.co). Point `HF_ENDPOINT` at `url`.
 
-It serves the four calls `HfApi.whoami`, `create_repo` and `upload_folder` make — whoami, repo create,
-preupload (every file "regular": its bytes travel base64 inside the commit) and the ndjson commit — checks the
-bearer token, and keeps what was committed in `repos` (repo id -> {path: bytes}) and every token it was shown in
-`tokens`. Not a model of the Hub: no LFS/Xet, no revisions, no pull requests.
+It serves the calls `HfApi.whoami`, `create_repo` and `upload_folder` make — whoami, repo create, the model
+card's YAML check, preupload (every file "regular": its bytes travel base64 inside the commit) and the ndjson
+commit — checks the bearer token, and keeps what was committed in `repos` (repo id -> {path: bytes}) and every
+token it was shown in `tokens`. Not a model of the Hub: no LFS/Xet, no revisions, no pull requests.
 """
 
 from __future__ import annotations
@@ -62,6 +62,10 @@ class FakeHub:
             self.repos[repo_id] = {}
             self.private[repo_id] = body.get("visibility") == "private" or bool(body.get("private"))
             return {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": uuid.uuid4().hex}
+
+        @app.post("/api/validate-yaml")
+        async def validate_yaml(request: Request):  # the model card's metadata, checked before a commit
+            return self._refused(request) or {"errors": [], "warnings": []}
 
         @app.post("/api/models/{owner}/{name}/preupload/{revision}")
         async def preupload(owner: str, name: str, revision: str, request: Request):

@@ -86,7 +86,7 @@ def everything_recorded(client, fake: FakeRunPod, since: datetime, worker_log) -
         "artifacts": "\n".join(f"{a.key} {a.description} {a.data}" for a in client.read_artifacts()),
         "variables": "\n".join(f"{v.name} {v.value}" for v in client.read_variables()),
         "pod names": "\n".join(pod.name for pod in fake.pods.values()),
-        "pod logs": "\n".join(line.text for pod in fake.pods.values() for line in pod.logs),
+        "pod logs": "\n".join(entry.line for pod in fake.pods.values() for entry in pod.logs),
         "worker log": worker_log.read_text(),
     }
 
@@ -192,8 +192,9 @@ def test_a_wrong_runpod_key_fails_the_run_as_an_auth_error_without_retrying(pref
         with prefect_worker(prefect_api, "ow-test-runpod-wrong-key", "runpod", WORKER_ENV, tmp_path / "w.log"):
             flow_run = prefect_client.create_flow_run_from_deployment(deployment_id)
             done = wait_for(prefect_client, flow_run.id, finished, timeout=90)
-        refused = [(method, path) for method, path, _ in fake.requests if "/pods" in path or "/catalog" in path]
-        assert len(refused) == 1, refused  # one answer 401 is final: no retry, no pod
+        catalog = [path for method, path, _ in fake.requests if path.endswith("/catalog/gpus")]
+        creates = [path for method, path, _ in fake.requests if method == "POST"]
+        assert len(catalog) == 1 and not creates, fake.requests  # a 401 is final: no retry, no pod
         assert not fake.pods
     assert (done.state.is_crashed() or done.state.is_failed()) and "RunPod refused the API key" in done.state.message
     assert "rpa_SECRET_wrong_key" not in done.state.message + (tmp_path / "w.log").read_text()
