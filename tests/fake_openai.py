@@ -12,8 +12,8 @@ The Files and Batches APIs follow OpenAI's documented shapes: `POST /v1/files` (
 /v1/batches/{id}/cancel`. A batch moves one status per retrieve (validating → in_progress → completed) unless
 `hold_batches` is set; when it completes, every line is answered like a chat request, written to the output
 file in *reverse* order (OpenAI does not promise input order), and a request whose last message contains
-`FAIL` goes to the error file with a 400 (and gets a 400 from the chat route too). `batches` and `files` hold
-what was created, for assertions.
+`FAIL` goes to the error file with a 400 (and gets a 400 from the chat route too). `batch_outcome` makes batches
+fail validation or expire half done instead. `batches` and `files` hold what was created, for assertions.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class FakeOpenAI:
     files: dict = field(default_factory=dict)  # file id -> {"purpose", "filename", "content": bytes}
     batches: dict = field(default_factory=dict)  # batch id -> OpenAI's Batch object (a dict)
     hold_batches: bool = False  # batches stay in_progress until this is False again
+    batch_outcome: str = "completed"  # or "failed" (validation: no output), "expired" (the first half answered)
 
     def fail(self, status: int, times: int = 1, retry_after: float | None = None) -> None:
         self.faults = Faults(status=status, times=times, retry_after=retry_after, delay=self.faults.delay)
@@ -213,9 +214,22 @@ class FakeOpenAI:
 
     def _finish(self, batch: dict, store) -> None:
         lines = [json.loads(line) for line in self.files[batch["input_file_id"]]["content"].splitlines() if line]
+        if self.batch_outcome == "failed":
+            error = {"code": "invalid_json_line", "message": "injected validation failure", "line": 1, "param": None}
+            batch.update(status="failed", errors={"object": "list", "data": [error]})
+            return
         outputs, errors = [], []
         for number, line in enumerate(lines):
             body = line["body"]
+            if self.batch_outcome == "expired" and number >= len(lines) // 2:  # OpenAI's shape for expired requests
+                expired = {
+                    "code": "batch_expired",
+                    "message": "This request could not be executed before the batch expired.",
+                }
+                errors.append(
+                    {"id": f"batch_req_{number}", "custom_id": line["custom_id"], "response": None, "error": expired}
+                )
+                continue
             self.requests[json.dumps(body, sort_keys=True)] += 1
             record = {"id": f"batch_req_{number}", "custom_id": line["custom_id"], "error": None}
             if "FAIL" in str(body["messages"][-1]["content"]):
@@ -224,7 +238,7 @@ class FakeOpenAI:
                 outputs.append(
                     {**record, "response": {"status_code": 200, "request_id": "req", "body": completion(body)}}
                 )
-        batch["status"] = "completed"
+        batch["status"] = "expired" if self.batch_outcome == "expired" else "completed"
         batch["request_counts"] = {"total": len(lines), "completed": len(outputs), "failed": len(errors)}
         for key, records in (("output_file_id", outputs), ("error_file_id", errors)):
             if records:

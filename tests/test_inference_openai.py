@@ -2,7 +2,11 @@
 and Batches routes as OpenAI documents them: OpenAI has no local stand-in). Embedded jobs, real Prefect."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -10,6 +14,7 @@ import pytest
 from ow_prefect import OpenWeights, ParameterError
 from ow_prefect.jobs.inference import OPENAI_DEPLOYMENT, InferenceJob
 from ow_prefect.testing.tiny_model import write_jsonl
+from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI
 from tests.helpers import eventually
 
@@ -127,6 +132,18 @@ def test_more_rows_than_one_batch_holds_become_several_batches_in_order(fake, pr
     check_rows(result_rows(ow, restarted))
 
 
+def test_an_expired_batch_keeps_its_answers_and_a_failed_one_fails_the_job_with_openai_s_reason(fake, prompts):
+    ow = OpenWeights()
+    fake.batch_outcome = "expired"
+    rows = result_rows(ow, ow.inference.create(model=MODEL, input_file_id=prompts, max_tokens=45, seed=7))
+    assert [row["completion"] is not None for row in rows] == [True, True, True, False, False, False]
+    assert rows[4]["error"] == "batch_expired: This request could not be executed before the batch expired."
+    fake.batch_outcome = "failed"
+    failed = ow.inference.create(model=MODEL, input_file_id=prompts, max_tokens=46, seed=7)
+    assert failed.status == "failed" and "answered none of the 6 rows" in failed.error
+    assert "(status failed: invalid_json_line: injected validation failure)" in failed.error
+
+
 def test_cancelling_the_job_cancels_its_openai_batch(fake, prompts):
     ow = OpenWeights()
     params = dict(model=MODEL, input_file_id=prompts, max_tokens=50, seed=4)
@@ -146,6 +163,28 @@ def test_cancelling_the_job_cancels_its_openai_batch(fake, prompts):
     retried = ow.inference.create(**params)  # a cancelled batch is not picked up again: a new one
     assert retried.status == "completed" and len(fake.batches) == 2
     check_rows(result_rows(ow, retried))
+
+
+def test_a_terminated_run_cancels_its_openai_batch(fake, prompts, tmp_path):
+    """What a worker does to a cancelled run: SIGTERM to the flow's process (Prefect raises TerminationSignal
+    in the flow). Here the flow runs embedded in a child process, so the signal reaches it the same way."""
+    fake.hold_batches = True
+    script = (
+        "from ow_prefect import OpenWeights\n"
+        f"OpenWeights().inference.create(model={MODEL!r}, input_file_id={prompts!r}, max_tokens=80, seed=5)\n"
+    )
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}  # its own embedded API
+    log = (tmp_path / "child.log").open("w")
+    child = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert eventually(lambda: [b for b in fake.batches.values() if b["status"] == "in_progress"], timeout=240)
+        child.send_signal(signal.SIGTERM)
+        child.wait(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    (batch,) = fake.batches.values()
+    assert batch["status"] in ("cancelling", "cancelled"), (tmp_path / "child.log").read_text()[-3000:]
 
 
 @pytest.mark.parametrize(
@@ -180,6 +219,22 @@ def test_openai_jobs_run_on_a_process_pool_without_a_gpu(fake, prompts):
     validated = InferenceJob.validate_params(model="gpt-4.1", input_file_id=prompts, use_batch=False)
     assert InferenceJob.deployment_for(validated) == OPENAI_DEPLOYMENT
     assert InferenceJob.job_variables(validated) == {}  # no min_vram_gb (and no look-up of a model config)
+
+
+@pytest.mark.usefixtures("use_server", "deployed")
+def test_on_a_server_openai_jobs_are_submitted_to_inference_openai_with_no_gpu_variables(fake, prompts):
+    from prefect.client.orchestration import get_client
+
+    ow = OpenWeights()
+    job = ow.inference.create(model=MODEL, input_file_id=prompts, max_tokens=90, seed=6)
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(job.flow_run_id)
+            assert client.read_deployment(run.deployment_id).name == "openai"
+            assert "min_vram_gb" not in (run.job_variables or {})
+            assert run.parameters["use_batch"] is True and KEY not in json.dumps(run.parameters)
+    finally:
+        ow.jobs.cancel(job.id)  # no worker here has the fake's address
 
 
 def test_the_key_reaches_no_parameter_log_result_or_artifact(fake, prompts):

@@ -187,8 +187,8 @@ class OpenAIBatches:
             self._cancel()
             raise
         answers: list[dict[str, Any] | str] = [
-            f"no answer from OpenAI batch {batch.id} (status {batch.status})"
-            for (start, content), batch in zip(chunks, final, strict=True)
+            unanswered(batch)
+            for (_, content), batch in zip(chunks, final, strict=True)
             for _ in range(content.count(b"\n"))
         ]
         for batch in final:
@@ -271,10 +271,8 @@ class OpenAIBatches:
 
     def _collect(self, batch: Any, answers: list[dict[str, Any] | str]) -> None:
         """Each line of the batch's output and error files, into the answer of the row its `custom_id` names."""
-        if batch.status == "failed" and batch.errors and batch.errors.data:
-            self.logger.error(
-                "OpenAI batch %s failed: %s", batch.id, "; ".join(e.message or "" for e in batch.errors.data)
-            )
+        if batch.status != "completed":
+            self.logger.error("OpenAI batch %s ended: %s", batch.id, unanswered(batch))
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
                 continue
@@ -295,6 +293,12 @@ class OpenAIBatches:
             pass
         except Exception as error:
             self.logger.warning("could not delete OpenAI file %s: %s", batch.input_file_id, type(error).__name__)
+
+
+def unanswered(batch: Any) -> str:
+    """The error of a row that has no line in its batch's output or error file."""
+    errors = "; ".join(f"{e.code}: {e.message}" for e in (batch.errors.data if batch.errors else None) or [])
+    return f"no answer from OpenAI batch {batch.id} (status {batch.status}{': ' + errors if errors else ''})"
 
 
 def batch_answer(record: dict[str, Any]) -> dict[str, Any] | str:
