@@ -1,6 +1,7 @@
 """Batch inference with OpenAI models against tests/fake_openai.py (a FAKE OpenAI server with the chat, Files
 and Batches routes as OpenAI documents them: OpenAI has no local stand-in). Embedded jobs, real Prefect."""
 
+import contextlib
 import json
 import os
 import re
@@ -175,14 +176,17 @@ def test_a_terminated_run_cancels_its_openai_batch(fake, prompts, tmp_path):
     )
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}  # its own embedded API
     log = (tmp_path / "child.log").open("w")
-    child = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         assert eventually(lambda: [b for b in fake.batches.values() if b["status"] == "in_progress"], timeout=240)
         child.send_signal(signal.SIGTERM)
         child.wait(timeout=120)
     finally:
-        if child.poll() is None:
-            child.kill()
+        with contextlib.suppress(ProcessLookupError):  # the child's embedded Prefect server outlives it otherwise
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
     (batch,) = fake.batches.values()
     assert batch["status"] in ("cancelling", "cancelled"), (tmp_path / "child.log").read_text()[-3000:]
 
