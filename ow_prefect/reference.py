@@ -111,7 +111,7 @@ def deployments_of(job_cls: type[Job]) -> list[str]:
     if "loss" in job_cls.params.model_fields:
         losses = job_cls.params.model_fields["loss"].annotation.__args__
         return [f"{job_cls.deployment.split('/')[0]}/{loss}" for loss in losses]
-    return [job_cls.deployment]
+    return [job_cls.deployment, *getattr(job_cls, "other_deployments", ())]
 
 
 def job_section(name: str, job_cls: type[Job]) -> list[str]:

@@ -11,6 +11,7 @@
 - ``OW_DEPLOYMENT_SUFFIX``: appended to every built-in deployment's name when the SDK submits, e.g. ``-local``
   for prefect.yaml's local variants (``finetune/sft-local`` on the ``local`` process pool); default none.
 - ``OW_CHAT_CACHE_DIR`` / ``OW_CHAT_CACHE_GB``: the chat client's disk cache (default ``OW_HOME/chat-cache``, 10).
+- ``OW_OPENAI_BATCH_POLL_SECONDS``: how often batch inference asks OpenAI how its batches are doing (default 30).
 - ``OW_RUNPOD_POLL_SECONDS``: how often the RunPod worker looks at each run and its pod (default 2).
 - ``OW_RUNPOD_RECONCILE_SECONDS``: how often the RunPod worker looks for orphaned pods (default 60).
 """
@@ -45,6 +46,9 @@ class OWSettings(BaseSettings):
     )
     chat_cache_dir: Path | None = Field(default=None, description="The chat client's disk cache directory.")
     chat_cache_gb: float = Field(default=10.0, gt=0, description="Size limit of the chat cache, in GiB.")
+    openai_batch_poll_seconds: float = Field(
+        default=30.0, gt=0, description="Batch inference: how often OpenAI's Batch API is polled."
+    )
     runpod_poll_seconds: float = Field(default=2.0, gt=0, description="RunPod worker: run and pod poll interval.")
     runpod_reconcile_seconds: float = Field(default=60.0, gt=0, description="RunPod worker: orphan sweep interval.")
 

@@ -42,13 +42,24 @@ def test_every_job_type_has_a_gpu_and_a_local_deployment(job_cls, deployment):
     assert "pull" not in local  # the project's pull step: this checkout
 
 
+CPU_ONLY = {"openai"}  # deployments that need no GPU: on the local pool under both names
+
+
 def test_every_gpu_deployment_has_a_local_variant_and_schedules_match():
     gpu = [name for name, spec in SPECS.items() if spec["work_pool"]["name"] == "gpu"]
     local = [name for name, spec in SPECS.items() if spec["work_pool"]["name"] == "local"]
-    assert sorted(name + LOCAL_SUFFIX for name in gpu) == sorted(local)
+    assert sorted(name + LOCAL_SUFFIX for name in [*gpu, *CPU_ONLY]) == sorted(set(local) - CPU_ONLY)
     for name in gpu:
         assert SPECS[name].get("schedules") == SPECS[name + LOCAL_SUFFIX].get("schedules")
         assert all(s["active"] is False for s in SPECS[name].get("schedules") or [])
+
+
+def test_openai_models_go_to_a_deployment_without_a_gpu_under_both_names():
+    from ow_prefect.jobs.inference import OPENAI_DEPLOYMENT, InferenceJob
+
+    name = OPENAI_DEPLOYMENT.split("/", 1)[1]
+    for spec in (SPECS[name], SPECS[name + LOCAL_SUFFIX]):
+        assert spec["entrypoint"] == InferenceJob.entrypoint and spec["work_pool"]["name"] == "local"
 
 
 @pytest.mark.parametrize("entrypoint", sorted({spec["entrypoint"] for spec in SPECS.values()}))

@@ -3,6 +3,8 @@
 The flow downloads the input (and the LoRA adapter, if any) from storage, runs `runner.py` in vLLM's own
 environment (`OW_VLLM_PYTHON`; Prefect and vLLM cannot share one), streams its progress lines into the run's
 logs, and stores the rows with their completions as a `result` file named in `job.outputs["result_file"]`.
+OpenAI models (deployment `inference/openai`, no GPU and no vLLM) go to OpenAI instead: `openai_models.py`
+(not `openai.py`: Prefect puts this directory on sys.path, where it would shadow the openai package).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import Cancelled
 
 from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, stream_command, with_params_signature
 from flows._vllm import adapter_rank, fit_max_model_len, vllm_env, vllm_python
+from flows.inference.openai_models import BatchesCancelled, run_openai
 from ow_prefect.jobs.inference import InferenceJob, InferenceParams
 
 RUNNER = Path(__file__).with_name("runner.py")
@@ -27,6 +31,8 @@ def _infer(job: JobRun) -> dict[str, Any]:
     cfg = InferenceParams(**job.parameters)
     with tempfile.TemporaryDirectory(prefix=f"{job.id}-") as tmp:
         work = Path(tmp)
+        if cfg.is_openai:
+            return run_openai(job, cfg, work)
         input_path = job.storage.download(cfg.input_file_id, work / "input.jsonl")
         adapter_dir = job.storage.download(cfg.adapter, work / "adapter") if cfg.adapter else None
         runner_config = {
@@ -71,7 +77,10 @@ def inference(**params: Any) -> dict[str, Any]:
     """Run a conversations file through a model (base or LoRA adapter) with vLLM; store the completions."""
     ow_job = params.pop("ow_job", None)
     job = start_job(InferenceJob, params, ow_job)
-    return run_once(job, _infer)
+    try:
+        return run_once(job, _infer)
+    except BatchesCancelled as cancelled:  # noticed by polling (embedded runs have no supervisor to stop them)
+        return Cancelled(message=str(cancelled))
 
 
 inference = flow(name="inference")(with_params_signature(inference, InferenceParams))

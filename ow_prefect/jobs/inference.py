@@ -123,6 +123,11 @@ class InferenceParams(ServedModel):
     chat_template: str | None = Field(default=None, description="Jinja chat template instead of the tokenizer's.")
     seed: int | None = Field(default=None, description="Sampling seed: same seed, same completions.")
     requires_vram_gb: int | None = Field(default=None, ge=0, description="GPU memory; default: estimated.")
+    use_batch: bool | None = Field(
+        default=None,
+        description="OpenAI models only ('openai/…'): True (the default for them) sends the rows through OpenAI's "
+        "Batch API (half the price, done within 24 h); False through the chat client (answers at once).",
+    )
 
     @field_validator("input_file_id")
     @classmethod
@@ -147,7 +152,58 @@ class InferenceParams(ServedModel):
             raise ValueError(
                 "n_completions_per_prompt > 1 needs temperature > 0: greedy decoding writes the same completion n times"
             )
+        if not self.is_openai:
+            if self.use_batch is not None:
+                raise ValueError("use_batch applies to OpenAI models ('openai/<name>') only; remove it for vLLM models")
+            return self
+        self._check_openai()
+        if self.use_batch is None:
+            self.use_batch = True  # as in OpenWeights; resolved here, so the job id names what runs
         return self
+
+    @property
+    def is_openai(self) -> bool:
+        from ow_prefect.chat.routing import is_openai
+
+        return isinstance(self.model, str) and is_openai(self.model)
+
+    def _check_openai(self) -> None:
+        """Refuse what OpenAI's chat API cannot do, before anything is sent (OpenWeights dropped it silently)."""
+        fields = type(self).model_fields
+        vllm_only = [name for name in VLLM_ONLY_FIELDS if getattr(self, name) != fields[name].default]
+        if vllm_only:
+            raise ValueError(f"{', '.join(vllm_only)}: vLLM settings, not for OpenAI model {self.model!r}; remove them")
+        if self.prefill:
+            raise ValueError("prefill: OpenAI's chat API cannot continue an assistant message; remove it")
+        if self.min_tokens > 1:
+            raise ValueError("min_tokens: OpenAI's chat API has no minimum length; remove it (or set it to 0 or 1)")
+        if len(self.stop) > OPENAI_MAX_STOP:
+            raise ValueError(f"stop: OpenAI takes at most {OPENAI_MAX_STOP} stop strings, not {len(self.stop)}")
+        problems = openai_row_problems(self.input_file_id)
+        if problems:
+            raise ValueError(f"input_file_id: {len(problems)} rows OpenAI cannot answer: " + "; ".join(problems[:5]))
+
+
+VLLM_ONLY_FIELDS = ("chat_template", "max_model_len", "quantization", "requires_vram_gb")
+OPENAI_MAX_STOP = 4
+
+
+def openai_row_problems(file_id: str) -> list[str]:
+    """Rows of a conversations file that OpenAI's chat API cannot answer: raw text (a `text` row) and
+    conversations ending with an assistant message (a prefix to continue)."""
+    import json
+
+    from ow_prefect.storage import Storage
+
+    problems = []
+    lines = Storage.from_settings().get_bytes(file_id).decode("utf-8").splitlines()
+    for number, line in enumerate((line for line in lines if line.strip()), start=1):
+        row = json.loads(line)
+        if "messages" not in row:
+            problems.append(f"line {number}: raw text, not 'messages' (OpenAI's chat API takes conversations only)")
+        elif row["messages"] and row["messages"][-1].get("role") == "assistant":
+            problems.append(f"line {number}: ends with an assistant message, which OpenAI cannot continue")
+    return problems
 
 
 class ServingJob(Job):
@@ -166,10 +222,24 @@ class ServingJob(Job):
 
 @register("inference")
 class InferenceJob(ServingJob):
-    """Runs a conversations file through a model (base or LoRA adapter) with vLLM's offline engine."""
+    """Runs a conversations file through a model (base or LoRA adapter) with vLLM's offline engine, or through
+    an OpenAI model ('openai/<name>') with OpenAI's Batch API or the chat client; the same result file."""
 
     deployment = "inference/batch"
     entrypoint = "flows/inference/flow.py:inference"
     params = InferenceParams
     code = ("flows/inference", "flows/_runtime.py", "flows/_vllm.py")
     id_prefix = "inferencejob"
+    other_deployments = ("inference/openai",)  # OpenAI models (listed in docs/reference.md)
+
+    @classmethod
+    def deployment_for(cls, validated: InferenceParams) -> str:
+        """OpenAI models need no GPU: `inference/openai` runs on a process pool (prefect.yaml's `local`)."""
+        return OPENAI_DEPLOYMENT if validated.is_openai else cls.deployment
+
+    @classmethod
+    def job_variables(cls, validated: InferenceParams) -> dict[str, Any]:
+        return {} if validated.is_openai else super().job_variables(validated)
+
+
+OPENAI_DEPLOYMENT = InferenceJob.other_deployments[0]
