@@ -51,9 +51,13 @@ def test_prefect_yaml_matches_job_types():
         assert job_cls.deployment.split("/")[1] in names_by_entrypoint[job_cls.entrypoint]
         for path in job_cls.code:
             assert (project_root() / path).exists(), f"{name}: code file {path} missing"
-    assert names_by_entrypoint[FineTuneJob.entrypoint] == {"sft", "dpo", "orpo", "sft-local", "dpo-local", "orpo-local"}
+    losses = {"sft", "dpo", "orpo", "weighted-sft"}
+    assert names_by_entrypoint[FineTuneJob.entrypoint] == losses | {f"{loss}-local" for loss in losses}
     presets = {d["name"]: d["parameters"]["loss"] for d in deployments if d["entrypoint"] == FineTuneJob.entrypoint}
-    assert presets == {name: name.removesuffix("-local") for name in names_by_entrypoint[FineTuneJob.entrypoint]}
+    expected = {
+        name: name.removesuffix("-local").replace("-", "_") for name in names_by_entrypoint[FineTuneJob.entrypoint]
+    }
+    assert presets == expected
 
 
 def test_project_root_is_the_repository():
