@@ -51,8 +51,9 @@ def _prefect_cli() -> list[str]:
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, timeout: float = 90) -> Iterator[str]:
-    """Run `prefect server start` (SQLite in `home`) on a free loopback port; yield its API URL."""
+def prefect_server(home: Path, timeout: float = 90, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run `prefect server start` (SQLite in `home`, unless `env` names another database) on a free loopback
+    port; yield its API URL."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
@@ -61,6 +62,7 @@ def prefect_server(home: Path, timeout: float = 90) -> Iterator[str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_API_URL": "",
+        **(env or {}),
     }
     log = home / "server.log"
     with open(log, "wb") as out:
