@@ -45,7 +45,14 @@ def postgres_api(tmp_path_factory):
         prefect_server(
             tmp_path_factory.mktemp("prefect-load-server"),
             timeout=180,
-            env={"PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url},
+            env={
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url,
+                # On 2 shared cores with 16 pods starting Prefect, a new PostgreSQL backend can take longer than
+                # Prefect's 5 s connect timeout (seen as 500s): keep connections pooled, wait longer for one.
+                "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
+                "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30",
+                "PREFECT_SERVER_DATABASE_TIMEOUT": "30",
+            },
         ) as url,
     ):
         yield url
