@@ -30,12 +30,15 @@ def parse(output: str) -> dict[str, Any] | None:
     return json.loads(lines[-1].removeprefix(PREFIX)) if lines else None
 
 
-def _number(value: float | None) -> str:
+def _number(value: float | None, unit: str = "") -> str:
     if value is None:
         return "—"
+    unit = f" {unit}" if unit else ""
+    if isinstance(value, int):
+        return f"{value}{unit}"
     if value == 0 or abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}"
+        return f"{value:.0f}{unit}"
+    return (f"{value:.3g}" if abs(value) < 1 else f"{value:.2f}") + unit
 
 
 def table(results: list[dict[str, Any]], failures: dict[str, str] | None = None) -> str:
@@ -44,11 +47,10 @@ def table(results: list[dict[str, Any]], failures: dict[str, str] | None = None)
     lines = []
     for result in results:
         for r in result["rows"]:
-            unit = f" {r['unit']}" if r.get("unit") else ""
             ratio = "—" if not r.get("baseline") else f"{r['ours'] / r['baseline']:.3f}×"
             met = {True: "yes", False: "NO", None: ""}[r.get("met")]
             lines.append(
-                (result["bench"], r["metric"], _number(r["ours"]) + unit, _number(r["baseline"]) + unit, ratio)
+                (result["bench"], r["metric"], _number(r["ours"], r["unit"]), _number(r["baseline"], r["unit"]), ratio)
                 + (r.get("goal", ""), met)
             )
     for bench, reason in (failures or {}).items():

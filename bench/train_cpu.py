@@ -28,6 +28,8 @@ os.environ.update(
     PREFECT_HOME=str(WORK / "prefect"),
     OW_TRAIN_BACKEND="transformers",
     PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    # The flow runs on Prefect's ephemeral server; on a busy machine it takes longer than the default 20 s to start.
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     TRL_EXPERIMENTAL_SILENCE="1",
     HF_HUB_OFFLINE="1",
 )

@@ -21,7 +21,7 @@ def test_result_line_round_trips_and_the_table_shows_ratios_goals_and_failures(c
     assert "160 req/s" in throughput and "150 req/s" in throughput and "1.067×" in throughput
     assert "ratio ≥ 0.95" in throughput and throughput.endswith("yes")
     cache = next(line for line in lines if "cache hit" in line)
-    assert "—" in cache  # no baseline, no ratio
+    assert "0.2 ms" in cache and "— ms" not in cache  # no baseline, no ratio
     assert "0.710×" in next(line for line in lines if line.startswith("gpu_cost"))
     failed = next(line for line in lines if line.startswith("worker"))
     assert "FAILED: exit status 1" in failed and failed.endswith("NO")
