@@ -14,8 +14,6 @@ test: setup
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .
 
+# Every bench/*.py, then one table of ratios against their baselines (bench/README.md).
 bench: setup
-	.venv/bin/python bench/submit.py
-	.venv/bin/python bench/train_cpu.py
-	.venv/bin/python bench/worker.py
-	.venv/bin/python bench/chat.py
+	.venv/bin/python bench/run.py

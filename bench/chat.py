@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+from bench.results import emit, row  # noqa: E402
+
 ROUNDS = 6
 
 
@@ -158,6 +160,29 @@ def main() -> None:
             f"{peak['rss']:.0f} MB while {args.queued} were (read ahead ≤ {ow.chat.settings.max_in_flight})"
         )
         ow.chat.close()
+        emit(
+            "chat",
+            [
+                row(
+                    f"throughput at {args.concurrency} in flight",
+                    round(ours),
+                    round(raw),
+                    "req/s",
+                    "ratio ≥ 0.95",
+                    ours >= 0.95 * raw,
+                ),
+                row("client CPU per request", round(ours_cpu, 3), round(raw_cpu, 3), "ms"),
+                row("cache hit p50", round(p50, 4), None, "ms", "ours ≤ 1 ms", p50 <= 1),
+                row(
+                    f"peak RSS, {args.queued} vs {small} fed",
+                    round(peak["rss"]),
+                    round(small_peak),
+                    "MB",
+                    "ratio ≤ 1.2 (flat)",
+                    peak["rss"] <= 1.2 * small_peak,
+                ),
+            ],
+        )
     finally:
         server.terminate()
         server.wait()

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.results import emit, row  # noqa: E402
+
 
 def median_ms(samples: list[float]) -> float:
     return round(statistics.median(samples) * 1000, 2)
@@ -109,6 +111,23 @@ def main() -> None:
         "flow_runs_after_concurrent": len(runs),
     }
     print(json.dumps(result, indent=2))
+    new, base, dup = result["sdk_new_job_ms"], result["baseline_create_flow_run_ms"], result["sdk_duplicate_ms"]
+    emit(
+        "submit",
+        [
+            row("new job, median", new, base, "ms", "ratio ≤ 1.5", new <= 1.5 * base),
+            row("duplicate job, median", dup, base, "ms", "ratio ≤ 1.0", dup <= base),
+            row(
+                "50 concurrent identical",
+                result["sdk_concurrent_wall_s"],
+                result["baseline_concurrent_wall_s"],
+                "s",
+                "ratio ≤ 1.5",
+                result["sdk_concurrent_wall_s"] <= 1.5 * result["baseline_concurrent_wall_s"],
+            ),
+            row("flow runs after 50 identical", len(runs), 1, "", "= 1", len(runs) == 1),
+        ],
+    )
 
 
 if __name__ == "__main__":

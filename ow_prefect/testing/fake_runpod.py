@@ -505,6 +505,18 @@ class FakeRunPod:
         with self._lock:
             self._stalled_boots += times
 
+    def peak_pods(self) -> int:
+        """The most pods that existed at once (created and not yet deleted), from every pod's create and delete
+        times: what a worker's concurrency limit must bound."""
+        with self._lock:
+            events = [(pod.created_at, 1) for pod in self.pods.values()]
+            events += [(pod.deleted_at, -1) for pod in self.pods.values() if pod.deleted_at]
+        peak = live = 0
+        for _, change in sorted(events):  # at the same instant a delete (-1) counts before a create
+            live += change
+            peak = max(peak, live)
+        return peak
+
     def preempt(self, pod_id: str) -> None:
         """End a pod the way a spot interruption does: SIGTERM to its processes and status EXITED at once, then
         TERMINATED when they are gone (SIGKILL after `kill_grace`). It is not restarted and stays listed."""

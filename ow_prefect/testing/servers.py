@@ -53,9 +53,12 @@ def _prefect_cli() -> list[str]:
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, timeout: float = 240, port: int | None = None) -> Iterator[str]:
-    """Run `prefect server start` (SQLite in `home`) on `port` or a free loopback port; yield its API URL.
-    Started again with the same home and port, it is the same server after a restart."""
+def prefect_server(
+    home: Path, timeout: float = 240, port: int | None = None, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """Run `prefect server start` (SQLite in `home`, unless `env` names another database) on `port` or a free
+    loopback port; yield its API URL. Started again with the same home and port, it is the same server after a
+    restart."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     env = {
@@ -64,6 +67,7 @@ def prefect_server(home: Path, timeout: float = 240, port: int | None = None) ->
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_UI_ENABLED": "false",
         "PREFECT_API_URL": "",
+        **(env or {}),
     }
     log = home / "server.log"
     with open(log, "ab") as out:
