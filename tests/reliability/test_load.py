@@ -1,14 +1,19 @@
 """Load: many flow runs through ONE `runpod` worker started with `--limit 16`, on FakeRunPod, with the Prefect
 server on PostgreSQL (Debian's postgresql, a throwaway cluster started here; see ow_prefect/testing/postgres.py).
 
-Every pod runs a real `prefect flow-run execute` of a tiny flow (tests/runpod_flows.py:sleeper), so each run
-costs its pod a few CPU seconds of Prefect start-up; the worker is measured on its own (CPU seconds and peak RSS
-of its process, read from /proc through psutil) and printed. The test asserts: every run Completed, exactly one
-pod per run, never more than 16 pods at once (the fake records each pod's create and delete times), no pod left
-at the end, and generous bounds on the worker's CPU and memory.
+What the pods run (`OW_LOAD_POD`):
+- `light` (default, CI): tests/reliability/light_pod.py moves the pod's flow run Running -> Completed through
+  Prefect's REST API, as `prefect flow-run execute` does, without Prefect's few CPU seconds of start-up per pod
+  (on 2 cores, 200 of those take half an hour and measure Prefect's start-up rather than the worker);
+- `engine`: a real `prefect flow-run execute` of tests/runpod_flows.py:sleeper in every pod.
+
+The worker is measured on its own (CPU seconds and peak RSS of its process, read from /proc through psutil) and
+printed. The test asserts: every run Completed, exactly one pod per run, never more than 16 pods at once (the fake
+records each pod's create and delete times), no pod left at the end, and generous bounds on the worker's CPU and
+memory.
 
 Marked `load` (and `slow`): `.ci/run` runs it as its own step after `make test`. `OW_LOAD_RUNS` changes the
-number of runs (default 200) for a quicker local try.
+number of runs (default 200).
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ from tests.conftest import ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.load]
 
 RUNS = int(os.environ.get("OW_LOAD_RUNS", "200"))
+POD = os.environ.get("OW_LOAD_POD", "light")
+POD_COMMANDS = {
+    "light": f"{sys.executable} {ROOT / 'tests' / 'reliability' / 'light_pod.py'} 0.5",
+    "engine": f"{sys.executable} -m prefect flow-run execute",
+}
 LIMIT = 16
 POOL = "ow-load"
 API_KEY = "rp-load-key-3c9e1f"
@@ -92,9 +102,7 @@ def test_runs_through_one_worker_with_limit(postgres_api, tmp_path, capsys):
         get_client(sync_client=True) as client,
     ):
         block_id = RunPodCredentials(api_key=API_KEY, api_url=fake.url).save("load", _sync=True)
-        template = RunPodWorker.base_job_template(
-            block_id, command=f"{sys.executable} -m prefect flow-run execute", min_vram_gb=40
-        )
+        template = RunPodWorker.base_job_template(block_id, command=POD_COMMANDS[POD], min_vram_gb=40)
         client.create_work_pool(WorkPoolCreate(name=POOL, type="runpod", base_job_template=template))
         entrypoint = "tests/runpod_flows.py:sleeper"
         deployment_id = client.create_deployment(
@@ -139,6 +147,7 @@ def test_runs_through_one_worker_with_limit(postgres_api, tmp_path, capsys):
         names = [pod.name for pod in pods]
         figures = {
             "runs": RUNS,
+            "pod": POD,
             "limit": LIMIT,
             "wall_s": round(wall_s, 1),
             "submit_s": round(submitted_s, 1),
