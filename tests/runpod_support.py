@@ -1,5 +1,5 @@
 """What the RunPod worker tests share: a `runpod` pool on FakeRunPod, deployments of small flows, waiting for runs,
-and the invariants every fault scenario ends with (no pod left, no two live pods for one run, outputs intact)."""
+and the invariants every fault scenario ends with (no pod left, no two billed pods for one run, outputs intact)."""
 
 from __future__ import annotations
 
@@ -87,8 +87,9 @@ def run_logs(client, flow_run_id) -> str:
 
 
 def billed_until(pod: FakePod) -> datetime | None:
-    """When the pod stopped costing money: deleted, or stopped by RunPod (a preempted pod is EXITED, unbilled)."""
-    return pod.deleted_at or pod.stopped_at
+    """When the pod stopped costing money: stopped by RunPod (a preempted pod is EXITED and unbilled until it is
+    deleted), else deleted."""
+    return pod.stopped_at or pod.deleted_at
 
 
 def assert_clean(fake: FakeRunPod, timeout: float = 30) -> None:
