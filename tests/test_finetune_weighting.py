@@ -79,6 +79,28 @@ def test_all_weights_one_is_plain_sft(tiny_model, tmp_path):
     assert weighted_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
 
 
+def test_gradient_accumulation_normalises_by_the_whole_step_s_weights(tiny_model, tmp_path):
+    """Two micro-batches of different total weight give the loss (and so the update) of one batch of both:
+    Σ(w·CE) / Σ|w| over the optimizer step, not an average of per-micro-batch ratios."""
+    rows = [split_answer(r, 1, w) for r, w in zip(sample_conversations(6), (1, -0.5, 2, 0, 3, 1), strict=True)]
+    path = write_jsonl(rows, tmp_path / "weighted.jsonl")
+    cfg = WeightedSFTParams(model=str(tiny_model), training_file=CONV, max_seq_length=64)
+    loaded = backends.load(cfg)
+    trainer = train.build_trainer(cfg, loaded, path, None, tmp_path / "out", [])
+    assert trainer.loss_is_scaled_for_ga, "the Trainer must not divide by the accumulation steps again"
+    small, large = (trainer.data_collator([trainer.train_dataset[i] for i in ids]) for ids in ([0], [1, 2, 3, 4, 5]))
+    step_weight = trainer._get_num_items_in_batch([small, large], "cpu")
+    loaded.model.eval()
+    with torch.no_grad():
+        accumulated = sum(
+            trainer.compute_loss(loaded.model, dict(batch), num_items_in_batch=step_weight) for batch in (small, large)
+        )
+        whole = trainer.compute_loss(loaded.model, dict(first_batch(trainer, 6)))
+        averaged = sum(trainer.compute_loss(loaded.model, dict(batch)) for batch in (small, large)) / 2
+    assert accumulated.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert averaged.item() != pytest.approx(whole.item(), rel=1e-3)  # what per-micro-batch normalising would give
+
+
 def test_weight_zero_block_gets_no_gradient_and_negative_weights_flip_it(tiny_model, tokenizer):
     from transformers import AutoModelForCausalLM
 
