@@ -148,7 +148,7 @@ def _transient(exc: Exception) -> bool:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        return status >= 500 or error.get("Code") in TRANSIENT_S3_CODES
+        return (status >= 500 and status != 501) or error.get("Code") in TRANSIENT_S3_CODES  # 501: never will
     return False
 
 

@@ -134,3 +134,31 @@ def test_a_run_on_a_pod_keeps_its_output_through_a_storage_outage(
 
 def client_state(prefect_client, flow_run_id):
     return prefect_client.read_flow_run(flow_run_id).state
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "retried"),
+    [
+        ("SlowDown", 503, True),
+        ("InternalError", 500, True),
+        ("ServiceUnavailable", 503, True),
+        ("NotImplemented", 501, False),
+        ("AccessDenied", 403, False),
+        ("NoSuchBucket", 404, False),
+    ],
+)
+def test_which_s3_answers_are_retried(code, status, retried):
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError
+
+    from ow_prefect.storage import _transient
+
+    error = ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+    assert _transient(error) is retried
+    try:  # upload_file wraps the part's error, raising while handling it
+        try:
+            raise error
+        except ClientError:
+            raise S3UploadFailedError(f"Failed to upload: {error}")  # noqa: B904
+    except S3UploadFailedError as wrapped:
+        assert _transient(wrapped) is retried
