@@ -135,15 +135,13 @@ class ChatEngine:
 
     def _client(self, endpoint: Endpoint) -> Any:
         if endpoint.key not in self._clients:
-            import httpx
             import openai
 
-            limits = httpx.Limits(max_connections=endpoint.concurrency, max_keepalive_connections=endpoint.concurrency)
             self._clients[endpoint.key] = openai.AsyncOpenAI(
                 base_url=endpoint.base_url,
                 api_key=endpoint.api_key,
                 max_retries=0,  # retries are ours: back-off with jitter, Retry-After, a slot only while sending
-                http_client=httpx.AsyncClient(limits=limits, timeout=None),
+                http_client=_http_client(endpoint.concurrency),
             )
             self._semaphores[endpoint.key] = asyncio.Semaphore(endpoint.concurrency)
         return self._clients[endpoint.key]
@@ -271,3 +269,21 @@ def _progress(enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=0, unit="req", desc="chat", mininterval=0.5)
+
+
+def _http_client(connections: int) -> Any:
+    """openai's own async HTTP client (httpx2 in openai 3.x, whose connection pool stays fast with many
+    connections; plain httpx's spends O(connections) per request looking for an idle one) with `connections`
+    connections, and no client-side timeout (each request carries its own)."""
+    import openai
+
+    client_class = getattr(openai, "DefaultAsyncHttpx2Client", None)
+    if client_class is None:  # an openai without httpx2
+        import httpx
+
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return httpx.AsyncClient(limits=limits, timeout=None)
+    import httpx2
+
+    limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return client_class(limits=limits, timeout=None)
