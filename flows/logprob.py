@@ -7,7 +7,6 @@ sum over its tokens) and `num_tokens` — the same computation as the fine-tunin
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ def load(base: str, adapter_dir: Path | None, chat_template: str):
 
 
 def _logprobs(job: JobRun) -> dict[str, Any]:
-    from flows.finetune.data import read_jsonl
+    from flows.finetune.data import jsonl_bytes, read_jsonl
     from flows.finetune.logprobs import score
 
     logger = get_run_logger()
@@ -55,8 +54,7 @@ def _logprobs(job: JobRun) -> dict[str, Any]:
         )
         model, tokenizer = load(cfg.base_model, adapter_dir, cfg.chat_template)
         scored = score(model, tokenizer, rows, cfg.batch_size, responses_only=True)
-    data = "".join(json.dumps(row) + "\n" for row in scored.rows).encode()
-    result = job.storage.put_bytes(data, RESULT_PURPOSE, filename="logprobs.jsonl")
+    result = job.storage.put_bytes(jsonl_bytes(scored.rows), RESULT_PURPOSE, filename="logprobs.jsonl")
     return {
         "result_file": result.id,
         "rows": len(rows),

@@ -7,7 +7,6 @@ Prefect events (reporting.PrefectSink), the command line's writes local files (L
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -15,7 +14,7 @@ from typing import Any, Literal, Protocol
 from transformers import TrainerCallback
 
 from flows.finetune import logprobs
-from flows.finetune.data import flatten, read_jsonl
+from flows.finetune.data import flatten, jsonl_bytes, read_jsonl
 
 Every = int | Literal["log"]
 
@@ -33,10 +32,6 @@ def due(step: int, every: Every, max_steps: int) -> bool:
     if every == "log":
         every = 10 ** int(math.log10(step))
     return step % every == 0
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(row) + "\n" for row in rows).encode()
 
 
 def result_name(kind: str, tag: str, step: int) -> str:
@@ -80,15 +75,15 @@ class LogprobTracker(StepCallback):
         responses_only: bool,
     ):
         super().__init__(every)
-        self.datasets = {tag: read_jsonl(path) for tag, path in datasets.items()}
-        self.tokenizer, self.sink = tokenizer, sink
-        self.batch_size, self.responses_only = batch_size, responses_only
+        self.tokenizer, self.sink, self.batch_size = tokenizer, sink, batch_size
+        self.datasets = {}  # tag -> (rows, their encodings): rendered and tokenized once, scored at every step
+        for tag, path in datasets.items():
+            rows = read_jsonl(path)
+            self.datasets[tag] = (rows, [logprobs.encode(tokenizer, row, responses_only) for row in rows])
 
     def measure(self, model: Any, step: int) -> None:
-        for tag, rows in self.datasets.items():
-            scored = logprobs.score(
-                model, self.tokenizer, rows, self.batch_size, responses_only=self.responses_only, with_tokens=True
-            )
+        for tag, (rows, encoded) in self.datasets.items():
+            scored = logprobs.score(model, self.tokenizer, rows, self.batch_size, with_tokens=True, encoded=encoded)
             self.sink.logprobs(tag, step, scored.loss, scored.rows)
 
 
@@ -180,7 +175,7 @@ class LocalSink:
     def _write(self, kind: str, tag: str, step: int, rows: list[dict[str, Any]]) -> Path:
         path = self.folder / result_name(kind, tag, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(_jsonl(rows))
+        path.write_bytes(jsonl_bytes(rows))
         return path
 
     def logprobs(self, tag: str, step: int, loss: float | None, rows: list[dict[str, Any]]) -> None:

@@ -24,6 +24,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """`rows` as JSON lines (what read_jsonl reads back), for a result file."""
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
 def flatten(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     """Content blocks -> one string per message (block weights and tags matter only to weighted SFT)."""
     return [

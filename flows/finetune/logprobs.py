@@ -196,9 +196,12 @@ def score(
     *,
     responses_only: bool = True,
     with_tokens: bool = False,
+    encoded: list[Encoded] | None = None,
 ) -> Scored:
-    """Logprobs of every row under `model`: per block, optionally per token, and the mean loss."""
-    encoded = [encode(tokenizer, row, responses_only) for row in rows]
+    """Logprobs of every row under `model`: per block, optionally per token, and the mean loss. `encoded`: the
+    rows already encoded (with `responses_only`), for a caller that scores the same rows again and again."""
+    if encoded is None:
+        encoded = [encode(tokenizer, row, responses_only) for row in rows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     logprobs = token_logprobs(model, [e.input_ids for e in encoded], batch_size, pad_id)
     total, count, scored = 0.0, 0, []

@@ -7,7 +7,6 @@ training code itself (train.py) knows nothing of them.
 from __future__ import annotations
 
 import base64
-import json
 import math
 import shutil
 import time
@@ -179,10 +178,10 @@ class PrefectSink:
 
     def _store(self, kind: str, tag: str, step: int, rows: list[dict[str, Any]]) -> str:
         from flows.finetune.callbacks import result_name
+        from flows.finetune.data import jsonl_bytes
 
         name = result_name(kind, tag, step)
-        data = "".join(json.dumps(row) + "\n" for row in rows).encode()
-        record = self.storage.put_bytes(data, "result", filename=name.replace("/", "-"))
+        record = self.storage.put_bytes(jsonl_bytes(rows), "result", filename=name.replace("/", "-"))
         self.files[name] = record.id
         return record.id
 
