@@ -4,7 +4,7 @@ job type hashes, the image its id names, serving ports, and an entrypoint that r
 import pytest
 import yaml
 
-from deployments.register import IMAGE_WORKDIR, load_deployments, load_flow
+from deployments.register import load_deployments, load_flow, pull_steps
 from ow_prefect.jobs.api import SERVE_PORT
 from ow_prefect.jobs.base import job_types
 from ow_prefect.settings import OWSettings
@@ -38,8 +38,17 @@ def test_every_job_type_has_a_gpu_and_a_local_deployment(job_cls, deployment):
     assert variables["image"] == OWSettings.model_fields[job_cls.image_setting].default
     assert variables["min_vram_gb"] > 0
     assert (f"{SERVE_PORT}/http" in variables.get("ports", [])) == (job_cls.name == "vllm_api")
-    assert gpu["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == IMAGE_WORKDIR
+    assert gpu["pull"] == pull_steps("runpod", ROOT)  # the image's copy, or OW_POD_CODE_DIR
     assert "pull" not in local  # the project's pull step: this checkout
+
+
+def test_each_scheduled_deployment_states_its_cron_and_timezone():
+    scheduled = {name: spec for name, spec in SPECS.items() if spec.get("schedules")}
+    assert len(scheduled) == 4
+    for name, spec in scheduled.items():
+        for schedule in spec["schedules"]:
+            assert f"cron `{schedule['cron']}`" in spec["description"], name
+            assert f"timezone {schedule['timezone']}" in spec["description"], name
 
 
 CPU_ONLY = {"openai"}  # deployments that need no GPU: on the local pool under both names

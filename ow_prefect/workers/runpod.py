@@ -51,13 +51,13 @@ from prefect.utilities.engine import propose_state
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ow_prefect.errors import ParameterError
+from ow_prefect.errors import ConfigurationError, ParameterError
 from ow_prefect.jobs.base import validation_problems
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodAuthError, RunPodError, RunPodNoCapacity, RunPodNotFound
 from ow_prefect.runpod.models import Pod
-from ow_prefect.runpod.offers import CLOUDS, Candidate, create_on_first, find_candidates
+from ow_prefect.runpod.offers import CLOUDS, Candidate, Ranking, create_on_first, find_offers
 from ow_prefect.settings import get_settings
 
 POD_PREFIX = "ow-"
@@ -72,7 +72,13 @@ POD_PREFECT_SETTINGS = (
     "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
     "PREFECT_CLOUD_API_URL",
 )
-POD_OW_SETTINGS = ("OW_STORAGE_BLOCK", "OW_HF_TOKEN_SECRET", "OW_HF_ORG", "OW_STORAGE_RETRY_SECONDS")
+POD_OW_SETTINGS = (
+    "OW_STORAGE_BLOCK",
+    "OW_HF_TOKEN_SECRET",
+    "OW_HF_ORG",
+    "OW_STORAGE_RETRY_SECONDS",
+    "OW_POD_CODE_DIR",  # where the pod finds the code (ow_prefect.workers.pull)
+)
 PORT_SPEC = re.compile(r"^\d{1,5}/(http|tcp)$")
 DEFAULT_QUERY_SECONDS = 2.0  # GPU runs deserve a faster pick-up than Prefect's 10 s; PREFECT_WORKER_QUERY_SECONDS wins
 CAPACITY_RETRY_SECONDS = (5.0, 60.0)  # first and longest pause between rounds while waiting for capacity
@@ -122,7 +128,16 @@ class RunPodVariables(BaseVariables):
         default=None,
         pattern=r"^\d+\.\d+$",
         title="Minimum CUDA version",
-        description="Lowest host CUDA version the image needs, e.g. '12.8'.",
+        description="Lowest host CUDA version the image needs, e.g. '13.0' for the ow_prefect images (CUDA 13 "
+        "wheels: host driver >= 580). Empty: any host.",
+    )
+    data_center_min_cuda_version: str | None = Field(
+        default=None,
+        pattern=r"^\d+\.\d+$",
+        title="Minimum CUDA version on data-center GPUs",
+        description="A lower floor for NVIDIA data-center GPUs (A100, H100, L40S, ...) when the image ships NVIDIA's "
+        "cuda-compat package (forward compatibility, which GeForce and RTX workstation cards lack): '12.2' (driver "
+        ">= 535) for the ow_prefect images. Empty: min_cuda_version for every GPU.",
     )
     container_disk_gb: int = Field(
         default=50, ge=1, title="Container disk (GB)", description="Ephemeral disk, wiped when the pod ends."
@@ -184,6 +199,7 @@ class RunPodJobConfiguration(BaseJobConfiguration):
     data_center_ids: list[str] = Field(default_factory=list)
     max_price_per_hour: float | None = Field(default=None, gt=0)
     min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
+    data_center_min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
     container_disk_gb: int = Field(default=50, ge=1)
     volume_gb: int | None = Field(default=None, ge=10)
     network_volume_id: str | None = None
@@ -429,13 +445,19 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         task_status: anyio.abc.TaskStatus | None = None,
     ) -> RunPodWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
-        credentials = configuration.runpod_credentials()
+        try:
+            credentials = configuration.runpod_credentials()
+        except ConfigurationError as exc:
+            return await self._refuse(flow_run, Failed(name="NoCredentials", message=str(exc)), logger, task_status)
         self._remember(credentials)
         self._check_reachable(configuration, credentials, logger)
         deadline = time.time() + configuration.max_runtime
         request = configuration.pod_request(f"{POD_PREFIX}{flow_run.id}", deadline)
         async with credentials.get_client() as runpod:
-            created = await self._create(runpod, flow_run, configuration, request, logger)
+            try:
+                created = await self._create(runpod, flow_run, configuration, request, logger)
+            except RunPodNoCapacity as exc:  # expected: one line, not a traceback
+                return await self._refuse(flow_run, Failed(name="NoCapacity", message=str(exc)), logger, task_status)
             if created is None:  # cancelled while waiting for capacity
                 if task_status:
                     task_status.started("")
@@ -460,6 +482,16 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             await self._end(runpod, record, outcome, logger)
             return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
 
+    async def _refuse(
+        self, flow_run: FlowRun, state: Any, logger: Any, task_status: anyio.abc.TaskStatus | None
+    ) -> RunPodWorkerResult:
+        """End a run that cannot get a pod (no capacity, no credentials): its state says why, the log one line."""
+        logger.error(f"{state.name}: {state.message}")
+        await propose_state(self.client, state, flow_run_id=flow_run.id)
+        if task_status:
+            task_status.started("")
+        return RunPodWorkerResult(identifier="", status_code=0)
+
     async def _create(
         self,
         runpod: AsyncRunPodClient,
@@ -473,7 +505,7 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         fresh = False
         pause = CAPACITY_RETRY_SECONDS[0]
         while True:
-            candidates = await find_candidates(
+            ranking = await find_offers(
                 runpod,
                 min_vram_gb=configuration.min_vram_gb,
                 gpu_count=configuration.gpu_count,
@@ -481,18 +513,16 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                 clouds=configuration.clouds,
                 max_price_per_hour=configuration.max_price_per_hour,
                 data_centers=configuration.data_center_ids,
+                min_cuda_version=configuration.min_cuda_version,
+                data_center_min_cuda_version=configuration.data_center_min_cuda_version,
                 fresh=fresh,
             )
             try:
-                return await create_on_first(
-                    runpod, request, candidates, min_cuda_version=configuration.min_cuda_version, log=logger.info
-                )
+                return await create_on_first(runpod, request, ranking.candidates, log=logger.info)
             except RunPodNoCapacity as exc:
                 tried = exc.tried
             if time.monotonic() >= give_up:
-                message = _no_capacity_message(configuration, candidates, tried)
-                await propose_state(self.client, Failed(name="NoCapacity", message=message), flow_run_id=flow_run.id)
-                raise RunPodNoCapacity(message)
+                raise RunPodNoCapacity(_no_capacity_message(configuration, ranking, tried))
             wait = min(pause, give_up - time.monotonic())
             pause = min(pause * 2, CAPACITY_RETRY_SECONDS[1])
             logger.info(f"No candidate has capacity; trying again in {wait:.0f} s (capacity_wait)")
@@ -703,8 +733,12 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         if self._work_pool is None:
             return []
         if not self._credentials:
-            with contextlib.suppress(Exception):
+            try:
                 self._remember(await self._pool_credentials())
+            except ConfigurationError as exc:  # said once at start: every run of this pool will fail the same way
+                self._warn_once(self._logger, "no-credentials", f"Work pool {self._work_pool.name!r}: {exc}")
+            except Exception:
+                pass
         deleted = []
         for credentials in list(self._credentials.values()):
             async with credentials.get_client() as runpod:
@@ -907,20 +941,70 @@ async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: fl
     )
 
 
-def _no_capacity_message(
-    configuration: RunPodJobConfiguration, candidates: Sequence[Candidate], tried: list[str]
-) -> str:
+# Why offers were left out, and what to change: (reason, phrase with {n}, the fix).
+FILTER_REASONS = {
+    "cloud": ("{n} not offered in cloud {cloud}", "cloud: ANY adds the other cloud"),
+    "gpu_types": ("{n} not in gpu_types", "add types to gpu_types, or leave it empty"),
+    "vram": (
+        "{n} with less than {vram:g} GB over {count} GPU(s)",
+        "lower min_vram_gb (or requires_vram_gb), or raise gpu_count",
+    ),
+    "stock": ("{n} sold out", "capacity_wait retries for a while"),
+    "data_centers": ("{n} not in data centers {data_centers}", "widen or empty data_center_ids"),
+    "cuda": (
+        "{n} without a free host at the CUDA floor ({cuda})",
+        "lower min_cuda_version / "
+        "data_center_min_cuda_version only for an image built for an older CUDA (docs/runpod.md, CUDA)",
+    ),
+    "price": ("{n} above ${price:g}/h", "raise max_price_per_hour"),
+}
+
+
+def _filter_summary(configuration: RunPodJobConfiguration, ranking: Ranking) -> tuple[str, str]:
+    """(what each filter removed, with counts; what to change), in filter order."""
+    cuda = f"host CUDA >= {configuration.min_cuda_version}" if configuration.min_cuda_version else ""
+    if configuration.data_center_min_cuda_version:
+        cuda = ", ".join(filter(None, [cuda, f">= {configuration.data_center_min_cuda_version} on data-center GPUs"]))
+    values = {
+        "cloud": configuration.cloud,
+        "vram": configuration.min_vram_gb,
+        "count": configuration.gpu_count,
+        "data_centers": configuration.data_center_ids,
+        "cuda": cuda or "none",
+        "price": configuration.max_price_per_hour or 0,
+    }
+    removed = [(reason, n) for reason in FILTER_REASONS if (n := ranking.removed.get(reason))]
+    what = "; ".join(FILTER_REASONS[reason][0].format(n=n, **values) for reason, n in removed)
+    fixes = "; ".join(FILTER_REASONS[reason][1] for reason, _ in removed)
+    return what, fixes
+
+
+def _no_capacity_message(configuration: RunPodJobConfiguration, ranking: Ranking, tried: Sequence[str] = ()) -> str:
     wanted = (
         f"{configuration.gpu_count} GPU(s) with {configuration.min_vram_gb:g} GB in total, cloud "
         f"{configuration.cloud}"
         + (f", types {configuration.gpu_types}" if configuration.gpu_types else "")
         + (f", data centers {configuration.data_center_ids}" if configuration.data_center_ids else "")
         + (f", at most ${configuration.max_price_per_hour:g}/h" if configuration.max_price_per_hour else "")
+        + (f", host CUDA >= {configuration.min_cuda_version}" if configuration.min_cuda_version else "")
+        + (
+            f" (>= {configuration.data_center_min_cuda_version} on data-center GPUs)"
+            if configuration.data_center_min_cuda_version
+            else ""
+        )
     )
-    if not candidates:
-        return f"No RunPod GPU fits and is in stock: {wanted}. Loosen the job variables or set capacity_wait."
+    what, fixes = _filter_summary(configuration, ranking)
+    filtered = f"Of {ranking.considered} offers (GPU type × cloud) in RunPod's catalog: {what}." if what else ""
+    if not ranking.candidates:
+        change = f" To change: {fixes}." if fixes else ""
+        return f"No RunPod GPU fits {wanted}. {filtered}{change}".strip()
     waited = f" (waited {configuration.capacity_wait} s)" if configuration.capacity_wait else ""
-    return f"No capacity on any of {len(candidates)} candidates{waited} for {wanted}. Tried: " + "; ".join(tried[-20:])
+    return (
+        f"No capacity on any of {len(ranking.candidates)} candidates{waited} for {wanted}. Tried: "
+        + "; ".join(tried[-20:])
+        + (f". {filtered}" if filtered else "")
+        + " Set capacity_wait to keep trying, or widen the filters."
+    )
 
 
 def _is_loopback(url: str) -> bool:

@@ -1,0 +1,223 @@
+"""The docs' command blocks, run as a user runs them: docs/local.md's (and the README's copy of it) on a Prefect
+server without a RunPod key, then docs/runpod.md's whole GPU recipe against the fake RunPod (`ow setup`, `deploy
+--all`, a `runpod` worker, `prefect deployment run finetune/dpo ... --watch` training the tiny model in a pod).
+
+The module has its own Prefect server (with the UI, for tests/test_ui.py's kind of check) because `ow setup` and
+`deploy --all` change the server-wide pools and deployments that other modules rely on. Lines run through bash
+exactly as written, except the fixed port of the fake (a free one) and a Prefect server the fixture started."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from deployments.register import load_deployments
+from ow_prefect.testing.servers import _stop, free_port, prefect_server
+from tests.conftest import ROOT
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.slow
+
+FAKE_PORT = "8321"  # docs/runpod.md's port for the fake; replaced by a free one here
+
+
+def doc_block(path: Path, after: str) -> list[str]:
+    """The command lines (comments and blank lines dropped) of the first ```bash block after the line `after`."""
+    text = path.read_text()
+    start = text.index(after)
+    block = re.search(r"```bash\n(.*?)```", text[start:], re.S).group(1)
+    lines = [re.split(r"\s+#\s", line, maxsplit=1)[0].strip() for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+class Shell:
+    """One bash session, line by line: `export` changes the environment of later lines, a trailing `&` starts a
+    background process (stopped on close, last first), every other line must exit 0 (its output is returned)."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, logs: Path) -> None:
+        self.env, self.cwd, self.logs = env, cwd, logs
+        self.background: list[tuple[subprocess.Popen, Path]] = []
+
+    def run(self, line: str, timeout: float = 600) -> str:
+        if line.startswith("export "):
+            for assignment in shlex.split(self._expand(line.removeprefix("export "))):
+                name, _, value = assignment.partition("=")
+                self.env[name] = value
+            return ""
+        if line.endswith("&"):
+            log = self.logs / f"background-{len(self.background)}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    ["bash", "-c", line.removesuffix("&").strip()],
+                    cwd=self.cwd,
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            self.background.append((proc, log))
+            return ""
+        started = time.monotonic()
+        result = subprocess.run(
+            ["bash", "-c", line], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+        print(f"[{time.monotonic() - started:5.1f} s] {line}")
+        assert result.returncode == 0, (
+            f"`{line}` exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+        return result.stdout
+
+    def _expand(self, text: str) -> str:
+        return re.sub(
+            r"\$(\w+)", lambda m: self.env.get(m.group(1), str(self.cwd) if m.group(1) == "PWD" else ""), text
+        )
+
+    def log_of(self, index: int) -> str:
+        return self.background[index][1].read_text(errors="replace")
+
+    def close(self) -> None:
+        for proc, _ in reversed(self.background):
+            _stop(proc, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def docs_server(session_dir):
+    """A Prefect server for this module only, with its UI on."""
+    with prefect_server(session_dir / "prefect-docs-server", env={"PREFECT_SERVER_UI_ENABLED": "true"}) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def shell_env(docs_server, tmp_path_factory):
+    home = tmp_path_factory.mktemp("docs-home")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RUNPOD_", "PYTEST_"))}
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        "HOME": str(home),
+        "PREFECT_HOME": str(home / ".prefect"),
+        "PREFECT_API_URL": docs_server,
+    }
+    return env
+
+
+def client_for(api_url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    @contextlib.contextmanager
+    def opened():
+        with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+            yield client
+
+    return opened()
+
+
+def test_local_recipe_registers_every_deployment_without_a_runpod_key(docs_server, shell_env, tmp_path):
+    local = doc_block(ROOT / "docs/local.md", "## With a server and a worker")
+    readme = doc_block(ROOT / "README.md", "a `process` worker ([docs/local.md](docs/local.md))")
+    assert readme == [line for line in local if line != "scripts/setup"], "the README's copy differs from local.md's"
+    shell = Shell(dict(shell_env), ROOT, tmp_path)
+    try:
+        for line in local:
+            if line == "scripts/setup" or "prefect server start" in line:
+                continue  # the venv exists; the fixture's server stands in for the one the docs start
+            if line.startswith("export PREFECT_API_URL="):
+                continue  # same: the fixture's URL is in the environment
+            out = shell.run(line)
+            if "ow setup" in line:
+                assert "work pool 'gpu' (type runpod): created, no credentials" in out, out
+        with client_for(docs_server) as client:
+            assert client.read_deployment_by_name("finetune/sft-local").work_pool_name == "local"
+            gpu = client.read_deployment_by_name("finetune/dpo")
+            assert gpu.work_pool_name == "gpu" and gpu.job_variables["min_cuda_version"] == "13.0"
+            properties = client.read_work_pool("gpu").base_job_template["variables"]["properties"]
+            assert properties["credentials"].get("default") is None  # a pool without a RunPod key
+            assert len(client.read_deployments()) >= 28
+        # the local worker the docs started runs a job
+        out = shell.run("prefect deployment run custom/run-local --param entrypoint='echo recipe-ok' --watch")
+        assert "Completed" in out, out
+    finally:
+        shell.close()
+
+
+def test_gpu_pool_without_a_key_fails_its_runs_with_one_clear_line(docs_server, shell_env, tmp_path):
+    """`ow setup` without RUNPOD_API_KEY made the `gpu` pool without credentials: its worker says what is
+    missing, on the run and in one log line, and creates nothing."""
+    shell = Shell(dict(shell_env), ROOT, tmp_path)
+    try:
+        shell.run("prefect worker start --pool gpu &")
+        out = shell.run("prefect deployment run custom/run --param entrypoint='echo never' --watch --watch-timeout 120")
+        with client_for(docs_server) as client:
+            (run,) = runs_of(client, "custom/run")
+            assert run.state.name == "NoCredentials", (run.state, out)
+            assert "no RunPod credentials" in run.state.message and "RUNPOD_API_KEY" in run.state.message
+        log = shell.log_of(0)
+        assert "NoCredentials: no RunPod credentials" in log and "Traceback" not in log, log[-3000:]
+    finally:
+        shell.close()
+
+
+@pytest.fixture(scope="module")
+def gpu_recipe(docs_server, shell_env, tmp_path_factory):
+    """docs/runpod.md's fake-RunPod recipe, line by line; yields (the DPO flow run, the shell's logs)."""
+    lines = doc_block(ROOT / "docs/runpod.md", "## Try it on the fake RunPod")
+    port = str(free_port())
+    shell = Shell(dict(shell_env), ROOT, tmp_path_factory.mktemp("gpu-recipe"))
+    outputs = {}
+    url = f"http://127.0.0.1:{port}/v2/pods"
+    headers = {"Authorization": "Bearer fake-key"}  # the recipe's RUNPOD_API_KEY
+    try:
+        for line in lines:
+            line = line.replace(FAKE_PORT, port)
+            outputs[line] = shell.run(line)
+            if "fake_runpod" in line:  # wait until it serves, as a user waits for its first line
+                assert eventually(lambda: _answers(url, headers), timeout=60), shell.log_of(0)
+        upload = next(out for line, out in outputs.items() if line.startswith("ow files upload"))
+        assert upload.strip() in lines[-1], f"the docs name another file id than `ow files upload` printed: {upload}"
+        with client_for(docs_server) as client:
+            (run,) = runs_of(client, "finetune/dpo")
+            pods = httpx.get(url, headers=headers).json()["pods"]
+            yield run, pods, shell
+    finally:
+        shell.close()
+
+
+def runs_of(client, deployment: str) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deployment_id = client.read_deployment_by_name(deployment).id
+    return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+def _answers(url: str, headers: dict[str, str]) -> bool:
+    try:
+        return httpx.get(url, headers=headers, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_gpu_recipe_trains_in_a_fake_pod_and_deletes_it(gpu_recipe, docs_server):
+    run, pods_left, shell = gpu_recipe
+    worker_log = shell.log_of(1)
+    assert run.state.is_completed(), f"{run.state}\n{worker_log[-4000:]}"
+    assert pods_left == [], pods_left  # the pod was deleted when the run ended
+    assert "Traceback" not in worker_log, worker_log[-4000:]
+    assert re.search(r"Pod \S+ created: 1x NVIDIA A100 80GB PCIe", worker_log), worker_log[-4000:]
+    with client_for(docs_server) as client:
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
+        keys = {artifact.key for artifact in artifacts}
+        assert f"runpod-cost-{run.id}" in keys, keys
+        assert any(artifact.type == "image" for artifact in artifacts), [a.type for a in artifacts]  # the loss curve
