@@ -87,6 +87,8 @@ PREEMPT_GRACE_SECONDS = 60.0  # lets a pod that RunPod stopped reschedule its ru
 STALE_CANCELLING_SECONDS = 60.0
 LOG_LINES_IN_MESSAGE = 15
 LOG_LINES_LOGGED = 40
+LOG_LINES_SEARCHED = 400  # for the first exception: a crash loop repeats it, Prefect's reactions follow it
+ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exit)\b.*: ")  # a Python exception's last line
 
 
 class RunPodVariables(BaseVariables):
@@ -561,6 +563,8 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             if state is _GONE:
                 return Outcome("its flow run was deleted")
             if state is not None:
+                if state.is_crashed():  # e.g. the pull step failed in the pod: Prefect says only "exited with 1"
+                    return await self._crash(runpod, flow_run, pod, state.message or "the flow run crashed", logger)
                 if state.is_final():
                     return Outcome(f"the flow run is {state.name}")
                 if state.is_cancelling():
@@ -648,11 +652,16 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         return await self._crash(runpod, flow_run, pod, reason, logger)
 
     async def _crash(self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any) -> Outcome:
-        lines = await _last_log_lines(runpod, pod.id, LOG_LINES_LOGGED)
+        lines = await _last_log_lines(runpod, pod.id, LOG_LINES_SEARCHED)
         if lines:
-            logger.error(f"Last lines of pod {pod.id}'s log:\n" + "\n".join(lines))
+            logger.error(f"Last lines of pod {pod.id}'s log:\n" + "\n".join(lines[-LOG_LINES_LOGGED:]))
         tail = "\n".join(lines[-LOG_LINES_IN_MESSAGE:]) or "(the pod wrote no log lines)"
-        message = f"Pod {pod.id}: {reason}. Last lines of its log:\n{tail}"
+        # the first exception is the cause (a failed pull step, say); later ones are Prefect reacting to it
+        errors = [line.strip() for line in lines if ERROR_LINE.match(line)]
+        cause = f" The error: {errors[0]}" if errors else ""
+        if errors:
+            logger.error(f"Pod {pod.id}: the error in its log: {errors[0]}")
+        message = f"Pod {pod.id}: {reason.rstrip('.')}.{cause}\nLast lines of its log:\n{tail}"
         logger.error(f"Pod {pod.id}: {reason}; marking the run Crashed and deleting the pod")
         return Outcome(reason, after_delete=Crashed(message=message), status_code=1)
 
