@@ -92,7 +92,9 @@ class Shell:
 @pytest.fixture(scope="module")
 def docs_server(session_dir):
     """A Prefect server for this module only, with its UI on."""
-    with prefect_server(session_dir / "prefect-docs-server", env={"PREFECT_SERVER_UI_ENABLED": "true"}) as url:
+    port = free_port()
+    env = {"PREFECT_SERVER_UI_ENABLED": "true", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    with prefect_server(session_dir / "prefect-docs-server", port=port, env=env) as url:
         yield url
 
 
@@ -226,3 +228,56 @@ def test_gpu_recipe_trains_in_a_fake_pod_and_deletes_it(gpu_recipe, docs_server)
         keys = {artifact.key for artifact in artifacts}
         assert f"runpod-cost-{run.id}" in keys, keys
         assert any(artifact.type == "image" for artifact in artifacts), [a.type for a in artifacts]  # the loss curve
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's (.ci/run installs it); never `playwright install`
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def test_the_ui_shows_the_dpo_form_and_the_finished_runs_artifacts(gpu_recipe, docs_server, tmp_path):
+    """Headless chromium on the Prefect UI: the `finetune/dpo` run form (user fields first, `ow_job` last and
+    titled) and the recipe's finished run's artifacts (cost table, loss curve), without page errors. With
+    OW_UPDATE_SCREENSHOTS=1 the screenshots replace docs/img/'s (shown in the README)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed: apt-get install -y chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    run, _, _ = gpu_recipe
+    ui = docs_server.removesuffix("/api")
+    out = ROOT / "docs" / "img" if os.environ.get("OW_UPDATE_SCREENSHOTS") else tmp_path
+    with client_for(docs_server) as client:
+        deployment = client.read_deployment_by_name("finetune/dpo")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{ui}/deployments/deployment/{deployment.id}/run", wait_until="networkidle", timeout=120_000)
+            page.get_by_text("ow_job (set by the ow_prefect SDK)").wait_for(timeout=60_000)
+            form = page.inner_text("main")
+            assert (
+                form.index("training_file") < form.index("max_steps") < form.index("ow_job (set by the ow_prefect SDK)")
+            )
+            assert "dpo and orpo train on a 'preference' file" in form  # the loss field's description
+            page.screenshot(path=str(out / "ui-run-form.png"))
+
+            page.goto(f"{ui}/runs/flow-run/{run.id}?tab=Artifacts", wait_until="networkidle", timeout=120_000)
+            page.get_by_text(f"runpod-cost-{run.id}").first.wait_for(timeout=60_000)
+            artifacts = page.inner_text("main")
+            assert "loss-curve" in artifacts, artifacts[:2000]
+            page.screenshot(path=str(out / "ui-run-artifacts.png"), full_page=True)
+
+            page.goto(f"{ui}/artifacts/key/runpod-cost-{run.id}", wait_until="networkidle", timeout=120_000)
+            page.get_by_text("billed_seconds").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(out / "ui-cost-table.png"))
+            assert not errors, errors
+        finally:
+            browser.close()
