@@ -262,7 +262,7 @@ def test_the_ui_shows_the_dpo_form_and_the_finished_runs_artifacts(gpu_recipe, d
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(f"{ui}/deployments/deployment/{deployment.id}/run", wait_until="networkidle", timeout=120_000)
             page.get_by_text("ow_job (set by the ow_prefect SDK)").wait_for(timeout=60_000)
-            form = page.inner_text("main")
+            form = page.inner_text("body")
             assert (
                 form.index("training_file") < form.index("max_steps") < form.index("ow_job (set by the ow_prefect SDK)")
             )
@@ -271,7 +271,7 @@ def test_the_ui_shows_the_dpo_form_and_the_finished_runs_artifacts(gpu_recipe, d
 
             page.goto(f"{ui}/runs/flow-run/{run.id}?tab=Artifacts", wait_until="networkidle", timeout=120_000)
             page.get_by_text(f"runpod-cost-{run.id}").first.wait_for(timeout=60_000)
-            artifacts = page.inner_text("main")
+            artifacts = page.inner_text("body")
             assert "loss-curve" in artifacts, artifacts[:2000]
             page.screenshot(path=str(out / "ui-run-artifacts.png"), full_page=True)
 
