@@ -270,7 +270,7 @@ def test_the_ui_shows_the_dpo_form_and_the_finished_runs_artifacts(gpu_recipe, d
             page.screenshot(path=str(out / "ui-run-form.png"))
 
             page.goto(f"{ui}/runs/flow-run/{run.id}?tab=Artifacts", wait_until="networkidle", timeout=120_000)
-            page.get_by_text(f"runpod-cost-{run.id}").first.wait_for(timeout=60_000)
+            page.get_by_text("RunPod cost").first.wait_for(timeout=60_000)  # the cost table's description
             artifacts = page.inner_text("body")
             assert "loss-curve" in artifacts, artifacts[:2000]
             page.screenshot(path=str(out / "ui-run-artifacts.png"), full_page=True)
