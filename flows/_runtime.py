@@ -4,7 +4,6 @@ once, stream subprocess output into the run's logs and record the job's outputs.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import subprocess
@@ -17,7 +16,6 @@ from prefect import get_run_logger, task
 from prefect.context import FlowRunContext
 from prefect.utilities.annotations import opaque
 from pydantic import BaseModel, Field
-from pydantic.fields import FieldInfo
 
 from ow_prefect.errors import CodeMismatchError
 from ow_prefect.jobs import Job
@@ -59,6 +57,9 @@ def start_job(job_cls: type[Job], parameters: dict[str, Any], ow_job: dict[str, 
 
 OW_JOB_TITLE = "ow_job (set by the ow_prefect SDK)"
 OW_JOB_DESCRIPTION = "Job id, code hash and image, set by the ow_prefect SDK; leave it empty in the UI and the CLI."
+# Prefect titles every parameter by its name; a "title" in the annotation's json_schema_extra wins (Prefect merges
+# it into the field it builds), so the UI form labels the envelope as the SDK's.
+OwJobEnvelope = Annotated[dict[str, Any] | None, Field(json_schema_extra={"title": OW_JOB_TITLE})]
 
 
 def with_params_signature(fn: Callable[..., Any], params: type[BaseModel]) -> Callable[..., Any]:
@@ -75,25 +76,15 @@ def with_params_signature(fn: Callable[..., Any], params: type[BaseModel]) -> Ca
         parameters.append(
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         )
-    # Prefect titles every parameter by its name; a title in `json_schema_extra` of a Field default wins
-    envelope = Field(default=None, description=OW_JOB_DESCRIPTION, json_schema_extra={"title": OW_JOB_TITLE})
-    annotation = dict[str, Any] | None
     parameters.append(
-        inspect.Parameter("ow_job", inspect.Parameter.KEYWORD_ONLY, default=envelope, annotation=annotation)
+        inspect.Parameter("ow_job", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=OwJobEnvelope)
     )
-
-    @functools.wraps(fn)
-    def flow_body(**kwargs: Any) -> Any:
-        if isinstance(kwargs.get("ow_job"), FieldInfo):  # Prefect passes a Field default through unresolved
-            kwargs["ow_job"] = None
-        return fn(**kwargs)
-
-    flow_body.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])
+    fn.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])
     # Prefect reads parameter descriptions (the UI form's help text) from a Google-style docstring.
     described = "\n".join(f"    {name}: {field.description}" for name, field in params.model_fields.items())
-    flow_body.__doc__ = f"{fn.__doc__ or ''}\n\nArgs:\n{described}\n    ow_job: {OW_JOB_DESCRIPTION}\n"
-    flow_body.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": dict[str, Any]}
-    return flow_body
+    fn.__doc__ = f"{fn.__doc__ or ''}\n\nArgs:\n{described}\n    ow_job: {OW_JOB_DESCRIPTION}\n"
+    fn.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": dict[str, Any]}
+    return fn
 
 
 def _ensure_tags(flow_run: Any, tags: list[str]) -> None:

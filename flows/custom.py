@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, stream_command
+from flows._runtime import RESULT_PURPOSE, JobRun, OwJobEnvelope, run_once, start_job, stream_command
 from ow_prefect.jobs.custom import CommandJob, CustomJob
 
 
@@ -72,7 +72,7 @@ def custom_run(
     mounts: dict[str, str] | None = None,
     requires_vram_gb: int = 0,
     params: dict[str, Any] | None = None,
-    ow_job: dict[str, Any] | None = None,
+    ow_job: OwJobEnvelope = None,
 ) -> dict[str, Any]:
     """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files."""
     job = start_job(

@@ -81,6 +81,20 @@ def test_entrypoint_imports_and_its_flow_has_the_name_job_types_submit_to(entryp
     }
 
 
+@pytest.mark.parametrize("entrypoint", sorted({spec["entrypoint"] for spec in SPECS.values()}))
+def test_the_ui_form_lists_the_job_fields_first_and_the_sdk_envelope_last_with_its_title(entrypoint):
+    from flows._runtime import OW_JOB_DESCRIPTION, OW_JOB_TITLE
+
+    properties = load_flow(entrypoint).parameters.model_dump()["properties"]
+    envelope = properties.pop("ow_job")
+    assert envelope["title"] == OW_JOB_TITLE and envelope["default"] is None
+    assert envelope["position"] > max(p["position"] for p in properties.values())
+    assert all(p["title"] == name for name, p in properties.items())
+    if not entrypoint.startswith("flows/custom.py"):  # the job types' flows: every field described
+        assert envelope["description"] == OW_JOB_DESCRIPTION
+        assert all(p.get("description") for p in properties.values()), properties
+
+
 def test_prefect_yaml_is_plain_yaml_with_anchors_resolved():
     raw = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert raw["definitions"]["work_pools"]["gpu_api"] == SPECS["serve"]["work_pool"]

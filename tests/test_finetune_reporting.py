@@ -2,7 +2,7 @@
 
 import xml.etree.ElementTree as ET
 
-from flows.finetune.reporting import loss_curve_svg, nice_ticks
+from flows.finetune.reporting import loss_curve_svg, metrics_table, nice_ticks
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -30,3 +30,15 @@ def test_the_loss_curve_has_axes_ticks_and_a_labelled_series_each():
 
 def test_no_loss_logged_says_so():
     assert "no loss was logged" in loss_curve_svg([{"step": 1, "learning_rate": 1e-4}])
+
+
+def test_the_metrics_table_rounds_to_four_significant_digits():
+    history = [
+        {"step": 1, "epoch": 0.0625, "loss": 0.6931471824645996, "learning_rate": 2.0000000000000002e-05},
+        {"step": 1, "grad_norm": 2.454176664352417},  # a row without a loss is left out
+        {"step": 2, "eval_loss": 0.70214, "eval_runtime": 1.5},
+    ]
+    assert metrics_table(history) == [
+        {"step": 1, "epoch": 0.0625, "loss": 0.6931, "learning_rate": 2e-05},
+        {"step": 2, "eval_loss": 0.7021},
+    ]

@@ -113,8 +113,13 @@ class CheckpointSync(TrainerCallback):
 
 
 def metrics_table(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged step; floats to 4 significant digits (the UI shows every digit it gets)."""
     keys = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm"]
-    return [{k: h.get(k) for k in keys if k in h} for h in history if "loss" in h or "eval_loss" in h]
+    return [
+        {k: float(f"{h[k]:.4g}") if isinstance(h[k], float) else h[k] for k in keys if k in h}
+        for h in history
+        if "loss" in h or "eval_loss" in h
+    ]
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
