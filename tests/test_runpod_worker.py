@@ -133,13 +133,19 @@ def test_bad_job_variables_crash_the_run_before_any_pod_exists(prefect_client, f
 
 def test_a_cuda_floor_that_removes_every_candidate_says_so(prefect_client, fake, start_run, runpod_worker_log):
     # every host of the fake reports CUDA 12.8; the pool asks for >= 20 GB in SECURE, which four types have
+    log_before = runpod_worker_log.read_text() if runpod_worker_log.exists() else ""  # the module's worker
     flow_run = start_run(min_cuda_version="13.0")
     done = wait_for(prefect_client, flow_run.id, finished, timeout=60)
     assert done.state.is_failed() and done.state.name == "NoCapacity", done.state
     message = done.state.message
     assert "4 without a free host at the CUDA floor (host CUDA >= 13.0)" in message, message
     assert "lower min_cuda_version" in message and not pods_of(fake, flow_run.id)
-    worker_log = eventually(lambda: "NoCapacity" in runpod_worker_log.read_text() and runpod_worker_log.read_text())
+
+    def this_runs_log() -> str:  # what the worker logged since this test started (earlier tests' lines left out)
+        text = runpod_worker_log.read_text()[len(log_before) :]
+        return "NoCapacity" in text and text
+
+    worker_log = eventually(this_runs_log)
     assert "NoCapacity: No RunPod GPU fits" in worker_log and "Traceback" not in worker_log, worker_log[-3000:]
 
 
