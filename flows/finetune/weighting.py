@@ -14,7 +14,7 @@ import torch
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from flows.finetune.data import read_jsonl
+from flows.finetune.data import map_rows
 from flows.finetune.logprobs import encode, token_weights
 
 WEIGHTS = "token_weights"
@@ -31,7 +31,7 @@ def weighted_row(tokenizer: Any, row: dict[str, Any], responses_only: bool, max_
 def weighted_dataset(path: str | Path, tokenizer: Any, responses_only: bool, max_length: int):
     from datasets import Dataset
 
-    rows = [weighted_row(tokenizer, row, responses_only, max_length) for row in read_jsonl(path)]
+    rows = map_rows(path, lambda row: weighted_row(tokenizer, row, responses_only, max_length))
     return Dataset.from_list([r for r in rows if any(r[WEIGHTS])])
 
 
