@@ -107,7 +107,7 @@ def test_weight_zero_block_gets_no_gradient_and_negative_weights_flip_it(tiny_mo
     from transformers import AutoModelForCausalLM
 
     row = split_answer(sample_conversations(1)[0], head_weight=0, tail_weight=1)
-    encoded = weighting.weighted_row(tokenizer, row, True, 512)
+    [encoded] = weighting.weighted_examples(tokenizer, row, True, 512)
     ids = torch.tensor([encoded["input_ids"]])
     weights = torch.tensor([encoded[weighting.WEIGHTS]])
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

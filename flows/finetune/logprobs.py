@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from flows.finetune.data import content_blocks, owners, render_row, trained_mask
+from flows.finetune.data import Rendered, content_blocks, owners, render_row, trained_mask
 
 
 @dataclass
@@ -39,16 +39,17 @@ class Encoded:
         return owners(self.offsets, [(b.start, b.end) for b in self.blocks])
 
 
-def encode(tokenizer: Any, row: dict[str, Any], responses_only: bool) -> Encoded:
-    """Render and tokenize one row ("messages" or "text"), locating its blocks and plain SFT's loss mask. A
-    block without a `weight` takes its message's `weight`, if the message has one."""
-    rendered = render_row(tokenizer, row)
+def encode(tokenizer: Any, row: dict[str, Any], responses_only: bool, rendered: Rendered | None = None) -> Encoded:
+    """Render and tokenize one row ("messages" or "text"), locating its blocks and plain SFT's loss mask; or
+    take it `rendered` already (a training example: its blocks are those of the messages it locates). A block
+    without a `weight` takes its message's `weight`, if the message has one."""
+    rendered = rendered or render_row(tokenizer, row)
     messages = row.get("messages", [{"content": row.get("text", "")}])
     blocks = []
     for i, (message, bounds) in enumerate(zip(messages, rendered.bounds, strict=True)):
-        for j, block in enumerate(content_blocks(message["content"])):
+        for j, block in enumerate(content_blocks(message["content"]) if bounds is not None else []):
             blocks.append(Block(i, j, bounds[j], bounds[j + 1], block.get("weight", message.get("weight"))))
-    tails = [(i, start, end) for i, (start, end) in enumerate(rendered.tails)]
+    tails = [(i, *tail) for i, tail in enumerate(rendered.tails) if tail is not None]
     trained = trained_mask(rendered, row, responses_only)
     return Encoded(rendered.input_ids, rendered.offsets, trained, blocks, tails)
 
