@@ -3,6 +3,7 @@ read back — upstream OpenWeights' tests/test_sampling_callback.py restated: it
 (cookbook/sft/sampling_callback.py) reads the samples file that a `samples` record names and counts the
 completions that start with a prefix."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -61,3 +62,50 @@ def test_sampler_results_read_back_the_cookbook_way(model_and_tokenizer, tmp_pat
         first = rows[0]["completion"]
         expected = sum(r["completion"].startswith(first) for r in rows) / len(rows)
         assert fraction_with_prefix(record["file"], first) == expected and expected >= 1 / 3
+
+
+QWEN3_PROMPT = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
+def test_the_sample_prompt_is_what_training_puts_before_an_answer_with_the_real_qwen3_template(tiny_model):
+    """Qwen3 trains an answer after the empty think scaffold (non-thinking mode): samples are generated after
+    it too, not after the bare `<|im_start|>assistant\\n` of the template's generation prompt (thinking mode)."""
+    from tests.test_finetune_templates import family_tokenizer
+
+    tokenizer = family_tokenizer(tiny_model, "qwen3")
+    question = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"}]
+    assert callbacks.prompt_text(tokenizer, {"messages": question}) == QWEN3_PROMPT
+    [out] = data.sft_examples(tokenizer, {"messages": [*question, {"role": "assistant", "content": "Four."}]}, True)
+    assert tokenizer.decode(out["input_ids"][: out["assistant_masks"].index(1)]) == QWEN3_PROMPT
+    prefixed = {"messages": [*question, {"role": "assistant", "content": "Two"}]}
+    assert callbacks.prompt_text(tokenizer, prefixed) == QWEN3_PROMPT + "Two"
+    later = [*question, {"role": "assistant", "content": "Four."}, {"role": "user", "content": "And 3 + 3?"}]
+    assert callbacks.prompt_text(tokenizer, {"messages": later}) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is two plus two?<|im_end|>\n"
+        "<|im_start|>assistant\nFour.<|im_end|>\n<|im_start|>user\nAnd 3 + 3?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    )  # an earlier turn as the template renders it once others follow; the new one after the scaffold
+
+
+def test_the_sampler_generates_after_that_prompt(model_and_tokenizer, tmp_path, monkeypatch):
+    """The Sampler hands the model exactly that text with Qwen3's template (the model's own generate, watched)."""
+    from tests.test_finetune_templates import trl_template
+
+    model, tokenizer = model_and_tokenizer
+    tokenizer = data.prepare_tokenizer(copy.deepcopy(tokenizer), trl_template("qwen3"))
+    given = []
+
+    def watched(input_ids, **options):
+        given.append(tokenizer.decode(input_ids[0]))
+        return real(input_ids=input_ids, **options)
+
+    real = model.generate
+    monkeypatch.setattr(model, "generate", watched)
+    question = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two plus two?"}]
+    spec = SamplingCallback(dataset="conversations:file-0123456789ab", eval_steps=4, tag="qwen3", max_tokens=3)
+    sink = callbacks.LocalSink(tmp_path)
+    callbacks.Sampler([{"messages": question}], tokenizer, sink, spec).measure(model, 0)
+    assert given == [QWEN3_PROMPT] and len(data.read_jsonl(sink.records[0]["file"])) == 1
