@@ -51,6 +51,7 @@ def test_sft_job_end_to_end(tiny_model, files, tmp_path):
     assert out["model"] == {"base": str(tiny_model), "adapter": out["adapter"], "job": job.id}
     assert out["adapter"].startswith("adapter:dir-") and out["merged"].startswith("model:dir-")
     assert out["steps"] == 4 and out["train_loss"] > 0 and out["eval_loss"] > 0 and len(out["checkpoints"]) == 2
+    assert out["train_examples"] == 64  # one per single-turn row
     adapter = ow.files.download(out["adapter"], tmp_path / "adapter")
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     assert job.download(tmp_path / "results") and (tmp_path / "results" / "loss_curve.svg").read_text().startswith(

@@ -70,9 +70,11 @@ def _train(job: JobRun) -> dict[str, Any]:
         else:
             logger.info("no HF token Secret block '%s': not pushing to the Hub", hub.secret_name())
     logger.info(
-        "job %s: %s steps with %s, train loss %s, eval loss %s",
+        "job %s: %s steps over %s examples from %s rows with %s, train loss %s, eval loss %s",
         job.id,
         result.global_step,
+        result.train_examples,
+        result.train_rows,
         result.backend,
         result.train_loss,
         result.eval_loss,
@@ -85,6 +87,7 @@ def _train(job: JobRun) -> dict[str, Any]:
         "eval_loss": result.eval_loss,
         "steps": result.global_step,
         "train_tokens": result.train_tokens,
+        "train_examples": result.train_examples,
         "train_seconds": result.train_seconds,
         "backend": result.backend,
         "resumed_from_step": result.resumed_from_step,
