@@ -26,7 +26,8 @@ def test_defaults_follow_openweights():
         "adamw_8bit",
     )
     assert p.train_on_responses_only and p.merge_before_push and p.push_to_private
-    assert p.finetuned_model_id == "{org}/{model_name}-{job_id}"
+    # what the parameters determine is filled in when validated; {org} and {job_id} when they are known
+    assert p.finetuned_model_id == "{org}/model-{job_id}"
 
 
 @pytest.mark.parametrize("given,expected", [(2e-4, 2e-4), ("2e-4", 2e-4), (-4, 1e-4), ("-3", 1e-3), (1, 1.0)])

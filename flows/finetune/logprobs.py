@@ -77,7 +77,8 @@ def encode(tokenizer: Any, row: dict[str, Any], responses_only: bool) -> Encoded
         for i, message in enumerate(row["messages"]):
             position = _content_start(tokenizer, flat, i, text)
             for j, block in enumerate(content_blocks(message["content"])):
-                blocks.append(Block(i, j, position, position + len(block["text"]), block.get("weight")))
+                weight = block.get("weight", message.get("weight"))  # a message's weight: its blocks' default
+                blocks.append(Block(i, j, position, position + len(block["text"]), weight))
                 position += len(block["text"])
             message_end = len(tokenizer.apply_chat_template(flat[: i + 1], tokenize=False))
             tails.append((i, position, message_end))
