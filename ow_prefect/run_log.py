@@ -18,6 +18,7 @@ from ow_prefect.errors import OWError
 
 RUN_LOG_EVENT = "ow.run.log"
 RUN_LOG_ENV = "OW_RUN_LOG"
+EVENT_PURPOSE = "event"  # files attached to logged events
 _WRITE_LOCK = threading.Lock()
 
 
@@ -54,10 +55,16 @@ class CurrentRun:
         return getattr(self, key)
 
     def log(self, event_data: dict[str, Any], file: IO[bytes] | None = None) -> None:
-        """Record `event_data` (a JSON object) as an event of this run; with `file`, store it and attach its id."""
+        """Record `event_data` (a JSON object) as an event of this run; with `file` (a binary file object, bytes or
+        a path), store it and attach its id."""
         if not isinstance(event_data, dict):
             raise TypeError(f"ow.run.log takes a dict, not {type(event_data).__name__}")
-        file_id = self._client.files.create(file, purpose="event").id if file is not None else None
+        file_id = None
+        if file is not None:
+            from ow_prefect.client.files import read_input
+
+            data, name = read_input(file, self._client.settings.max_file_bytes)
+            file_id = self._client.storage.put_bytes(data, EVENT_PURPOSE, filename=name).id
         try:
             line = json.dumps({"data": event_data, "file": file_id}, allow_nan=False)
         except (TypeError, ValueError) as exc:

@@ -72,6 +72,37 @@ def _newest_first():
     return FlowRunSort.EXPECTED_START_TIME_DESC
 
 
+RUNS_PAGE = 200  # the server's largest page of flow runs
+
+
+def _read_runs(client: Any, flow_run_filter: Any, limit: int) -> list[Any]:
+    """The newest `limit` flow runs matching the filter, page by page (sync client)."""
+    runs: list[Any] = []
+    while len(runs) < limit:
+        size = min(RUNS_PAGE, limit - len(runs))
+        page = client.read_flow_runs(
+            flow_run_filter=flow_run_filter, sort=_newest_first(), limit=size, offset=len(runs)
+        )
+        runs += page
+        if len(page) < size:
+            break
+    return runs
+
+
+async def _read_runs_async(client: Any, flow_run_filter: Any, limit: int) -> list[Any]:
+    """`_read_runs` with Prefect's async client."""
+    runs: list[Any] = []
+    while len(runs) < limit:
+        size = min(RUNS_PAGE, limit - len(runs))
+        page = await client.read_flow_runs(
+            flow_run_filter=flow_run_filter, sort=_newest_first(), limit=size, offset=len(runs)
+        )
+        runs += page
+        if len(page) < size:
+            break
+    return runs
+
+
 def _statuses(status: JobStatus | list[JobStatus] | None) -> list[JobStatus] | None:
     if status is None:
         return None
@@ -237,9 +268,7 @@ class Jobs(_JobsBase):
     ) -> list[Job]:
         tags = [JOB_TAG] + ([type_tag(type)] if type else [])
         with self._prefect() as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=_run_filter(tags, _statuses(status)), sort=_newest_first(), limit=limit
-            )
+            runs = _read_runs(client, _run_filter(tags, _statuses(status)), limit)
         return [self._job(run) for run in runs]
 
     def cancel(self, job_id: str) -> Job:
@@ -294,10 +323,13 @@ class Jobs(_JobsBase):
             return _download_runs(self._client.runs.list(job_id=job_id, limit=200), dest)
         return self._download(raise_for_failure(self.retrieve(job_id)), dest)
 
-    def find(self, limit: int = 1000, **params: Any) -> list[Job]:
+    def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
         """Jobs whose parameters have these values (a dict value matches the keys it names), newest first:
-        ``ow.jobs.find(model="Qwen/Qwen3-4B", meta={"group": "sweep"})``. Looks through the newest `limit` runs."""
-        return _matching(self.list(limit=limit), params)
+        ``ow.jobs.find(model="Qwen/Qwen3-4B", meta={"group": "sweep"})``. Looks through the newest `limit` runs
+        (of one job `type`); Prefect cannot query parameters, so they are compared here."""
+        with self._prefect() as client:
+            runs = _read_runs(client, _run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
+        return [self._job(run) for run in _matching(runs, params, self._client)]
 
 
 class AsyncJobs(_JobsBase):
@@ -363,9 +395,7 @@ class AsyncJobs(_JobsBase):
     ) -> list[Job]:
         tags = [JOB_TAG] + ([type_tag(type)] if type else [])
         async with self._prefect() as client:
-            runs = await client.read_flow_runs(
-                flow_run_filter=_run_filter(tags, _statuses(status)), sort=_newest_first(), limit=limit
-            )
+            runs = await _read_runs_async(client, _run_filter(tags, _statuses(status)), limit)
         return [await self._job_async(run) for run in runs]
 
     async def cancel(self, job_id: str) -> Job:
@@ -419,8 +449,10 @@ class AsyncJobs(_JobsBase):
         job = raise_for_failure(await self.retrieve(job_id))
         return await anyio.to_thread.run_sync(self._download, job, dest)
 
-    async def find(self, limit: int = 1000, **params: Any) -> list[Job]:
-        return _matching(await self.list(limit=limit), params)
+    async def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
+        async with self._prefect() as client:
+            runs = await _read_runs_async(client, _run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
+        return [await self._job_async(run) for run in _matching(runs, params, self._client)]
 
 
 class JobTypeResource:
@@ -460,13 +492,7 @@ class JobTypeResource:
 
     def find(self, limit: int = 1000, **params: Any):
         """Jobs of this type whose parameters have these values (see ``ow.jobs.find``)."""
-        if isinstance(self._jobs, AsyncJobs):
-
-            async def found():
-                return _matching(await self.list(limit=limit), params)
-
-            return found()
-        return _matching(self.list(limit=limit), params)
+        return self._jobs.find(limit=limit, type=self.job_cls.name, **params)
 
 
 def _matches(value: Any, wanted: Any) -> bool:
@@ -475,11 +501,13 @@ def _matches(value: Any, wanted: Any) -> bool:
     return value == wanted
 
 
-def _matching(jobs: list[Job], params: dict[str, Any]) -> list[Job]:
+def _matching(runs: list[Any], params: dict[str, Any], client: Any) -> list[Any]:
+    """The runs whose job parameters (as `job.params` shows them) have `params`; one per job, its newest."""
     found, seen = [], set()
-    for job in jobs:  # newest first; a job rerun embedded has several runs: keep its newest
+    for run in runs:  # newest first; a job rerun embedded has several runs
+        job = job_from_run(run, None, client)
         if job.id not in seen and all(_matches(job.params.get(k), v) for k, v in params.items()):
-            found.append(job)
+            found.append(run)
         seen.add(job.id)
     return found
 

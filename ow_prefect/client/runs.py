@@ -81,11 +81,11 @@ class Run:
 
 
 def _flow_runs(client: BaseOpenWeights, job_id: str | None, limit: int, statuses: list[str] | None = None):
-    from ow_prefect.client.jobs import _newest_first, _run_filter
+    from ow_prefect.client.jobs import _read_runs, _run_filter
 
     tags = [job_tag(job_id)] if job_id else [JOB_TAG]
     with client.prefect_client() as prefect:
-        return prefect.read_flow_runs(flow_run_filter=_run_filter(tags, statuses), sort=_newest_first(), limit=limit)
+        return _read_runs(prefect, _run_filter(tags, statuses), limit)
 
 
 def _events(client: BaseOpenWeights, run_ids: list[str]) -> list[dict[str, Any]]:

@@ -5,14 +5,15 @@ The client reads the base model from the adapter's ``adapter_config.json`` (``ba
 downloads a Hub adapter's files, stores them content-addressed (``adapter:dir-…``) and passes the reference
 every serving job takes: ``{"base": ..., "adapter": ..., "name": <what was given>}`` — vLLM serves the adapter
 under that name. A Hub id without an ``adapter_config.json`` (or a Hub that cannot be reached) is a base model,
-passed on as it is. Each Hub repo is looked up once per process.
+passed on as it is. The Hub's answer for a repo is kept for the process (a failed lookup is tried again).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ ADAPTER_PURPOSE = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 HUB_PATH_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/[\w.\-]+)*$")
-SKIP = frozenset({".git", "__pycache__", ".ipynb_checkpoints", ".DS_Store"})
 
 
 def adapter_reference(value: Any, storage: Any) -> Any:
-    """`value` as a model reference when it is a LoRA adapter (see the module docstring); else unchanged."""
+    """`value` as a model reference when it is a LoRA adapter (see the module docstring); else unchanged. Only
+    the adapter's config and weights are stored (not checkpoints or tokenizer files next to them)."""
     if not isinstance(value, str) or ID_RE.match(value) or value.startswith(("ftjob-", "ftjob:", "openai/")):
         return value
     local = Path(value).expanduser()
@@ -48,25 +49,39 @@ def adapter_references(values: Any, storage: Any) -> Any:
     return [adapter_reference(v, storage) for v in values] if isinstance(values, list) else values
 
 
-@functools.lru_cache(maxsize=256)
+_HUB_LOOKUPS: dict[str, Path | None] = {}  # Hub path -> its adapter folder, None: not an adapter (definite answers)
+
+
 def hub_adapter(path: str) -> Path | None:
     """The local folder of the Hub adapter `path` (``org/name[/folder]``) with its config and weights downloaded;
-    None when it has no adapter_config.json there or the Hub cannot be asked."""
+    None when there is no adapter_config.json there or the Hub cannot be asked (then it is asked again next time)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    if path in _HUB_LOOKUPS:
+        return _HUB_LOOKUPS[path]
     parts = path.split("/")
     repo, prefix = "/".join(parts[:2]), "".join(f"{part}/" for part in parts[2:])
     try:
         config = Path(hf_hub_download(repo, f"{prefix}{ADAPTER_CONFIG}"))
-    except Exception:  # not found, gated, a base model, offline: a model id, passed on for the run to load
+    except (RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
+        _HUB_LOOKUPS[path] = None  # a base model (or one the run cannot load either: it says so then)
+        return None
+    except Exception:  # offline, unreachable: passed on as a model id
         return None
     for weights in ADAPTER_WEIGHTS:
         try:
             hf_hub_download(repo, f"{prefix}{weights}")
-            return config.parent
         except EntryNotFoundError:
             continue
+        _HUB_LOOKUPS[path] = config.parent
+        return config.parent
     raise ValueError(f"{path}: has an {ADAPTER_CONFIG} but none of {list(ADAPTER_WEIGHTS)} next to it")
 
 
@@ -83,5 +98,11 @@ def _stored(folder: Path, given: str, storage: Any) -> dict[str, str]:
             f"{given}: its {ADAPTER_CONFIG} names the base model {base!r}, a local path that does not exist here; "
             "set base_model_name_or_path to the base model's Hub id"
         )
-    adapter = storage.put_path(folder, ADAPTER_PURPOSE, skip=SKIP).id
+    weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
+        raise ValueError(f"{given}: has an {ADAPTER_CONFIG} but none of {list(ADAPTER_WEIGHTS)} next to it")
+    with tempfile.TemporaryDirectory(prefix="ow-adapter-") as tmp:
+        for file in (folder / ADAPTER_CONFIG, weights):
+            shutil.copyfile(file, Path(tmp) / file.name)
+        adapter = storage.put_path(tmp, ADAPTER_PURPOSE).id
     return {"base": base, "adapter": adapter, "name": given}
