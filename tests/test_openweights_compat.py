@@ -315,6 +315,7 @@ def test_inference_cookbook_on_a_hugging_face_adapter_directory(ow, trained_adap
         temperature=0,
         max_model_len=256,
         job_id_suffix="v010",
+        load_format="auto",  # vLLM's own default, passed through
     )
     print(job)
     while job.refresh().status != "completed":
@@ -379,7 +380,7 @@ def test_api_deployment_cookbook_multi_deploy_by_model_and_async_chat(trained_ad
     question = [SYSTEM, {"role": "user", "content": "What is two plus three?"}]
     ow = OpenWeights(use_async=True, deploy_kwargs={"max_model_len": 256})
     assert isinstance(ow.chat, AsyncChat) and ow.chat.settings.deploy_kwargs == {"max_model_len": 256}
-    api = ow.api.multi_deploy([model], max_model_len=256, max_num_seqs=4)[model]
+    api = ow.api.multi_deploy([model], max_model_len=256, max_num_seqs=4, max_loras=1)[model]
     with api as client:
         assert api.base_url and api.api_key
         stream = client.chat.completions.create(
