@@ -34,16 +34,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.results import emit, row  # noqa: E402
+from ow_prefect.jobs.hardware import gpu_type_id  # noqa: E402
 
-OPENWEIGHTS_GPUS = {
-    "4000Ada": "NVIDIA RTX 4000 Ada Generation",
-    "L40": "NVIDIA L40",
-    "A100": "NVIDIA A100 80GB PCIe",
-    "A100S": "NVIDIA A100-SXM4-80GB",
-    "H100N": "NVIDIA H100 NVL",
-    "H100S": "NVIDIA H100 80GB HBM3",
-    "H200": "NVIDIA H200",
-}
+# the GPU types OpenWeights' cluster manager rents, by its names
+OPENWEIGHTS_GPUS = {name: gpu_type_id(name) for name in ("4000Ada", "L40", "A100", "A100S", "H100N", "H100S", "H200")}
 OPENWEIGHTS_COUNTS = (1, 2, 4, 8)
 OPENWEIGHTS_MARGIN_GB = 5
 CLOUDS = ("SECURE", "COMMUNITY")

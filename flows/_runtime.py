@@ -26,6 +26,18 @@ from ow_prefect.storage import Storage
 RESULT_PURPOSE = "result"  # files a job produces for the user (outputs, completions, logs)
 
 
+def job_resource(job_id: str) -> dict[str, str]:
+    """The resource of a job's events (`ow.train.*`, `ow.run.log`)."""
+    return {"prefect.resource.id": f"ow.job.{job_id}", "prefect.resource.name": job_id}
+
+
+def flow_run_related(flow_run_id: str | None) -> list[dict[str, str]]:
+    """Events name the flow run they happened in, so `job.events()` and `ow.events.list` find them."""
+    if not flow_run_id:
+        return []
+    return [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}]
+
+
 @dataclass
 class JobRun:
     job_cls: type[Job]

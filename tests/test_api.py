@@ -101,8 +101,12 @@ def test_bad_api_parameters_are_refused_before_any_run(tiny_model, trained_adapt
         ow.api.deploy("some/other-model", lora_adapters=[trained_adapter.id])
     with pytest.raises(ParameterError, match="max_num_seqs"):
         ow.api.deploy(str(tiny_model), max_num_seqs=0)
-    groups = ow.api.multi_deploy([trained_adapter.id, str(tiny_model), "other/base"])
-    assert [(api.validated.base_model, len(api.validated.adapters)) for api in groups] == [
+    apis = ow.api.multi_deploy([trained_adapter.id, str(tiny_model), "other/base"])
+    assert set(apis) == {trained_adapter.id, str(tiny_model), "other/base"}  # each model given -> its API
+    assert apis[trained_adapter.id] is apis[str(tiny_model)] is not apis["other/base"]
+    assert [
+        (api.validated.base_model, len(api.validated.adapters)) for api in {id(a): a for a in apis.values()}.values()
+    ] == [
         (str(tiny_model), 1),
         ("other/base", 0),
     ]

@@ -22,13 +22,10 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 from transformers import TrainerCallback
 
+from flows._runtime import flow_run_related, job_resource
 from ow_prefect.storage import Storage
 
 CHECKPOINT_PURPOSE = "checkpoint"
-
-
-def job_resource(job_id: str) -> dict[str, str]:
-    return {"prefect.resource.id": f"ow.job.{job_id}", "prefect.resource.name": job_id}
 
 
 def _number(value: Any) -> bool:
@@ -42,11 +39,7 @@ class PrefectReporter(TrainerCallback):
         self.job_id = job_id
         self.progress_every_s = progress_every_s
         self.progress_sent = 0.0
-        self.related = (
-            [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}]
-            if flow_run_id
-            else []
-        )
+        self.related = flow_run_related(flow_run_id)
         self.progress_id = None
 
     def on_train_begin(self, args, state, control, **kwargs):

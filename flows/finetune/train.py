@@ -74,6 +74,7 @@ def common_args(cfg: Any, output_dir: Path, has_eval: bool) -> dict[str, Any]:
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
         optim=optimizer_name(cfg),
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,

@@ -51,6 +51,7 @@ def _infer(job: JobRun) -> dict[str, Any]:
             "n": cfg.n_completions_per_prompt,
             "max_model_len": fit_max_model_len(cfg.base_model, cfg.max_model_len),
             "quantization": cfg.quantization,
+            "load_format": cfg.load_format,
             "chat_template": cfg.chat_template,
             "seed": cfg.seed,
         }

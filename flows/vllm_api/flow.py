@@ -132,6 +132,7 @@ def vllm_api(**params: Any) -> Any:
             max_num_seqs=cfg.max_num_seqs,
             adapters=adapters,
             max_lora_rank=cfg.max_lora_rank,
+            max_loras=cfg.max_loras,
             quantization=cfg.quantization,
             kv_cache_dtype=cfg.kv_cache_dtype,
         )

@@ -17,24 +17,26 @@ import anyio
 import anyio.to_thread
 
 from ow_prefect.client._logs import (
-    EVENTS_PAGE,
-    MAX_EVENT_PAGES,
     event_filter,
     format_events,
     format_logs,
     log_filter,
+    read_events,
+    read_events_async,
 )
 from ow_prefect.errors import ConfigurationError, NotFoundError, OWError
 from ow_prefect.jobs.base import TERMINAL_STATUSES, Job, JobStatus, get_job_type, project_root, raise_for_failure
 from ow_prefect.jobs.submit import (
     JOB_TAG,
     STATUS_STATES,
+    SubmissionOptions,
     idempotency_key,
     job_from_run,
     job_tag,
     outputs_key,
     plan,
     status_of,
+    submission_options,
     tag_value,
     tags_for,
     type_tag,
@@ -68,6 +70,37 @@ def _newest_first():
     from prefect.client.schemas.sorting import FlowRunSort
 
     return FlowRunSort.EXPECTED_START_TIME_DESC
+
+
+RUNS_PAGE = 200  # the server's largest page of flow runs
+
+
+def _read_runs(client: Any, flow_run_filter: Any, limit: int) -> list[Any]:
+    """The newest `limit` flow runs matching the filter, page by page (sync client)."""
+    runs: list[Any] = []
+    while len(runs) < limit:
+        size = min(RUNS_PAGE, limit - len(runs))
+        page = client.read_flow_runs(
+            flow_run_filter=flow_run_filter, sort=_newest_first(), limit=size, offset=len(runs)
+        )
+        runs += page
+        if len(page) < size:
+            break
+    return runs
+
+
+async def _read_runs_async(client: Any, flow_run_filter: Any, limit: int) -> list[Any]:
+    """`_read_runs` with Prefect's async client."""
+    runs: list[Any] = []
+    while len(runs) < limit:
+        size = min(RUNS_PAGE, limit - len(runs))
+        page = await client.read_flow_runs(
+            flow_run_filter=flow_run_filter, sort=_newest_first(), limit=size, offset=len(runs)
+        )
+        runs += page
+        if len(page) < size:
+            break
+    return runs
 
 
 def _statuses(status: JobStatus | list[JobStatus] | None) -> list[JobStatus] | None:
@@ -129,6 +162,11 @@ class Submission:
     validated: Any
     parameters: dict[str, Any]
     deployment: str
+    options: SubmissionOptions
+
+    def keeps(self, run: Any) -> bool:
+        """Return this existing run as it is instead of running the job again (``create_on_failed_status=False``)."""
+        return run is not None and status_of(run) in ("failed", "canceled") and status_of(run) not in self.options.rerun
 
     @property
     def tags(self) -> list[str]:
@@ -145,6 +183,7 @@ class _JobsBase:
         self._deployment_ids: dict[str, Any] = {}
 
     def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> Submission:
+        kwargs, options = submission_options(kwargs)
         with self._client.prefect_settings():  # validation may ask Prefect (model="ftjob:latest")
             kwargs = job_cls.prepare_params(dict(kwargs), self._client.storage)
             validated = job_cls.validate_params(**kwargs)
@@ -153,7 +192,7 @@ class _JobsBase:
         job_id = job_cls.compute_id(flow_parameters, image=image, code=code)
         envelope = {"id": job_id, "type": job_cls.name, "code_hash": code, "image": image}
         deployment = job_cls.deployment_for(validated) + get_settings().deployment_suffix
-        return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment)
+        return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment, options)
 
     def _outputs(self, run: Any) -> dict[str, Any] | None:
         if status_of(run) != "completed":
@@ -197,11 +236,13 @@ class Jobs(_JobsBase):
         with self._prefect() as client:
             run = self._find_run(client, sub.job_id)
             action = plan(run)
-            if action == "existing":
+            if action == "existing" or sub.keeps(run):
                 return self._job(run)
             if self._client.embedded:
                 _call_flow(self._client, job_cls, sub.parameters, sub.tags)
             elif action == "retry":
+                if sub.options.job_variables:  # a rerun on other hardware (OpenWeights updates allowed_hardware)
+                    client.update_flow_run(run.id, job_variables={**run.job_variables, **sub.options.job_variables})
                 client.set_flow_run_state(run.id, _retry_state())
             else:
                 return self._job(
@@ -227,9 +268,7 @@ class Jobs(_JobsBase):
     ) -> list[Job]:
         tags = [JOB_TAG] + ([type_tag(type)] if type else [])
         with self._prefect() as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=_run_filter(tags, _statuses(status)), sort=_newest_first(), limit=limit
-            )
+            runs = _read_runs(client, _run_filter(tags, _statuses(status)), limit)
         return [self._job(run) for run in runs]
 
     def cancel(self, job_id: str) -> Job:
@@ -274,19 +313,23 @@ class Jobs(_JobsBase):
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         job = self.retrieve(job_id)
-        events = []
         with self._prefect() as client:
-            page = client.read_events(filter=event_filter(job.flow_run_id), limit=EVENTS_PAGE)
-            for _ in range(MAX_EVENT_PAGES):
-                events += page.events
-                if not page.next_page:
-                    break
-                page = client.read_events_page(str(page.next_page))
-        return format_events(events)
+            return format_events(read_events(client, event_filter(job.flow_run_id)))
 
-    def download(self, job_id: str, dest: str | os.PathLike[str]) -> Path:
-        """Download every result file of a completed job into `dest` (kept at its path under uploads/)."""
+    def download(self, job_id: str, dest: str | os.PathLike[str], only_last_run: bool = True) -> Path:
+        """Download every result file of a completed job into `dest` (kept at its path under uploads/); with
+        ``only_last_run=False``, each run's logs, event files and results into ``dest/<run id>/``."""
+        if not only_last_run:
+            return _download_runs(self._client.runs.list(job_id=job_id, limit=200), dest)
         return self._download(raise_for_failure(self.retrieve(job_id)), dest)
+
+    def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
+        """Jobs whose parameters have these values (a dict value matches the keys it names), newest first:
+        ``ow.jobs.find(model="Qwen/Qwen3-4B", meta={"group": "sweep"})``. Looks through the newest `limit` runs
+        (of one job `type`); Prefect cannot query parameters, so they are compared here."""
+        with self._prefect() as client:
+            runs = _read_runs(client, _run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
+        return [self._job(run) for run in _matching(runs, params, self._client)]
 
 
 class AsyncJobs(_JobsBase):
@@ -317,11 +360,15 @@ class AsyncJobs(_JobsBase):
         async with self._prefect() as client:
             run = await self._find_run(client, sub.job_id)
             action = plan(run)
-            if action == "existing":
+            if action == "existing" or sub.keeps(run):
                 return await self._job_async(run)
             if self._client.embedded:
                 await anyio.to_thread.run_sync(_call_flow, self._client, job_cls, sub.parameters, sub.tags)
             elif action == "retry":
+                if sub.options.job_variables:
+                    await client.update_flow_run(
+                        run.id, job_variables={**run.job_variables, **sub.options.job_variables}
+                    )
                 await client.set_flow_run_state(run.id, _retry_state())
             else:
                 variables = await anyio.to_thread.run_sync(_job_variables, job_cls, sub)
@@ -348,9 +395,7 @@ class AsyncJobs(_JobsBase):
     ) -> list[Job]:
         tags = [JOB_TAG] + ([type_tag(type)] if type else [])
         async with self._prefect() as client:
-            runs = await client.read_flow_runs(
-                flow_run_filter=_run_filter(tags, _statuses(status)), sort=_newest_first(), limit=limit
-            )
+            runs = await _read_runs_async(client, _run_filter(tags, _statuses(status)), limit)
         return [await self._job_async(run) for run in runs]
 
     async def cancel(self, job_id: str) -> Job:
@@ -394,19 +439,20 @@ class AsyncJobs(_JobsBase):
 
     async def events(self, job_id: str) -> list[dict[str, Any]]:
         job = await self.retrieve(job_id)
-        events = []
         async with self._prefect() as client:
-            page = await client.read_events(filter=event_filter(job.flow_run_id), limit=EVENTS_PAGE)
-            for _ in range(MAX_EVENT_PAGES):
-                events += page.events
-                if not page.next_page:
-                    break
-                page = await client.read_events_page(str(page.next_page))
-        return format_events(events)
+            return format_events(await read_events_async(client, event_filter(job.flow_run_id)))
 
-    async def download(self, job_id: str, dest: str | os.PathLike[str]) -> Path:
+    async def download(self, job_id: str, dest: str | os.PathLike[str], only_last_run: bool = True) -> Path:
+        if not only_last_run:
+            runs = await self._client.runs.list(job_id=job_id, limit=200)
+            return await anyio.to_thread.run_sync(_download_runs, runs, dest)
         job = raise_for_failure(await self.retrieve(job_id))
         return await anyio.to_thread.run_sync(self._download, job, dest)
+
+    async def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
+        async with self._prefect() as client:
+            runs = await _read_runs_async(client, _run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
+        return [await self._job_async(run) for run in _matching(runs, params, self._client)]
 
 
 class JobTypeResource:
@@ -438,8 +484,47 @@ class JobTypeResource:
     def retrieve(self, job_id: str):
         return self._jobs.retrieve(job_id)
 
+    def cancel(self, job_id: str):
+        return self._jobs.cancel(job_id)
+
+    def restart(self, job_id: str):
+        return self._jobs.restart(job_id)
+
+    def find(self, limit: int = 1000, **params: Any):
+        """Jobs of this type whose parameters have these values (see ``ow.jobs.find``)."""
+        return self._jobs.find(limit=limit, type=self.job_cls.name, **params)
+
+
+def _matches(value: Any, wanted: Any) -> bool:
+    if isinstance(wanted, dict):
+        return isinstance(value, dict) and all(_matches(value.get(k), v) for k, v in wanted.items())
+    return value == wanted
+
+
+def _matching(runs: list[Any], params: dict[str, Any], client: Any) -> list[Any]:
+    """The runs whose job parameters (as `job.params` shows them) have `params`; one per job, its newest."""
+    found, seen = [], set()
+    for run in runs:  # newest first; a job rerun embedded has several runs
+        job = job_from_run(run, None, client)
+        if job.id not in seen and all(_matches(job.params.get(k), v) for k, v in params.items()):
+            found.append(run)
+        seen.add(job.id)
+    return found
+
+
+def _download_runs(runs: list[Any], dest: str | os.PathLike[str]) -> Path:
+    dest = Path(dest)
+    for run in runs:
+        run.download(dest / run.id)
+    return dest
+
 
 def _job_variables(job_cls: type[Job], sub: Submission) -> dict[str, Any]:
     """The image the job id was computed with (the RunPod worker runs exactly it), plus the job type's own
-    variables (e.g. ``min_vram_gb``). Pools that have no `image` variable ignore it."""
-    return {"image": sub.parameters["ow_job"]["image"], **job_cls.job_variables(sub.validated)}
+    variables (e.g. ``min_vram_gb``), then the submission's (``allowed_hardware``: ``gpu_types``, ...). Pools
+    that have no such variable ignore it."""
+    return {
+        "image": sub.parameters["ow_job"]["image"],
+        **job_cls.job_variables(sub.validated),
+        **sub.options.job_variables,
+    }

@@ -7,6 +7,8 @@ cancelled -> the same run back to Scheduled (``AwaitingRetry``); none -> a new r
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ow_prefect.jobs.base import Job, JobStatus, get_job_type
@@ -61,6 +63,48 @@ def plan(flow_run: Any | None) -> Action:
     return "existing"
 
 
+@dataclass
+class SubmissionOptions:
+    """How to run a job rather than what it computes (not in the job id): OpenWeights' ``create`` keywords."""
+
+    job_variables: dict[str, Any] = field(default_factory=dict)
+    rerun: frozenset[str] = frozenset({"failed", "canceled"})  # statuses a resubmission runs again
+
+
+def submission_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], SubmissionOptions]:
+    """Take OpenWeights' submission keywords out of `kwargs`: ``allowed_hardware`` and ``cloud_type`` (the RunPod
+    worker's ``gpu_types``/``gpu_count``/``cloud``), ``worker_max_uptime`` (hours: ``max_runtime``),
+    ``create_on_failed_status`` / ``create_on_canceled_status`` (False: return such a job as it is), and
+    ``requires_vram_gb="guess"`` (the estimate). ``base_image`` / ``docker_image`` name OpenWeights' images, which
+    cannot run ow_prefect's flows: they are ignored with a warning."""
+    from ow_prefect.jobs.hardware import cloud_variable, hardware_variables
+
+    kwargs, options = dict(kwargs), SubmissionOptions()
+    if kwargs.get("requires_vram_gb") == "guess":
+        kwargs["requires_vram_gb"] = None
+    hardware = kwargs.pop("allowed_hardware", None)
+    if hardware is not None:
+        options.job_variables |= hardware_variables(hardware, kwargs.get("requires_vram_gb"))
+    if (cloud := kwargs.pop("cloud_type", None)) is not None:
+        options.job_variables |= cloud_variable(cloud)
+    if (hours := kwargs.pop("worker_max_uptime", None)) is not None:
+        options.job_variables["max_runtime"] = max(1, round(float(hours) * 3600))
+    for key in ("base_image", "docker_image"):
+        if (image := kwargs.pop(key, None)) is not None:
+            warnings.warn(
+                f"{key}={image!r} ignored: built-in jobs run ow_prefect's own images (OW_TRAIN_IMAGE, "
+                "OW_SERVE_IMAGE; `image` in the deployment's job variables); a CustomJob type sets `base_image`",
+                UserWarning,
+                stacklevel=4,
+            )
+    rerun = set(options.rerun)
+    for status, key in (("failed", "create_on_failed_status"), ("canceled", "create_on_canceled_status")):
+        if not kwargs.pop(key, True):
+            rerun.discard(status)
+    options.rerun = frozenset(rerun)
+    return kwargs, options
+
+
 def tag_value(tags: list[str], prefix: str) -> str | None:
     return next((t[len(prefix) + 1 :] for t in tags if t.startswith(prefix + ":")), None)
 
@@ -73,12 +117,14 @@ def job_from_run(flow_run: Any, outputs: dict[str, Any] | None, client: Any) -> 
         cls = Job
     state = flow_run.state
     status = status_of(flow_run)
-    params = {k: v for k, v in (flow_run.parameters or {}).items() if k != "ow_job"}
+    parameters = flow_run.parameters or {}
+    params = {k: v for k, v in parameters.items() if k != "ow_job"}
+    job_id = tag_value(flow_run.tags, JOB_TAG) or str(flow_run.id)
     return cls(
-        id=tag_value(flow_run.tags, JOB_TAG) or str(flow_run.id),
+        id=job_id,
         type=type_name,
         status=status,
-        params=params,
+        params=cls.shown_params(params, job_id),
         flow_run_id=str(flow_run.id),
         created_at=flow_run.created.timestamp() if flow_run.created else None,
         updated_at=flow_run.updated.timestamp() if flow_run.updated else None,
@@ -86,6 +132,9 @@ def job_from_run(flow_run: Any, outputs: dict[str, Any] | None, client: Any) -> 
         error=state.message if state and status in ("failed", "canceled") else None,
         run_count=flow_run.run_count,
         state_name=state.name if state else None,
+        run_variables=flow_run.job_variables,
+        docker_image=(parameters.get("ow_job") or {}).get("image"),
+        worker_id=flow_run.infrastructure_pid,
         client=client,
     )
 
