@@ -3,8 +3,9 @@
     prefect work-pool create gpu --type runpod
     prefect worker start --pool gpu
 
-For each flow run the worker ranks the GPU types that fit (`min_vram_gb` plus `vram_margin` over `gpu_count` GPUs, in the
-allowed clouds and data centers, under `max_price_per_hour`, preference list first, then cheapest), creates a
+For each flow run the worker ranks the GPU types that fit (`min_vram_gb` plus `vram_margin` over `gpu_count`
+GPUs, in the allowed clouds and data centers, under `max_price_per_hour`, preference list first, then cheapest),
+creates a
 pod on the first one that has capacity, reports `runpod::<pod id>` as the run's infrastructure, and then
 watches the run and the pod together until one of them ends:
 
