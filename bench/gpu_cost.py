@@ -222,7 +222,7 @@ async def measure(margin: float):
 def main() -> None:
     from ow_prefect.runpod.offers import DEFAULT_VRAM_MARGIN
 
-    print(f"Estimators vs Unsloth's published minimum fine-tuning memory (batch 2 × 2048 tokens for ours):")
+    print("Estimators vs Unsloth's published minimum fine-tuning memory (batch 2 × 2048 tokens for ours):")
     worst = 0.0
     for size, method, published, estimate in estimator_error():
         short = 1 - estimate / published
