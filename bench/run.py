@@ -24,7 +24,7 @@ from bench.results import parse, table  # noqa: E402
 QUICK_ARGS = {
     "submit": ["--n", "10"],
     "train_cpu": ["--steps", "60", "--repeats", "3"],
-    "worker": ["--runs", "5"],
+    "worker": ["--jobs", "4"],
     "chat": ["--requests", "500", "--queued", "10000"],
 }
 
