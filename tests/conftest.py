@@ -19,10 +19,14 @@ Session-scoped (one per pytest process; `make test` runs two processes with pyte
 
 Per test: `use_server`, `script_file` (upload a script as a custom-job file).
 
+A test that uses a server-starting fixture (SERVER_FIXTURES) is marked `slow` by itself: `make test-fast` leaves
+it out.
+
 Parallel runs: `make test` is `pytest -n 2 --dist loadgroup`. Each module runs whole on one process (its
-module fixtures are set up once), and every module that starts vLLM (VLLM_MODULES) runs on the same process,
-one after another: two vLLM servers at once on 2 cores time out. A new module that starts vLLM belongs in
-VLLM_MODULES. Everything session-scoped above exists once per process.
+module fixtures are set up once), and the modules that start vLLM (VLLM_MODULES) form two groups, each run on
+one process, one module after another: never more than two vLLM servers of the tests at once (plus the idle
+`served_api`). A new module that starts vLLM belongs in VLLM_MODULES. Everything session-scoped above exists
+once per process.
 
 Prefect's home is set before Prefect is imported, so the embedded (ephemeral) tests never touch the
 developer's own ~/.prefect.
@@ -66,23 +70,47 @@ POOL = "ow-test-local"
 pytest_plugins = ["tests.runpod_support"]
 
 
-# Modules that start vLLM (or need `served_api`): xdist runs them on one process, one after another.
+# Modules that start vLLM, in two groups: xdist runs each group on one process, its modules one after another,
+# so that at most one vLLM server of each group runs at a time (the session's `served_api` belongs to the first).
 VLLM_MODULES = {
-    "test_api.py",
-    "test_chat_vllm.py",
-    "test_evals.py",
-    "test_inference.py",
-    "test_security.py",
-    "test_temporary_api.py",
+    "test_api.py": "vllm-served",
+    "test_chat_vllm.py": "vllm-served",
+    "test_inference.py": "vllm-served",
+    "test_evals.py": "vllm-other",
+    "test_security.py": "vllm-other",
+    "test_temporary_api.py": "vllm-other",
+}
+
+
+# A test that needs one of these starts a Prefect server, a worker, a trained adapter or vLLM: it is `slow` (out of
+# `make test-fast`) whatever its module says.
+SERVER_FIXTURES = {
+    "prefect_api",
+    "use_server",
+    "deployed",
+    "worker",
+    "trained_adapter",
+    "served_api",
+    "prefect_client",
+    "runpod_pool",
+    "runpod_worker",
+    "start_run",
 }
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under xdist's `loadgroup`: a module is one unit of work, and the vLLM modules are one unit together."""
+    """`slow` for tests that need a server (above); under xdist's `loadgroup`, a module is one unit of work, and the
+    vLLM modules are one unit together."""
     for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
         name = item.path.name
-        group = "vllm" if name in VLLM_MODULES else str(item.path.relative_to(ROOT))
+        group = VLLM_MODULES.get(name) or str(item.path.relative_to(ROOT))
         item.add_marker(pytest.mark.xdist_group(group))
+    # The two vLLM groups first: xdist hands out the first units round-robin, so each process starts on one of the
+    # two longest units and the rest fill in around them.
+    first = {group: rank for rank, group in enumerate(("vllm-other", "vllm-served"))}
+    items.sort(key=lambda item: first.get(VLLM_MODULES.get(item.path.name), len(first)))
 
 
 @pytest.fixture(scope="session")
