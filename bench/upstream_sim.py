@@ -74,7 +74,7 @@ class Result:
         return [job.first_step - job.submitted for job in self.jobs]
 
     def gpu_seconds_per_job(self) -> float:
-        return sum(pod.billed(self.end) for pod in self.pods) / len(self.jobs)
+        return sum(pod.billed(self.end) for pod in self.pods) / len(self.jobs)  # (every pod has ended)
 
 
 def simulate(trace: list[TraceJob], boot: BootModel, seed: int = 0, horizon: float = 6 * 3600) -> Result:
@@ -112,6 +112,14 @@ def simulate(trace: list[TraceJob], boot: BootModel, seed: int = 0, horizon: flo
             return Result(jobs, workers, t)
         t = round(t + STEP, 6)
     raise RuntimeError(f"the trace did not finish within {horizon} s of simulated time")
+
+
+def simulate_many(trace: list[TraceJob], boot: BootModel, seeds: int = 20) -> Result:
+    """`simulate` over `seeds` phases of the manager's loop and of the workers' polls (where in its 15 s cycle a
+    job arrives is chance), pooled: every run's jobs and pods in one Result, so medians and per-job GPU-seconds
+    are over all of them."""
+    runs = [simulate(trace, boot, seed=seed) for seed in range(seeds)]
+    return Result([job for run in runs for job in run.jobs], [pod for run in runs for pod in run.pods], 0.0)
 
 
 def _submit(trace: list[TraceJob], jobs: list[SimJob], t: float) -> None:

@@ -5,7 +5,7 @@ worker poll), on the traces of bench/traces.py."""
 import pytest
 
 from bench.traces import BootModel, TraceJob, parallel_burst, sequential_burst
-from bench.upstream_sim import IDLE_THRESHOLD, MAX_WORKERS, POLL_INTERVAL, STARTUP_THRESHOLD, simulate
+from bench.upstream_sim import IDLE_THRESHOLD, MAX_WORKERS, POLL_INTERVAL, STARTUP_THRESHOLD, simulate, simulate_many
 
 BOOT = BootModel(pull_s=90, start_s=10)
 
@@ -32,3 +32,10 @@ def test_sequential_jobs_reuse_the_warm_pod_and_a_parallel_burst_is_capped_at_ei
 def test_a_trace_job_is_either_timed_or_follows_the_previous_one():
     with pytest.raises(ValueError, match="either"):
         TraceJob(work_s=1, at=0, after=1)
+
+
+def test_pooled_phases_sample_where_in_the_managers_loop_a_job_arrives():
+    pooled = simulate_many([TraceJob(work_s=60, at=0)], BOOT, seeds=20)
+    latencies = pooled.first_step_latencies()
+    assert len(latencies) == 20 and len(pooled.pods) == 20
+    assert max(latencies) - min(latencies) > POLL_INTERVAL / 2  # not one phase twenty times
