@@ -120,8 +120,11 @@ def session_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_api(session_dir: Path):
-    """A real Prefect server (SQLite, loopback) for the whole session."""
-    with prefect_server(session_dir / "prefect-server") as url:
+    """A real Prefect server (SQLite, loopback) for the whole session. Its database waits up to 30 s (Prefect's
+    default: 10 s) for a connection and a statement: with two test processes and their servers on 2 loaded cores,
+    50 concurrent creates got 503s at the default."""
+    patient = {"PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30", "PREFECT_SERVER_DATABASE_TIMEOUT": "30"}
+    with prefect_server(session_dir / "prefect-server", env=patient) as url:
         yield url
 
 
