@@ -135,6 +135,7 @@ def test_the_no_capacity_message_names_what_was_asked_and_tried():
     candidate = Candidate("NVIDIA H100 80GB HBM3", "SECURE", 2.69, 80, 1, "LOW")
     message = _no_capacity_message(config, [candidate], [f"{candidate}: no capacity"])
     assert "1 GPU(s) with 80 GB" in message and "at most $3/h" in message
+    assert "(+15% margin: 92 GB)" in message  # what the worker asked the catalog for
     assert "1x NVIDIA H100 80GB HBM3 (80 GB) in SECURE at $2.69/h: no capacity" in message
     assert "No RunPod GPU fits" in _no_capacity_message(config, [], [])
 
