@@ -190,8 +190,11 @@ class Job:
             self._jobs().wait(self.id, timeout=timeout, poll_interval=poll_interval, raise_on_failure=raise_on_failure)
         )
 
-    def download(self, dest: str | Path):
-        return self._jobs().download(self.id, dest)
+    def download(self, dest: str | Path, weights: bool = False):
+        return self._jobs().download(self.id, dest, weights=weights)
+
+    def history(self):
+        return self._jobs().history(self.id)
 
     def logs(self):
         return self._jobs().logs(self.id)
