@@ -73,7 +73,8 @@ class PrefectReporter(TrainerCallback):
         # Events are queued and sent in the background; the progress artifact is a request, so keep it rare.
         now = time.monotonic()
         last_step = state.global_step >= state.max_steps
-        if self.logged is None or last_step or "eval_loss" in metrics or now - self.logged[0] >= self.log_every_s:
+        due = self.logged is None or last_step or "eval_loss" in metrics or now - self.logged[0] >= self.log_every_s
+        if due and ("loss" in metrics or "eval_loss" in metrics):  # not the trainer's closing summary
             self._log_line(state, metrics, now)
         if self.progress_id and state.max_steps and (last_step or now - self.progress_sent >= self.progress_every_s):
             update_progress_artifact(self.progress_id, progress=100.0 * state.global_step / state.max_steps)

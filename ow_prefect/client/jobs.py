@@ -25,7 +25,7 @@ from ow_prefect.client._logs import (
     format_logs,
     log_filter,
 )
-from ow_prefect.errors import ConfigurationError, NotFoundError, OWError
+from ow_prefect.errors import ConfigurationError, NotFoundError, OWError, ParameterError
 from ow_prefect.jobs.base import (
     TERMINAL_STATUSES,
     Job,
@@ -222,6 +222,11 @@ class _JobsBase:
         self._deployment_ids: dict[str, Any] = {}
 
     def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> Submission:
+        if "force_rerun" in kwargs:
+            raise ParameterError(
+                "force_rerun is an option of a flow run, not a job parameter (it is not part of the job id): to run "
+                "a completed job again from Python, use ow.jobs.restart(job_id) or job.restart()"
+            )
         with self._client.prefect_settings():  # validation may ask Prefect (model="ftjob:latest")
             kwargs = job_cls.prepare_params(dict(kwargs), self._client.storage)
             validated = job_cls.validate_params(**kwargs)
