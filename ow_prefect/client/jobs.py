@@ -305,7 +305,11 @@ class _JobsBase:
 
     @staticmethod
     def _tagged(runs: list[Any]) -> list[tuple[str, str, Any]]:
-        return [(tag_value(run.tags, JOB_TAG), tag_value(run.tags, "ow-type") or "custom", run) for run in runs]
+        """(job id, type, run) from the runs' tags; a run without them is named by its flow run id."""
+        return [
+            (tag_value(run.tags, JOB_TAG) or str(run.id), tag_value(run.tags, "ow-type") or "custom", run)
+            for run in runs
+        ]
 
     def _history(self, job_id: str) -> list[dict[str, Any]]:
         storage = self._client.storage
@@ -376,9 +380,10 @@ class Jobs(_JobsBase):
     def _find_untagged(self, client) -> list[tuple[str, str, Any]]:
         runs = client.read_flow_runs(**_untagged_filters(), sort=_newest_first(), limit=UNTAGGED_SCAN)
         runs = [run for run in runs if not tagged_by_ow(run)]
-        ids = {run.deployment_id for run in runs}
-        entrypoints = {d.id: d.entrypoint for d in client.read_deployments(deployment_filter=_deployment_filter(ids))}
-        return self._untagged(runs, entrypoints) if runs else []
+        if not runs:
+            return []
+        deployments = client.read_deployments(deployment_filter=_deployment_filter({r.deployment_id for r in runs}))
+        return self._untagged(runs, {d.id: d.entrypoint for d in deployments})
 
     def retrieve(self, job_id: str) -> Job:
         """The job: its newest run (run_count counts every run's attempts). A run started outside the SDK that
@@ -390,7 +395,7 @@ class Jobs(_JobsBase):
             untagged = [entry for entry in self._find_untagged(client) if entry[0] == job_id]
             if not untagged and (run_id := _as_flow_run_id(job_id)):
                 with contextlib.suppress(Exception):
-                    untagged = [(job_id, "custom", client.read_flow_run(run_id))]
+                    untagged = self._tagged([client.read_flow_run(run_id)])
         if not untagged:
             raise NotFoundError(f"no job {job_id}")
         job_id, type_name, run = untagged[0]
@@ -561,7 +566,7 @@ class AsyncJobs(_JobsBase):
             untagged = [entry for entry in await self._find_untagged(client) if entry[0] == job_id]
             if not untagged and (run_id := _as_flow_run_id(job_id)):
                 with contextlib.suppress(Exception):
-                    untagged = [(job_id, "custom", await client.read_flow_run(run_id))]
+                    untagged = self._tagged([await client.read_flow_run(run_id)])
         if not untagged:
             raise NotFoundError(f"no job {job_id}")
         job_id, type_name, run = untagged[0]
