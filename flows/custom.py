@@ -20,7 +20,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
-from flows._runtime import RESULT_PURPOSE, JobRun, flow_run_related, job_resource, run_once, start_job, stream_command
+from flows._runtime import (
+    FORCE_RERUN_HELP,
+    RESULT_PURPOSE,
+    JobRun,
+    flow_run_related,
+    job_resource,
+    run_job,
+    stream_command,
+)
 from ow_prefect.jobs.custom import CommandJob, CustomJob
 from ow_prefect.run_log import RUN_LOG_EVENT, latest_values
 
@@ -132,23 +140,28 @@ def _job_type(ow_job: dict[str, Any] | None) -> type[CustomJob]:
     return CommandJob.for_type(name, ow_job["id"].rpartition("-")[0])
 
 
-@flow(name="custom", log_prints=True)
 def custom_run(
     entrypoint: str,
     mounts: dict[str, str] | None = None,
     requires_vram_gb: int = 0,
     params: dict[str, Any] | None = None,
+    force_rerun: bool = False,
     ow_job: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files."""
-    job = start_job(
-        _job_type(ow_job),
-        {
-            "entrypoint": entrypoint,
-            "mounts": mounts or {},
-            "requires_vram_gb": requires_vram_gb,
-            "params": params or {},
-        },
-        ow_job,
-    )
-    return run_once(job, _run_command)
+    """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files.
+
+    Args:
+        entrypoint: The shell command, run with bash in the work dir.
+        mounts: Work-dir path -> stored file or directory id, downloaded there before the command runs.
+        requires_vram_gb: GPU memory the command needs; 0 runs it without a GPU.
+        params: The job type's parameters, as JSON in the file named by $OW_PARAMS.
+        force_rerun: {force_rerun}
+        ow_job: set by the ow_prefect SDK: job id, code hash, image.
+    """
+    parameters = {"entrypoint": entrypoint, "mounts": mounts or {}, "requires_vram_gb": requires_vram_gb}
+    parameters |= {"params": params or {}, "force_rerun": force_rerun, "ow_job": ow_job}
+    return run_job(_job_type(ow_job), parameters, _run_command)
+
+
+custom_run.__doc__ = custom_run.__doc__.format(force_rerun=FORCE_RERUN_HELP)
+custom_run = flow(name="custom", log_prints=True)(custom_run)

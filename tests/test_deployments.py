@@ -72,6 +72,18 @@ def test_entrypoint_imports_and_its_flow_has_the_name_job_types_submit_to(entryp
     }
 
 
+@pytest.mark.parametrize("entrypoint", sorted({spec["entrypoint"] for spec in SPECS.values()}))
+def test_every_deployment_but_the_api_offers_force_rerun_in_its_form(entrypoint):
+    """A completed job runs again only when asked: the UI's run form shows the checkbox, described."""
+    properties = load_flow(entrypoint).parameters.model_dump()["properties"]
+    if entrypoint == "flows/vllm_api/flow.py:vllm_api":  # an API never completes: starting it again serves again
+        assert "force_rerun" not in properties
+        return
+    force_rerun = properties["force_rerun"]
+    assert force_rerun["type"] == "boolean" and force_rerun["default"] is False
+    assert "already completed" in force_rerun["description"] and "history" in force_rerun["description"]
+
+
 def test_prefect_yaml_is_plain_yaml_with_anchors_resolved():
     raw = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert raw["definitions"]["work_pools"]["gpu_api"] == SPECS["serve"]["work_pool"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows._runtime import JobRun, run_once, start_job, with_params_signature
+from flows._runtime import JobRun, run_job, with_params_signature
 from ow_prefect.jobs.finetune import FineTuningParams, job_class_for
 
 ADAPTER_PURPOSE = "adapter"
@@ -100,9 +100,7 @@ def _train(job: JobRun) -> dict[str, Any]:
 
 def finetune(**parameters: Any) -> dict[str, Any]:
     """Fine-tune a model with LoRA (SFT, DPO, ORPO or token-weighted SFT)."""
-    ow_job = parameters.pop("ow_job", None)
-    job = start_job(job_class_for(parameters.get("loss", "sft")), parameters, ow_job)
-    return run_once(job, _train)
+    return run_job(job_class_for(parameters.get("loss", "sft")), parameters, _train)
 
 
 finetune = flow(name="finetune")(with_params_signature(finetune, FineTuningParams))

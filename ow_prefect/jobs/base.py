@@ -284,10 +284,14 @@ class Job:
             raise RuntimeError("this Job is not bound to a client; get it from ow.jobs.retrieve(id)")
         return self._client.runs.list(job_id=self.id)
 
-    def download(self, dest: str | Path, only_last_run: bool = True):
-        """The result files into `dest`; with ``only_last_run=False``, every run's logs, event files and results
-        into ``dest/<run id>/`` (OpenWeights' layout)."""
-        return self._jobs().download(self.id, dest, only_last_run=only_last_run)
+    def download(self, dest: str | Path, only_last_run: bool = True, weights: bool = False):
+        """The result files into `dest`; with `weights`, also the model weights the job stored (`adapter/`,
+        `merged/`); with ``only_last_run=False``, every run's logs, event files and results into
+        ``dest/<run id>/`` (OpenWeights' layout)."""
+        return self._jobs().download(self.id, dest, only_last_run=only_last_run, weights=weights)
+
+    def history(self):
+        return self._jobs().history(self.id)
 
     def logs(self):
         return self._jobs().logs(self.id)
