@@ -1,5 +1,5 @@
 # The two commands of the README. Both set up what is missing first (scripts/setup).
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test test-fast lint bench
 
 setup:
 	@./scripts/setup
@@ -8,8 +8,16 @@ setup:
 demo: setup
 	OW_MODE=embedded .venv/bin/python examples/quickstart/finetune.py
 
+# The whole suite, two pytest processes (pytest-xdist; tests/conftest.py says how modules are grouped): about 15
+# minutes on 2 cores. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
+
+# The inner loop: everything not marked `slow` (no vLLM, no RunPod fault scenarios) and no network (`registry`);
+# under 5 minutes.
+test-fast: setup
+	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow and not registry and not gpu and not live_runpod and not load"
 
 lint: setup
 	.venv/bin/ruff check . && .venv/bin/ruff format --check .

@@ -23,8 +23,8 @@ from bench.results import parse, table  # noqa: E402
 
 QUICK_ARGS = {
     "submit": ["--n", "10"],
-    "train_cpu": ["--steps", "60", "--repeats", "1"],
-    "worker": ["--runs", "5"],
+    "train_cpu": ["--steps", "60", "--repeats", "3"],
+    "worker": ["--jobs", "4"],
     "chat": ["--requests", "500", "--queued", "10000"],
 }
 

@@ -81,6 +81,7 @@ class ServerSpec:
     max_num_seqs: int
     adapters: dict[str, Path] = field(default_factory=dict)
     max_lora_rank: int | None = None
+    max_loras: int | None = None  # adapters in one batch; default: all of them
     quantization: str | None = None
     kv_cache_dtype: str | None = None
 
@@ -108,7 +109,7 @@ def server_command(spec: ServerSpec, port: int) -> list[str]:
         # vLLM's CPU LoRA kernels index the adapter slots with -1 for "no adapter", which Python reads as the
         # last slot: a base-model request batched with adapter requests would get the last adapter applied. One
         # spare slot that is never filled (zeros) keeps base requests clean on CPU; CUDA kernels skip -1.
-        slots = len(spec.adapters) + (0 if has_cuda() else 1)
+        slots = min(spec.max_loras or len(spec.adapters), len(spec.adapters)) + (0 if has_cuda() else 1)
         command += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(slots)]
         command += ["--lora-modules", *(f"{name}={path}" for name, path in spec.adapters.items())]
     if spec.quantization:

@@ -1,22 +1,38 @@
 """`custom/run`: download mounted files, run a shell command, upload what it wrote under uploads/.
 
 It runs the built-in `custom` type and every custom job type a client defines (`ow_prefect.CustomJob`). The
-command sees ``OW_JOB_ID``, ``OW_WORK_DIR``, ``OW_PARAMS`` (a path: the job type's params as JSON) and
-``OW_OUTPUTS`` (a path: JSON written there is merged into ``job.outputs``). Its output streams into the flow
-run's logs.
+command sees ``OW_JOB_ID``, ``OW_FLOW_RUN_ID``, ``OW_WORK_DIR``, ``OW_PARAMS`` (a path: the job type's params
+as JSON), ``OW_OUTPUTS`` (a path: JSON written there is merged into ``job.outputs``) and ``OW_RUN_LOG`` (a path:
+``ow.run.log({...})`` appends a line there; each becomes an ``ow.run.log`` event while the command runs, and the
+logged values — the latest per key, as in OpenWeights — are merged into ``job.outputs``). Its output streams
+into the flow run's logs.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
 
-from flows._runtime import RESULT_PURPOSE, JobRun, OwJobEnvelope, run_once, start_job, stream_command
+from flows._runtime import (
+    FORCE_RERUN_HELP,
+    OW_JOB_DESCRIPTION,
+    RESULT_PURPOSE,
+    JobRun,
+    OwJobEnvelope,
+    flow_run_related,
+    job_resource,
+    run_job,
+    stream_command,
+)
 from ow_prefect.jobs.custom import CommandJob, CustomJob
+from ow_prefect.run_log import RUN_LOG_EVENT, latest_values
 
 
 def _run_command(job: JobRun) -> dict[str, Any]:
@@ -29,20 +45,80 @@ def _run_command(job: JobRun) -> dict[str, Any]:
         outputs_file = work / ".ow_outputs.json"
         params_file = work / ".ow_params.json"
         params_file.write_text(json.dumps(params["params"]))
+        run_log = RunLogForwarder(job, work / ".ow_run_log.jsonl")
         env = {
             "OW_JOB_ID": job.id,
+            "OW_FLOW_RUN_ID": str(job.flow_run.id) if job.flow_run else "",
             "OW_WORK_DIR": str(work),
             "OW_PARAMS": str(params_file),
             "OW_OUTPUTS": str(outputs_file),
+            "OW_RUN_LOG": str(run_log.path),
         }
-        stream_command(params["entrypoint"], cwd=str(work), env=env)
+        with run_log:
+            stream_command(params["entrypoint"], cwd=str(work), env=env)
         files = {
             path.relative_to(work / "uploads").as_posix(): job.storage.put_path(path, RESULT_PURPOSE).id
             for path in sorted((work / "uploads").rglob("*"))
             if path.is_file()
         }
         extra = _read_outputs(outputs_file)
-    return {**extra, "files": files}
+    return {**latest_values(run_log.logged), **extra, "files": files}
+
+
+class RunLogForwarder:
+    """Turns the lines `ow.run.log` appends to `path` into `ow.run.log` events as they come (a thread polls
+    the file; a last read after the command ends), and keeps the logged values for the job's outputs."""
+
+    POLL_SECONDS = 0.5
+
+    def __init__(self, job: JobRun, path: Path):
+        self.job, self.path = job, path
+        self.logged: list[dict[str, Any]] = []
+        self._offset = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> RunLogForwarder:
+        self.path.touch()
+        context = contextvars.copy_context()  # Prefect's settings and run context, for emit_event
+        self._thread = threading.Thread(target=context.run, args=(self._poll,), name="ow-run-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self._forward()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.POLL_SECONDS):
+            self._forward()
+
+    def _forward(self) -> None:
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next read
+        self._offset += len(complete)
+        for line in complete.decode("utf-8", errors="replace").splitlines():
+            if line.strip():
+                self._emit(line)
+
+    def _emit(self, line: str) -> None:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            get_run_logger().warning("ow.run.log: skipped a line that is not JSON: %.200s", line)
+            return
+        self.logged.append(entry["data"])
+        flow_run_id = str(self.job.flow_run.id) if self.job.flow_run else None
+        emit_event(
+            event=RUN_LOG_EVENT,
+            resource=job_resource(self.job.id),
+            related=flow_run_related(flow_run_id),
+            payload=entry,
+        )
 
 
 def _read_outputs(path: Path) -> dict[str, Any]:
@@ -66,23 +142,28 @@ def _job_type(ow_job: dict[str, Any] | None) -> type[CustomJob]:
     return CommandJob.for_type(name, ow_job["id"].rpartition("-")[0])
 
 
-@flow(name="custom", log_prints=True)
 def custom_run(
     entrypoint: str,
     mounts: dict[str, str] | None = None,
     requires_vram_gb: int = 0,
     params: dict[str, Any] | None = None,
+    force_rerun: bool = False,
     ow_job: OwJobEnvelope = None,
 ) -> dict[str, Any]:
-    """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files."""
-    job = start_job(
-        _job_type(ow_job),
-        {
-            "entrypoint": entrypoint,
-            "mounts": mounts or {},
-            "requires_vram_gb": requires_vram_gb,
-            "params": params or {},
-        },
-        ow_job,
-    )
-    return run_once(job, _run_command)
+    """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files.
+
+    Args:
+        entrypoint: The shell command, run with bash in the work dir.
+        mounts: Work-dir path -> stored file or directory id, downloaded there before the command runs.
+        requires_vram_gb: GPU memory the command needs; 0 runs it without a GPU.
+        params: The job type's parameters, as JSON in the file named by $OW_PARAMS.
+        force_rerun: {force_rerun}
+        ow_job: {ow_job}
+    """
+    parameters = {"entrypoint": entrypoint, "mounts": mounts or {}, "requires_vram_gb": requires_vram_gb}
+    parameters |= {"params": params or {}, "force_rerun": force_rerun, "ow_job": ow_job}
+    return run_job(_job_type(ow_job), parameters, _run_command)
+
+
+custom_run.__doc__ = custom_run.__doc__.format(force_rerun=FORCE_RERUN_HELP, ow_job=OW_JOB_DESCRIPTION)
+custom_run = flow(name="custom", log_prints=True)(custom_run)

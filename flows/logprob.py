@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, with_params_signature
+from flows._runtime import RESULT_PURPOSE, JobRun, run_job, with_params_signature
 from ow_prefect.jobs.logprob import LogprobJob, LogprobParams
 
 
@@ -65,9 +65,7 @@ def _logprobs(job: JobRun) -> dict[str, Any]:
 
 def logprob(**params: Any) -> dict[str, Any]:
     """Summed logprob of every content block of a conversations file under a model (base or LoRA adapter)."""
-    ow_job = params.pop("ow_job", None)
-    job = start_job(LogprobJob, params, ow_job)
-    return run_once(job, _logprobs)
+    return run_job(LogprobJob, params, _logprobs)
 
 
 logprob = flow(name="logprob")(with_params_signature(logprob, LogprobParams))

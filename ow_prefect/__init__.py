@@ -26,6 +26,8 @@ from ow_prefect.jobs import Job, register
 from ow_prefect.jobs.custom import CustomJob
 from ow_prefect.storage import FileObject
 
+Jobs = CustomJob  # OpenWeights' name for the base class of custom job types (`class MyJob(Jobs)`)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "FileObject",
     "Job",
     "JobFailedError",
+    "Jobs",
     "NotFoundError",
     "OWError",
     "OpenWeights",

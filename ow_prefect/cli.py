@@ -73,8 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--status", action="append", choices=STATUSES, help="only jobs in this status (repeatable)")
     ls.add_argument("--type", help="only jobs of this type (custom, fine_tuning, inference, ...)")
     ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
-    ls.add_argument("-l", "--long", action="store_true", help="id, status, type, last update, flow run (tab-separated)")
+    ls.add_argument(
+        "-l", "--long", action="store_true", help="id, status, type, last update, flow run, runs (tab-separated)"
+    )
     ls.set_defaults(handler=_ls)
+
+    show = commands.add_parser(
+        "show",
+        help="a job's status, outputs, cost and UI link",
+        description="Print a job's status, its outputs (adapter and model ids, scores, result file ids), its RunPod "
+        "cost when a pod ran it, earlier runs and the link to its flow run in the Prefect UI.",
+    )
+    show.add_argument("job", metavar="JOB", help="job id (or the flow run id of a run whose parameters are invalid)")
+    show.add_argument("--json", action="store_true", help="everything as one JSON object")
+    show.set_defaults(handler=_show)
 
     cancel = commands.add_parser(
         "cancel",
@@ -92,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = commands.add_parser(
         "fetch",
-        help="download a file, a directory or a job's result files",
-        description="Download a stored file or directory by id, or every result file of a job (by job id).",
+        help="download a file, a directory, or what a job made",
+        description="Download a stored file or directory by id, or what a job made (by job id): its result files "
+        "and the model weights it stored (a fine-tune's adapter/ and, with merge_before_push, merged/).",
     )
     fetch.add_argument("id", metavar="FILE_ID|JOB", help="a file id (purpose:file-…, purpose:dir-…) or a job id")
     fetch.add_argument(
         "-o", "--output", help="where to write (default: the stored name in the current directory; - for stdout)"
     )
+    fetch.add_argument("--no-weights", action="store_true", help="a job's result files only, not its model weights")
     fetch.set_defaults(handler=_fetch)
 
     files = commands.add_parser("files", help="upload files", description="Stored files.")
@@ -154,7 +168,7 @@ def _ls(args: argparse.Namespace, extra: list[str]) -> int:
     for job in _client().jobs.list(status=args.status, type=args.type, limit=args.limit):
         if args.long:
             updated = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(job.updated_at or 0))
-            print(f"{job.id}\t{job.status}\t{job.type}\t{updated}\t{job.flow_run_id}")
+            print(f"{job.id}\t{job.status}\t{job.type}\t{updated}\t{job.flow_run_id}\t{job.run_count}")
         else:
             print(job.id)
     return 0
@@ -211,12 +225,76 @@ def _follow(ow: Any, job_id: str, out: Any) -> Any:
         time.sleep(LOG_POLL_SECONDS)
 
 
+def _show(args: argparse.Namespace, extra: list[str]) -> int:
+    ow = _client()
+    job = ow.jobs.retrieve(args.job)
+    cost = _cost_rows(ow, job.flow_run_id)
+    link = _ui_link(ow, job.flow_run_id)
+    history = ow.jobs.history(job.id)
+    if args.json:
+        summary = job.to_dict() | {"cost": cost, "ui": link, "history": history}
+        print(json.dumps(summary, indent=1, sort_keys=True, default=str))
+        return 0
+    print(f"{job.id}  {job.type}  {job.status}" + (f" ({job.state_name})" if job.state_name else ""))
+    print(f"  flow run   {job.flow_run_id}  ({job.run_count} attempt{'s' if job.run_count != 1 else ''})")
+    print(f"  ui         {link}")
+    if job.error:
+        print(f"  error      {job.error}")
+    if job.outputs:
+        print("outputs:")
+        for name, value in sorted(job.outputs.items()):
+            print(f"  {name:<20} {_short(value)}")
+    if cost:
+        total = sum(row.get("cost_usd", 0) for row in cost)
+        gpus = ", ".join(sorted({f"{row.get('gpu')} ({row.get('cloud')})" for row in cost}))
+        seconds = sum(row.get("billed_seconds", 0) for row in cost)
+        print(f"cost:\n  ${total:.4f} on RunPod: {len(cost)} pod(s), {gpus}, {seconds:.0f} s billed")
+    if len(history) > 1:
+        print(f"runs: {len(history)} completed (outputs of each: ow show --json {job.id})")
+        for record in history:
+            print(f"  {record.get('completed_at')}  flow run {record.get('flow_run_id')}")
+    return 0
+
+
+def _short(value: Any, width: int = 100) -> str:
+    """A value on one line: scalars as they are, the rest as compact JSON cut at `width`."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _cost_rows(ow: Any, flow_run_id: str | None) -> list[dict[str, Any]]:
+    """The RunPod worker's cost table of the run (one row per pod), if a pod ran it."""
+    if not flow_run_id:
+        return []
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with ow.prefect_client() as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"runpod-cost-{flow_run_id}"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    try:
+        return json.loads(artifacts[0].data) if artifacts else []
+    except (TypeError, ValueError):
+        return []
+
+
+def _ui_link(ow: Any, flow_run_id: str | None) -> str:
+    from prefect.utilities.urls import url_for
+
+    with ow.prefect_settings():
+        link = url_for("flow-run", obj_id=flow_run_id) if flow_run_id and not ow.embedded else None
+    return link or f"(embedded mode: `prefect server start`, then http://127.0.0.1:4200/runs/flow-run/{flow_run_id})"
+
+
 def _fetch(args: argparse.Namespace, extra: list[str]) -> int:
     from ow_prefect.storage import ID_RE
 
     ow = _client()
     if not ID_RE.match(args.id):
-        print(ow.jobs.download(args.id, args.output or args.id))
+        print(ow.jobs.download(args.id, args.output or args.id, weights=not args.no_weights))
         return 0
     if args.output == "-":
         sys.stdout.buffer.write(ow.files.content(args.id))

@@ -39,7 +39,8 @@ class DirectoryEntry(BaseModel):
 
 
 class FileObject(BaseModel):
-    """A stored file or directory. Item access (`f["id"]`) works too, as in OpenWeights."""
+    """A stored file or directory. Item access (`f["id"]`, `f.get("filename")`) works too, as on OpenWeights'
+    file dicts (whose ``"object"`` is always ``"file"``)."""
 
     id: str
     purpose: str
@@ -51,7 +52,17 @@ class FileObject(BaseModel):
     entries: list[DirectoryEntry] | None = None
 
     def __getitem__(self, key: str) -> Any:
+        if key == "object":
+            return "file"
+        if key not in type(self).model_fields:
+            raise KeyError(key)
         return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 def check_purpose(purpose: str) -> None:

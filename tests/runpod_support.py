@@ -1,5 +1,16 @@
 """What the RunPod worker tests share: a `runpod` pool on FakeRunPod, deployments of small flows, waiting for runs,
-and the invariants every fault scenario ends with (no pod left, no two billed pods for one run, outputs intact)."""
+and the invariants every fault scenario ends with (no pod left, no two billed pods for one run, outputs intact).
+
+Fixtures (tests/conftest.py loads this module as a plugin):
+- `fake`: one FakeRunPod for the session (a module may define its own `fake` to isolate itself);
+- `runpod_pool`, `runpod_worker`, `runpod_worker_log`: one `runpod` pool on it and one `prefect worker start
+  --type runpod` for the whole session, shared by every module that uses them;
+- `start_run(seconds=..., fail=..., payload=..., **job_variables)`: deploys tests/runpod_flows.py's sleeper on
+  that pool and starts a run. Its pods are *light* (tests/reliability/light_pod.py: Running → work → final
+  through the REST API, the payload stored, rescheduled on SIGTERM) unless the test passes
+  `command=POD_COMMAND`, a real `prefect flow-run execute` (keep those for end-to-end cases: they cost seconds
+  of CPU each). Each start_run test begins with the fake's injected faults and stalled boots cleared.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "rp-test-key-7f3a9c2e5b"
 AUTH_STRING = "prefect-auth-secret-41d8"
 POD_COMMAND = f"{sys.executable} -m prefect flow-run execute"
+LIGHT_POD_COMMAND = f"{sys.executable} {ROOT / 'tests' / 'reliability' / 'light_pod.py'}"
 WORKER_ENV = {
     "OW_RUNPOD_POLL_SECONDS": "0.5",
     "OW_RUNPOD_RECONCILE_SECONDS": "2",
@@ -109,13 +121,13 @@ def assert_clean(fake: FakeRunPod, timeout: float = 30) -> None:
             )
 
 
-# Fixtures (a pytest plugin: tests/conftest.py loads this module). Module-scoped: each test module gets its own
-# fake, pool and worker, so a fault one module injects cannot reach another.
+# Fixtures (a pytest plugin: tests/conftest.py loads this module). One fake, pool and worker for the session:
+# a worker start costs seconds of CPU; start_run clears the faults a test injected before the next one starts.
 
 POOL = "ow-test-runpod"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fake():
     with FakeRunPod(api_key=API_KEY, boot_seconds=0.3, restart_backoff=0.5, kill_grace=2, log_follow_seconds=0.3) as f:
         yield f
@@ -130,31 +142,36 @@ def prefect_client(prefect_api):
         yield c
 
 
-@pytest.fixture(scope="module")
-def runpod_pool(request, prefect_client, fake):
-    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_").replace("_", "-")
-    name = f"{POOL}-{module}"[:60]
-    make_pool(prefect_client, fake, name)
-    return name
+@pytest.fixture(scope="session")
+def runpod_pool(prefect_api, fake):
+    """The session's `runpod` pool on the fake; its pods are light unless a deployment sets `command`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        make_pool(client, fake, POOL, command=LIGHT_POD_COMMAND)
+    return POOL
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runpod_worker_log(tmp_path_factory):
     return tmp_path_factory.mktemp("runpod-worker") / "worker.log"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runpod_worker(prefect_api, runpod_pool, runpod_worker_log):
     with prefect_worker(prefect_api, runpod_pool, "runpod", WORKER_ENV, runpod_worker_log) as proc:
         yield proc
 
 
 @pytest.fixture
-def start_run(prefect_client, runpod_pool, runpod_worker, request):
+def start_run(prefect_client, fake, runpod_pool, runpod_worker, request):
     """Deploy the sleeper with job variables and start a run: start_run(seconds=..., payload=..., **job_variables)."""
+    fake.reset()
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
 
     def start(seconds=1.0, fail=False, payload=None, **job_variables):
-        name = f"{request.node.name[:40]}-{len(job_variables)}"
+        name = f"{module[:20]}-{request.node.name[:40]}-{len(job_variables)}"
         deployment_id = deploy(prefect_client, runpod_pool, name, **job_variables)
         parameters = {"seconds": seconds, "fail": fail, **({"payload": payload} if payload else {})}
         return prefect_client.create_flow_run_from_deployment(deployment_id, parameters=parameters)

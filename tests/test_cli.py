@@ -48,7 +48,7 @@ def project(tmp_path) -> Path:
 
 
 def test_every_command_has_help(tmp_path):
-    for command in ([], ["ls"], ["cancel"], ["logs"], ["fetch"], ["files", "upload"], ["exec"]):
+    for command in ([], ["ls"], ["show"], ["cancel"], ["logs"], ["fetch"], ["files", "upload"], ["exec"]):
         result = ow(*command, "--help")
         assert result.returncode == 0 and result.stdout.startswith("usage: ow"), (command, result.stderr)
     assert "--min-vram-gb" in ow("dev-pod", "--help").stdout
@@ -240,3 +240,25 @@ def test_dev_pod_runs_through_ow():
         (pod,) = fake.pods.values()
         assert pod.deleted_at is not None and "deleted after" in result.stdout
         assert "cli-dev-key" not in result.stdout + result.stderr
+
+
+def test_show_prints_the_cost_of_a_job_a_runpod_pod_ran(server_env, prefect_client, runpod_pool, runpod_worker, fake):
+    """`ow exec` on a `runpod` pool (FakeRunPod): `ow show` prints the worker's cost artifact of the run."""
+    from tests.runpod_support import deploy
+
+    deploy(prefect_client, runpod_pool, "run-cli-cost", entrypoint="flows/custom.py:custom_run")
+    env = {**server_env, "OW_DEPLOYMENT_SUFFIX": "-cli-cost"}
+    result = ow("exec", f"echo on a pod {os.getpid()}", "--wait", env=env)
+    assert result.returncode == 0, result.stderr
+    job_id = re.search(r"customjob-[0-9a-f]{12}", result.stderr)[0]
+
+    def shown():
+        out = ow("show", job_id, env=env).stdout
+        return "cost:" in out and out
+
+    out = eventually(shown, timeout=60)
+    assert out, ow("show", job_id, env=env).stdout
+    assert re.search(r"\$\d+\.\d{4} on RunPod: 1 pod\(s\), 1x NVIDIA RTX A6000 \(SECURE\), \d+ s billed", out), out
+    as_json = json.loads(ow("show", job_id, "--json", env=env).stdout)
+    (row,) = as_json["cost"]
+    assert row["pod"] in fake.pods and row["cost_usd"] > 0 and as_json["status"] == "completed"

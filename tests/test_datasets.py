@@ -1,10 +1,11 @@
 """Dataset validation: every malformed case gets a message naming its line, field and the fix."""
 
 import json
+import warnings
 
 import pytest
 
-from ow_prefect.datasets import validate_dataset
+from ow_prefect.datasets import IgnoredKeysWarning, validate_dataset
 from ow_prefect.errors import DatasetValidationError
 
 U = {"role": "user", "content": "hi"}
@@ -39,6 +40,37 @@ GOOD_CONVERSATIONS = [
 @pytest.mark.parametrize("data", GOOD_CONVERSATIONS)
 def test_valid_conversations(data):
     assert validate_dataset(data, "conversations") >= 1
+
+
+def test_unknown_keys_are_ignored_with_one_warning_per_file():
+    """OpenWeights ignores keys it does not read (its block format documents extra keys as ignored): so do we,
+    but one warning names them, so a typo such as `wieght` is seen."""
+    block = {"type": "text", "text": "a", "wieght": 1, "source": "x"}
+    rows = [{"messages": [U, {"role": "assistant", "content": [block], "thinking": "..."}]}] * 3
+    with pytest.warns(IgnoredKeysWarning) as caught:
+        assert validate_dataset(jl(*rows), "conversations", source="train.jsonl") == 3
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "train.jsonl" in message and "'wieght' on blocks (3 line(s), first line 1)" in message
+    assert "'thinking' on messages" in message and "'source' on blocks" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_dataset(jl({"messages": [U, A]}), "conversations")  # nothing unknown: no warning
+
+
+def test_message_weight_and_blocks_without_a_type_are_openweights_format():
+    rows = [
+        {"messages": [{**U, "weight": 0}, {**A, "weight": -0.5}]},
+        {"messages": [U, {"role": "assistant", "content": [{"text": "no type, as OpenWeights reads it"}]}]},
+    ]
+    assert validate_dataset(jl(*rows), "conversations") == 2
+
+
+def test_preferences_is_openweights_name_for_preference():
+    row = {"prompt": [U], "chosen": [A], "rejected": [{"role": "assistant", "content": "no"}]}
+    assert validate_dataset(jl(row), "preferences") == 1
+    with pytest.raises(DatasetValidationError, match="'preference' file"):
+        validate_dataset(jl({"messages": [U, A]}), "preferences")
 
 
 def test_valid_preference():
@@ -95,13 +127,8 @@ MALFORMED = [
     ),
     (
         "conversations",
-        jl({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "wieght": 1}]}]}),
-        "unknown key(s) ['wieght']",
-    ),
-    (
-        "conversations",
-        jl({"messages": [{"role": "user", "content": "a", "contnet": "b"}]}),
-        "unknown key(s) ['contnet']",
+        jl({"messages": [{"role": "user", "content": "a", "weight": "high"}]}),
+        "messages[0].weight: expected a finite number",
     ),
     ("conversations", jl({"text": ""}), "text: expected a non-empty string"),
     ("conversations", jl({"text": ["a"]}), "text: expected a non-empty string"),

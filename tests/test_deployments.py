@@ -82,6 +82,18 @@ def test_entrypoint_imports_and_its_flow_has_the_name_job_types_submit_to(entryp
 
 
 @pytest.mark.parametrize("entrypoint", sorted({spec["entrypoint"] for spec in SPECS.values()}))
+def test_every_deployment_but_the_api_offers_force_rerun_in_its_form(entrypoint):
+    """A completed job runs again only when asked: the UI's run form shows the checkbox, described."""
+    properties = load_flow(entrypoint).parameters.model_dump()["properties"]
+    if entrypoint == "flows/vllm_api/flow.py:vllm_api":  # an API never completes: starting it again serves again
+        assert "force_rerun" not in properties
+        return
+    force_rerun = properties["force_rerun"]
+    assert force_rerun["type"] == "boolean" and force_rerun["default"] is False
+    assert "already completed" in force_rerun["description"] and "history" in force_rerun["description"]
+
+
+@pytest.mark.parametrize("entrypoint", sorted({spec["entrypoint"] for spec in SPECS.values()}))
 def test_the_ui_form_lists_the_job_fields_first_and_the_sdk_envelope_last_with_its_title(entrypoint):
     from flows._runtime import OW_JOB_DESCRIPTION, OW_JOB_TITLE
 
@@ -90,9 +102,8 @@ def test_the_ui_form_lists_the_job_fields_first_and_the_sdk_envelope_last_with_i
     assert envelope["title"] == OW_JOB_TITLE and envelope["default"] is None
     assert envelope["position"] > max(p["position"] for p in properties.values())
     assert all(p["title"] == name for name, p in properties.items())
-    if not entrypoint.startswith("flows/custom.py"):  # the job types' flows: every field described
-        assert envelope["description"] == OW_JOB_DESCRIPTION
-        assert all(p.get("description") for p in properties.values()), properties
+    assert envelope["description"] == OW_JOB_DESCRIPTION
+    assert all(p.get("description") for p in properties.values()), properties  # every field described
 
 
 def test_prefect_yaml_is_plain_yaml_with_anchors_resolved():

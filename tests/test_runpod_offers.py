@@ -1,5 +1,5 @@
 from ow_prefect.runpod.models import CudaVersionAvailability, DataCenterAvailability, GpuType
-from ow_prefect.runpod.offers import is_data_center_gpu, rank_candidates, rank_offers
+from ow_prefect.runpod.offers import DEFAULT_VRAM_MARGIN, is_data_center_gpu, rank_candidates, rank_offers, with_margin
 
 
 def gpu(gpu_id, memory, secure, community, availability="HIGH"):
@@ -72,6 +72,15 @@ def test_catalog_per_cloud_and_data_centers():
     assert names(found) == [("A6000", "SECURE")]
     assert rank_candidates({"SECURE": secure}, min_vram_gb=40, data_centers=["EU-RO-1"]) == []
     assert len(rank_candidates({"SECURE": secure}, min_vram_gb=40, data_centers=["US-TX-3", "EU-RO-1"])) == 1
+
+
+def test_the_margin_moves_a_job_that_would_fill_a_card_to_the_next_size():
+    """A 44 GB estimate fits a 48 GB card only with no margin; the default margin (what the worker applies to
+    `min_vram_gb`, `vram_margin` job variable) asks for 50.6 GB."""
+    assert DEFAULT_VRAM_MARGIN == 0.15 and with_margin(44) == 50.6 and with_margin(44, 0) == 44
+    tight = rank_candidates(CATALOG, min_vram_gb=with_margin(44, 0), clouds=("SECURE",))
+    safe = rank_candidates(CATALOG, min_vram_gb=with_margin(44), clouds=("SECURE",))
+    assert names(tight)[0] == ("A6000", "SECURE") and names(safe)[0] == ("PCIe", "SECURE")
 
 
 async def test_create_on_first_walks_candidates_against_the_fake():

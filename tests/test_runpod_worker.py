@@ -1,5 +1,6 @@
 """The `runpod` worker end to end: a real Prefect server, the worker as a process (`prefect worker start
---type runpod`), and FakeRunPod, whose pods run `prefect flow-run execute` as local processes. The fault
+--type runpod`, shared by the session: tests/runpod_support.py), and FakeRunPod, whose pods run `prefect flow-run
+execute` as local processes (or a light stand-in where only the worker's side is tested). The fault
 scenarios (capacity, API errors, crashes, preemption, cancellation, lost workers, ...) are in tests/reliability/."""
 
 import json
@@ -39,7 +40,7 @@ def test_pool_type_is_registered_with_prefect(prefect_api):
 
 
 def test_a_run_gets_its_own_pod_which_is_deleted_when_it_completes(prefect_client, fake, start_run, runpod_worker_log):
-    flow_run = start_run(seconds=1)
+    flow_run = start_run(seconds=1, command=POD_COMMAND)  # end to end: a real `prefect flow-run execute` in the pod
     done = wait_for(prefect_client, flow_run.id, finished)
     assert done.state.is_completed(), done.state
     assert all_deleted(fake, flow_run.id)

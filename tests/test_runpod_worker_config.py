@@ -136,6 +136,7 @@ def test_the_no_capacity_message_names_what_was_asked_and_tried():
     ranking = Ranking([candidate], considered=3, removed={"gpu_types": 2})
     message = _no_capacity_message(config, ranking, [f"{candidate}: no capacity"])
     assert "1 GPU(s) with 80 GB" in message and "at most $3/h" in message
+    assert "(+15% margin: 92 GB)" in message  # what the worker asked the catalog for
     assert "1x NVIDIA H100 80GB HBM3 (80 GB) in SECURE at $2.69/h: no capacity" in message
     assert "Of 3 offers (GPU type × cloud) in RunPod's catalog: 2 not in gpu_types." in message
     assert "No RunPod GPU fits" in _no_capacity_message(config, Ranking([]), [])
@@ -147,9 +148,11 @@ def test_the_no_capacity_message_says_what_each_filter_removed_and_what_to_chang
     )
     ranking = Ranking([], considered=40, removed={"cloud": 20, "vram": 8, "stock": 5, "cuda": 4, "price": 3})
     message = _no_capacity_message(config, ranking)
-    assert message.startswith("No RunPod GPU fits 1 GPU(s) with 24 GB in total, cloud SECURE, at most $1/h")
+    assert message.startswith(
+        "No RunPod GPU fits 1 GPU(s) with 24 GB in total (+15% margin: 27.6 GB), cloud SECURE, at most $1/h"
+    )
     assert (
-        "Of 40 offers (GPU type × cloud) in RunPod's catalog: 20 not offered in cloud SECURE; 8 with less than 24 GB "
+        "Of 40 offers (GPU type × cloud) in RunPod's catalog: 20 not offered in cloud SECURE; 8 with less than 27.6 GB "
         "over 1 GPU(s); 5 sold out; 4 without a free host at the CUDA floor (host CUDA >= 13.0, >= 12.2 on "
         "data-center GPUs); 3 above $1/h." in message
     ), message

@@ -64,3 +64,20 @@ def test_prompts_continue_a_prefill_and_take_a_chat_template(tiny_model):
     rows = [{"prompt": "as is"}, {"prompts": [long, short]}, {"prompts": [short]}]
     assert render(tokenizer, rows, {"max_model_len": 256, "max_tokens": 16}) == ["as is", short, short]
     assert render(tokenizer, [{"prompts": [long, short]}], {"max_model_len": 4096, "max_tokens": 16}) == [long]
+
+
+def test_max_loras_limits_the_adapter_slots_and_takes_openweights_defaults(tiny_model, tmp_path):
+    from flows._vllm import ServerSpec, has_cuda, server_command
+
+    adapters = {}
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text('{"r": 8}')
+        adapters[name] = tmp_path / name
+
+    def slots(max_loras):
+        command = server_command(ServerSpec(str(tiny_model), str(tiny_model), 256, 4, adapters, max_loras=max_loras), 1)
+        return int(command[command.index("--max-loras") + 1]) - (0 if has_cuda() else 1)  # CPU keeps a spare slot
+
+    assert (slots(None), slots(2), slots(9)) == (3, 2, 3)
+    assert ApiParams(model=str(tiny_model), max_loras=-1, max_lora_rank="guess").max_loras is None  # OpenWeights'

@@ -1,9 +1,10 @@
 """The main demo: fine-tune a tiny model with LoRA (SFT) on CPU and compare its answers before and after.
 
 Runs on the embedded default (no Prefect server, no worker, no cloud): a tiny Qwen2-style model and its
-tokenizer are built locally, a small arithmetic dataset is uploaded, and `ow.fine_tuning.create` trains — the
-trainer's progress bar and loss lines stream to the terminal. Then the loss by step (from the run's metrics
-artifact), the answers before and after, and where the same run shows in the Prefect UI.
+tokenizer are built locally (random weights: it knows nothing), a small counting dataset is uploaded
+("What is seven plus one?" -> "Eight."), and `ow.fine_tuning.create` trains — the trainer's progress bar and
+loss lines stream to the terminal. Then the loss by step (from the run's metrics artifact), the answers before
+and after, and what to try next.
 With a real model, the call is the same: `model="Qwen/Qwen2.5-0.5B-Instruct"`, and a GPU pool does the work.
 """
 
@@ -13,9 +14,21 @@ from pathlib import Path
 
 from ow_prefect import OpenWeights
 from ow_prefect.settings import get_settings
-from ow_prefect.testing.tiny_model import build_tiny_model, sample_conversations, write_jsonl
+from ow_prefect.testing.tiny_model import NUMBERS, SYSTEM, build_tiny_model, write_jsonl
 
-QUESTIONS = ["What is two plus three?", "What is seven plus one?", "What is four plus four?"]
+# A task a model of 362k random parameters learns in about a minute on two cores: one fact per question, ten
+# facts. (Sums of two numbers are a hundred facts that need two lookups each: not in a minute.)
+QUESTIONS = {"What is two plus one?": "Three.", "What is seven plus one?": "Eight.", "What is four plus one?": "Five."}
+
+
+def plus_one_conversations(n: int = 256) -> list[dict]:
+    rows = []
+    for i in range(n):
+        number = i % 10
+        question = {"role": "user", "content": f"What is {NUMBERS[number]} plus one?"}
+        answer = {"role": "assistant", "content": f"{NUMBERS[number + 1].capitalize()}."}
+        rows.append({"messages": [SYSTEM, question, answer]})
+    return rows
 
 
 def answers(model_dir: Path, adapter_dir: Path | None = None) -> list[str]:
@@ -30,10 +43,7 @@ def answers(model_dir: Path, adapter_dir: Path | None = None) -> list[str]:
         model = PeftModel.from_pretrained(model, adapter_dir)
     replies = []
     for question in QUESTIONS:
-        messages = [
-            {"role": "system", "content": "You are a brief math helper."},
-            {"role": "user", "content": question},
-        ]
+        messages = [SYSTEM, {"role": "user", "content": question}]
         inputs = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
@@ -48,9 +58,7 @@ def main() -> None:
     home = get_settings().home_dir / "demo"
     model_dir = build_tiny_model(home / "tiny-model")
     ow = OpenWeights()
-    data = ow.files.upload(
-        write_jsonl(sample_conversations(256), home / "conversations.jsonl"), purpose="conversations"
-    )
+    data = ow.files.upload(write_jsonl(plus_one_conversations(), home / "plus_one.jsonl"), purpose="conversations")
     print(f"model {model_dir}, training file {data.id}")
     before = answers(model_dir)
 
@@ -61,7 +69,7 @@ def main() -> None:
         max_steps=120,
         r=16,
         lora_alpha=32,
-        learning_rate=4e-3,
+        learning_rate=2e-3,
         per_device_train_batch_size=16,
         gradient_accumulation_steps=1,
         warmup_steps=5,
@@ -77,13 +85,28 @@ def main() -> None:
         print_loss_curve(job.id)
     adapter = ow.files.download(job.outputs["adapter"], home / "adapters" / job.id)
     after = answers(model_dir, adapter)
-    for question, old, new in zip(QUESTIONS, before, after, strict=True):
-        print(f"\n{question}\n  before: {old!r}\n  after:  {new!r}")
-    print(f"\ndone in {time.perf_counter() - started:.0f} s; run it again: the same job is returned, no retraining")
+    for (question, expected), old, new in zip(QUESTIONS.items(), before, after, strict=True):
+        print(f"\n{question}\n  before: {old!r}\n  after:  {new!r}  {'right' if new == expected else 'WRONG'}")
+    right_before = sum(old == expected for old, expected in zip(before, QUESTIONS.values(), strict=True))
+    right_after = sum(new == expected for new, expected in zip(after, QUESTIONS.values(), strict=True))
+    print(f"\n{right_after}/{len(QUESTIONS)} right after training ({right_before}/{len(QUESTIONS)} before)")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    print_next_steps(job)
+
+
+def print_next_steps(job) -> None:
     print(
-        "\nIn the Prefect UI: `.venv/bin/prefect server start` (it opens the database this run was recorded in),\n"
-        f"then http://127.0.0.1:4200/runs/flow-run/{job.flow_run_id} — Artifacts: the loss curve, the metrics\n"
-        "table and the progress bar; Logs: the trainer's output; Events: one ow.train.metrics per logged step."
+        f"""
+What to try next:
+  - Run `make demo` again: the same parameters are the same job ({job.id}), returned at once; nothing trains.
+  - The command line: `.venv/bin/ow ls`, `.venv/bin/ow show {job.id}`, `.venv/bin/ow fetch {job.id}`
+    (the adapter and the loss curve; `OW_MODE=embedded` like the demo, or no PREFECT_API_URL).
+  - The Prefect UI: `.venv/bin/prefect server start` opens the database this run was recorded in; then
+    http://127.0.0.1:4200/runs/flow-run/{job.flow_run_id}
+    (Logs: the trainer's steps; Artifacts: loss curve, metrics table; Events: ow.train.metrics per step).
+  - A Prefect server with a local worker, jobs started from the UI or `prefect deployment run`: docs/local.md.
+  - GPUs on RunPod, one pod per run, deleted when it ends: `ow setup` with RUNPOD_API_KEY, then
+    `prefect worker start --pool gpu` (docs/runpod.md), and `model="Qwen/Qwen2.5-0.5B-Instruct"`."""
     )
 
 

@@ -11,18 +11,20 @@ through the batch runner of `flows/inference`; the prompts are built and the ans
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
 import re
 import tempfile
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, with_params_signature
+from flows._runtime import RESULT_PURPOSE, JobRun, run_job, with_params_signature
 from flows._vllm import adapter_rank, fit_max_model_len
 from flows.inference.flow import run_runner
 from ow_prefect.jobs.evals import MmluProJob, MmluProParams, slug
@@ -132,6 +134,24 @@ def accuracy_table(graded: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return table
 
 
+def record_csv(model: str, table: dict[str, dict[str, Any]]) -> bytes:
+    """One CSV row per evaluation: the model, each subject's accuracy and the overall one (OpenWeights'
+    ``global_record_file``)."""
+    subjects = [subject for subject in table if subject != "overall"]
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["model", *subjects, "overall"])
+    writer.writerow([model, *(f"{table[s]['accuracy']:.4f}" for s in subjects), f"{table['overall']['accuracy']:.4f}"])
+    return out.getvalue().encode()
+
+
+def result_folder(save_dir: str) -> PurePosixPath:
+    """Where `save_dir` puts the result files among the job's files: relative to ``uploads``, as OpenWeights'
+    jobs upload that folder."""
+    folder = PurePosixPath(save_dir)
+    return folder.relative_to("uploads") if folder.parts[:1] == ("uploads",) else folder
+
+
 def _counts(records: list[dict[str, Any]]) -> dict[str, Any]:
     correct = sum(1 for r in records if r["correct"])
     return {
@@ -183,6 +203,7 @@ def _evaluate(job: JobRun) -> dict[str, Any]:
                 "max_model_len": fit_max_model_len(cfg.base_model, cfg.max_model_len),
                 "max_num_seqs": cfg.max_num_seqs,
                 "quantization": cfg.quantization,
+                "gpu_memory_utilization": cfg.gpu_util,
             },
             work,
         )
@@ -192,6 +213,8 @@ def _evaluate(job: JobRun) -> dict[str, Any]:
         records = job.storage.put_path(work / "records.jsonl", RESULT_PURPOSE)
     table = accuracy_table(graded)
     overall = table["overall"]
+    folder = result_folder(cfg.save_dir)
+    record = job.storage.put_bytes(record_csv(cfg.model_label, table), RESULT_PURPOSE, filename=cfg.global_record_file)
     logger.info("MMLU-Pro accuracy %.4f (%s/%s)", overall["accuracy"], overall["correct"], overall["total"])
     create_table_artifact(
         key=cfg.artifact_key or f"mmlu-pro-{slug(cfg.model_label)}",
@@ -205,16 +228,17 @@ def _evaluate(job: JobRun) -> dict[str, Any]:
         "overall": overall,
         "model": cfg.model_label,
         "result_file": records.id,
-        "files": {"mmlu_pro_records.jsonl": records.id},
+        "files": {
+            (folder / "mmlu_pro_records.jsonl").as_posix(): records.id,
+            (folder / cfg.global_record_file).as_posix(): record.id,
+        },
         **summary,
     }
 
 
 def mmlu_pro(**params: Any) -> dict[str, Any]:
     """MMLU-Pro (chain of thought, few-shot) of a model, base, LoRA adapter or fine-tuning job, with vLLM."""
-    ow_job = params.pop("ow_job", None)
-    job = start_job(MmluProJob, params, ow_job)
-    return run_once(job, _evaluate)
+    return run_job(MmluProJob, params, _evaluate)
 
 
 mmlu_pro = flow(name="eval")(with_params_signature(mmlu_pro, MmluProParams))

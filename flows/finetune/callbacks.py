@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 from transformers import TrainerCallback
 
 from flows.finetune import logprobs
-from flows.finetune.data import flatten, jsonl_bytes, read_jsonl
+from flows.finetune.data import jsonl_bytes, read_jsonl, turn_context
 
 Every = int | Literal["log"]
 
@@ -88,12 +88,10 @@ class LogprobTracker(StepCallback):
 
 
 def prompt_text(tokenizer: Any, row: dict[str, Any]) -> str:
-    """The rendered prompt; a trailing assistant message is a prefix the completion continues."""
-    messages = flatten(row["messages"])
-    prefix = ""
-    if messages[-1]["role"] == "assistant":
-        prefix, messages = messages[-1]["content"], messages[:-1]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+    """The prompt of a sample: the text an assistant turn after the row's messages is trained after (for Qwen3
+    the empty think scaffold is in it, as in non-thinking mode); a trailing assistant message is a prefix the
+    completion continues."""
+    return turn_context(tokenizer, row["messages"])
 
 
 def generate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, **sampling: Any) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows._runtime import JobRun, run_once, start_job, with_params_signature
+from flows._runtime import JobRun, run_job, with_params_signature
 from ow_prefect.jobs.finetune import FineTuningParams, job_class_for
 
 ADAPTER_PURPOSE = "adapter"
@@ -70,9 +70,11 @@ def _train(job: JobRun) -> dict[str, Any]:
         else:
             logger.info("no HF token Secret block '%s': not pushing to the Hub", hub.secret_name())
     logger.info(
-        "job %s: %s steps with %s, train loss %s, eval loss %s",
+        "job %s: %s steps over %s examples from %s rows with %s, train loss %s, eval loss %s",
         job.id,
         result.global_step,
+        result.train_examples,
+        result.train_rows,
         result.backend,
         result.train_loss,
         result.eval_loss,
@@ -85,6 +87,7 @@ def _train(job: JobRun) -> dict[str, Any]:
         "eval_loss": result.eval_loss,
         "steps": result.global_step,
         "train_tokens": result.train_tokens,
+        "train_examples": result.train_examples,
         "train_seconds": result.train_seconds,
         "backend": result.backend,
         "resumed_from_step": result.resumed_from_step,
@@ -97,9 +100,7 @@ def _train(job: JobRun) -> dict[str, Any]:
 
 def finetune(**parameters: Any) -> dict[str, Any]:
     """Fine-tune a model with LoRA (SFT, DPO, ORPO or token-weighted SFT)."""
-    ow_job = parameters.pop("ow_job", None)
-    job = start_job(job_class_for(parameters.get("loss", "sft")), parameters, ow_job)
-    return run_once(job, _train)
+    return run_job(job_class_for(parameters.get("loss", "sft")), parameters, _train)
 
 
 finetune = flow(name="finetune")(with_params_signature(finetune, FineTuningParams))

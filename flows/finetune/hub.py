@@ -21,7 +21,12 @@ def hf_token() -> str | None:
 
 
 def repo_id(template: str, *, job_id: str, model: str, org: str) -> str:
-    return template.format(job_id=job_id, model_name=Path(model.rstrip("/")).name, org=org)
+    """The repository `template` names once the job id and the organization are known (validation filled in
+    the rest; {model_name} too, unless the template came from elsewhere)."""
+    from ow_prefect.jobs.finetune import ORG_FIELDS, fill_model_id
+
+    values = {"job_id": job_id, "model_name": Path(model.rstrip("/")).name, **dict.fromkeys(ORG_FIELDS, org)}
+    return fill_model_id(template, values)
 
 
 def push(folder: Path, template: str, *, job_id: str, model: str, private: bool, token: str) -> str:

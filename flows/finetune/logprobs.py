@@ -2,8 +2,9 @@
 
 Shared by the logprob job, the logprob callback during training and weighted SFT (block weights -> token
 weights). A message's `content` is a string or a list of blocks ``{"type": "text", "text": ..., "tag": ...,
-"weight": ...}``; the conversation is rendered once with the chat template and tokenized once, and each token
-belongs to the block its first character falls in — so logprobs and weights always refer to the same tokens.
+"weight": ...}`` (a message may carry a `weight` for its blocks); the conversation is rendered once with the chat
+template and tokenized once (data.render_row locates the blocks), and each token belongs to the first block it
+covers a character of — so logprobs and weights always refer to the same tokens.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from flows.finetune.data import TemplateError, assistant_spans, flatten
-
-SENTINEL = "\x00ow-block\x00"
+from flows.finetune.data import Rendered, content_blocks, owners, render_row, trained_mask
 
 
 @dataclass
@@ -24,67 +23,35 @@ class Block:
     index: int  # index of the block in the message's content
     start: int  # character span in the rendered text
     end: int
-    weight: float | None  # the block's explicit weight, if it has one
+    weight: float | None  # the block's explicit weight (or its message's), if it has one
 
 
 @dataclass
 class Encoded:
     input_ids: list[int]
-    starts: list[int]  # first character of each token in the rendered text
+    offsets: list[tuple[int, int]]  # each token's character span in the rendered text
     trained: list[int]  # 1 where plain SFT puts loss on the token (assistant turns, or all with responses_only off)
     blocks: list[Block]
-    tails: list[tuple[int, int, int]] = field(default_factory=list)  # (message, start, end): end-of-turn markers
+    tails: list[tuple[int, int, int]] = field(default_factory=list)  # (message, start, end): end-of-turn markup
 
     def block_of_token(self) -> list[int | None]:
-        """For each token, the index (in `blocks`) of the block holding its first character, or None."""
-        owners: list[int | None] = []
-        for start in self.starts:
-            owners.append(next((i for i, b in enumerate(self.blocks) if b.start <= start < b.end), None))
-        return owners
+        """For each token, the index (in `blocks`) of the first block it covers a character of, or None."""
+        return owners(self.offsets, [(b.start, b.end) for b in self.blocks])
 
 
-def content_blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A message's content as a list of blocks (a string is one text block)."""
-    return [{"type": "text", "text": content}] if isinstance(content, str) else [dict(b) for b in content]
-
-
-def _content_start(tokenizer: Any, flat: list[dict[str, str]], i: int, text: str) -> int:
-    """Where message i's content starts in `text` (rendered with the sentinel in its place, so text equal to
-    the template's own markup cannot be mistaken for it)."""
-    marked = tokenizer.apply_chat_template(
-        [*flat[:i], {**flat[i], "content": SENTINEL}], tokenize=False, add_generation_prompt=False
-    )
-    position = marked.find(SENTINEL)
-    content = flat[i]["content"]
-    if position < 0 or not text.startswith(marked[:position]) or text[position : position + len(content)] != content:
-        raise TemplateError(
-            f"the chat template does not render message {i}'s content verbatim (it strips or rewrites it), so its "
-            "blocks cannot be located in the tokens; pass a chat_template that renders content as it is"
-        )
-    return position
-
-
-def encode(tokenizer: Any, row: dict[str, Any], responses_only: bool) -> Encoded:
-    """Render and tokenize one row ("messages" or "text"), locating its blocks and plain SFT's loss mask."""
-    if "text" in row:
-        text = row["text"] + (tokenizer.eos_token or "")
-        blocks, tails = [Block(0, 0, 0, len(row["text"]), None)], [(0, len(row["text"]), len(text))]
-        spans = [(0, len(text))]
-    else:
-        flat = flatten(row["messages"])
-        text, spans = assistant_spans(tokenizer, flat)
-        blocks, tails = [], []
-        for i, message in enumerate(row["messages"]):
-            position = _content_start(tokenizer, flat, i, text)
-            for j, block in enumerate(content_blocks(message["content"])):
-                blocks.append(Block(i, j, position, position + len(block["text"]), block.get("weight")))
-                position += len(block["text"])
-            message_end = len(tokenizer.apply_chat_template(flat[: i + 1], tokenize=False))
-            tails.append((i, position, message_end))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    starts = [start for start, _ in encoded["offset_mapping"]]
-    trained = [int(not responses_only or any(s <= start < e for s, e in spans)) for start in starts]
-    return Encoded(encoded["input_ids"], starts, trained, blocks, tails)
+def encode(tokenizer: Any, row: dict[str, Any], responses_only: bool, rendered: Rendered | None = None) -> Encoded:
+    """Render and tokenize one row ("messages" or "text"), locating its blocks and plain SFT's loss mask; or
+    take it `rendered` already (a training example: its blocks are those of the messages it locates). A block
+    without a `weight` takes its message's `weight`, if the message has one."""
+    rendered = rendered or render_row(tokenizer, row)
+    messages = row.get("messages", [{"content": row.get("text", "")}])
+    blocks = []
+    for i, (message, bounds) in enumerate(zip(messages, rendered.bounds, strict=True)):
+        for j, block in enumerate(content_blocks(message["content"]) if bounds is not None else []):
+            blocks.append(Block(i, j, bounds[j], bounds[j + 1], block.get("weight", message.get("weight"))))
+    tails = [(i, *tail) for i, tail in enumerate(rendered.tails) if tail is not None]
+    trained = trained_mask(rendered, row, responses_only)
+    return Encoded(rendered.input_ids, rendered.offsets, trained, blocks, tails)
 
 
 def token_weights(encoded: Encoded) -> list[float]:
@@ -92,19 +59,20 @@ def token_weights(encoded: Encoded) -> list[float]:
     markup after a message's last block gets that block's weight where plain SFT trains it; every other token
     gets plain SFT's mask (1 on the tokens it trains, 0 elsewhere) — so with no weights, or all weights 1, the
     loss is plain SFT's."""
-    owners = encoded.block_of_token()
-    last_weight = {}
-    for block in encoded.blocks:
-        last_weight[block.message] = block.weight
+    last_weight = {block.message: block.weight for block in encoded.blocks}  # the message's last block's
+    tails = [(start, end) for _, start, end in encoded.tails]
+    tail_of_token = owners(encoded.offsets, tails)
     weights = []
-    for position, (start, trained, owner) in enumerate(zip(encoded.starts, encoded.trained, owners, strict=True)):
+    for position, (trained, block, tail) in enumerate(
+        zip(encoded.trained, encoded.block_of_token(), tail_of_token, strict=True)
+    ):
         weight: float = trained
-        if owner is not None and encoded.blocks[owner].weight is not None:
-            weight = encoded.blocks[owner].weight
-        elif owner is None and trained:
-            tail = next((m for m, s, e in encoded.tails if s <= start < e), None)
-            if tail is not None and last_weight.get(tail) is not None:
-                weight = last_weight[tail]
+        if block is not None and encoded.blocks[block].weight is not None:
+            weight = encoded.blocks[block].weight
+        elif block is None and trained and tail is not None:
+            message = encoded.tails[tail][0]
+            if last_weight.get(message) is not None:
+                weight = last_weight[message]
         weights.append(float(weight) if position else 0.0)  # the first token is never predicted
     return weights
 

@@ -22,13 +22,10 @@ from prefect.artifacts import (
 from prefect.events import emit_event
 from transformers import TrainerCallback
 
+from flows._runtime import flow_run_related, job_resource
 from ow_prefect.storage import Storage
 
 CHECKPOINT_PURPOSE = "checkpoint"
-
-
-def job_resource(job_id: str) -> dict[str, str]:
-    return {"prefect.resource.id": f"ow.job.{job_id}", "prefect.resource.name": job_id}
 
 
 def _number(value: Any) -> bool:
@@ -36,20 +33,22 @@ def _number(value: Any) -> bool:
 
 
 class PrefectReporter(TrainerCallback):
-    """Each logged step -> an `ow.train.metrics` event; a progress artifact updated as steps go by."""
+    """Each logged step -> an `ow.train.metrics` event and (at most every `log_every_s`, and always the first and
+    last step and every evaluation) a line in the run's logs: step, loss, learning rate, tokens/s. A progress
+    artifact updated as steps go by."""
 
-    def __init__(self, job_id: str, flow_run_id: str | None, progress_every_s: float = 2.0):
+    def __init__(self, job_id: str, flow_run_id: str | None, progress_every_s: float = 2.0, log_every_s: float = 5.0):
         self.job_id = job_id
         self.progress_every_s = progress_every_s
         self.progress_sent = 0.0
-        self.related = (
-            [{"prefect.resource.id": f"prefect.flow-run.{flow_run_id}", "prefect.resource.role": "flow-run"}]
-            if flow_run_id
-            else []
-        )
+        self.log_every_s = log_every_s
+        self.started: tuple[float, int] | None = None  # (time, tokens seen) when training began
+        self.logged: tuple[float, int] | None = None  # (time, tokens seen) at the last log line
+        self.related = flow_run_related(flow_run_id)
         self.progress_id = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.started = (time.monotonic(), state.num_input_tokens_seen or 0)
         self.progress_id = create_progress_artifact(
             progress=0.0,
             key=f"{self.job_id}-progress".replace("_", "-"),
@@ -67,9 +66,38 @@ class PrefectReporter(TrainerCallback):
         # Events are queued and sent in the background; the progress artifact is a request, so keep it rare.
         now = time.monotonic()
         last_step = state.global_step >= state.max_steps
+        due = self.logged is None or last_step or "eval_loss" in metrics or now - self.logged[0] >= self.log_every_s
+        if due and ("loss" in metrics or "eval_loss" in metrics):  # not the trainer's closing summary
+            self._log_line(state, metrics, now)
         if self.progress_id and state.max_steps and (last_step or now - self.progress_sent >= self.progress_every_s):
             update_progress_artifact(self.progress_id, progress=100.0 * state.global_step / state.max_steps)
             self.progress_sent = now
+
+    def _log_line(self, state, metrics: dict[str, Any], now: float) -> None:
+        """`step 40/120  loss 1.2345  lr 3.20e-04  2,410 tokens/s` (tokens/s since the previous line)."""
+        since, tokens_before = self.logged or self.started or (now, 0)
+        tokens = state.num_input_tokens_seen or 0
+        parts = [f"step {state.global_step}/{state.max_steps}"]
+        parts += [f"{name} {metrics[name]:.4f}" for name in ("loss", "eval_loss") if name in metrics]
+        if "learning_rate" in metrics:
+            parts.append(f"lr {metrics['learning_rate']:.2e}")
+        if tokens > tokens_before and now > since:
+            parts.append(f"{(tokens - tokens_before) / (now - since):,.0f} tokens/s")
+        _logger().info("  ".join(parts))
+        self.logged = (now, tokens)
+
+
+def _logger() -> Any:
+    """The run's logger (the Logs tab), or this module's outside a flow run (`python -m flows.finetune.train`)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
 
 
 class CheckpointSync(TrainerCallback):

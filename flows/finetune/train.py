@@ -50,6 +50,9 @@ class TrainResult:
     resumed_from_step: int | None = None
     train_tokens: int = 0
     train_seconds: float = 0.0
+    train_rows: int = 0  # rows of the training file
+    train_examples: int = 0  # the examples they train as (see build_trainer)
+    eval_examples: int | None = None  # the test file's
 
 
 def optimizer_name(cfg: Any) -> str:
@@ -71,6 +74,7 @@ def common_args(cfg: Any, output_dir: Path, has_eval: bool) -> dict[str, Any]:
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
         optim=optimizer_name(cfg),
         seed=cfg.seed,
         logging_steps=cfg.logging_steps,
@@ -133,15 +137,20 @@ def build_trainer(
             from trl.experimental.orpo import ORPOTrainer as Trainer
         load = data.preference_dataset
         args["beta"] = cfg.beta
-    return Trainer(
+    train_dataset = load(training_path)
+    eval_dataset = load(test_path) if test_path else None
+    trainer = Trainer(
         model=loaded.model,
         args=Config(**args),
-        train_dataset=load(training_path),
-        eval_dataset=load(test_path) if test_path else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=callbacks,
         **extra,
     )
+    # examples, not rows (SFT trains a turn a row renders otherwise in an example of its own), before packing
+    trainer.example_counts = (len(train_dataset), len(eval_dataset) if eval_dataset is not None else None)
+    return trainer
 
 
 def _last(history: list[dict[str, Any]], key: str) -> float | None:
@@ -198,6 +207,9 @@ def main(
         resumed_from_step=int(resume_from.name.split("-")[-1]) if resume_from else None,
         train_tokens=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
         train_seconds=float(output.metrics.get("train_runtime", 0.0)),
+        train_rows=len(data.read_jsonl(training_path)),
+        train_examples=trainer.example_counts[0],
+        eval_examples=trainer.example_counts[1],
     )
 
 
@@ -236,6 +248,7 @@ def cli(argv: list[str] | None = None) -> int:
                 "train_loss": result.train_loss,
                 "eval_loss": result.eval_loss,
                 "steps": result.global_step,
+                "train_examples": result.train_examples,
                 "backend": result.backend,
                 "callbacks": sink.records,
             }

@@ -14,25 +14,29 @@ import torch
 from trl import SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from flows.finetune.data import read_jsonl
+from flows.finetune.data import examples, examples_dataset
 from flows.finetune.logprobs import encode, token_weights
 
 WEIGHTS = "token_weights"
 
 
-def weighted_row(tokenizer: Any, row: dict[str, Any], responses_only: bool, max_length: int) -> dict[str, list]:
-    encoded = encode(tokenizer, row, responses_only)
-    weights = token_weights(encoded)[:max_length]
-    input_ids = encoded.input_ids[:max_length]
-    labels = [token if weight else -100 for token, weight in zip(input_ids, weights, strict=True)]
-    return {"input_ids": input_ids, "labels": labels, WEIGHTS: weights}
+def weighted_examples(tokenizer: Any, row: dict[str, Any], responses_only: bool, max_length: int) -> list[dict]:
+    """The row's examples (data.examples: an assistant turn trains, with its blocks' weights, in the example
+    where it is trained in its generation context; other messages' weighted blocks in the row itself)."""
+    found = []
+    for example in examples(tokenizer, row, responses_only):
+        encoded = encode(tokenizer, example.row, responses_only, example.rendered)
+        weights = token_weights(encoded)[:max_length]
+        input_ids = encoded.input_ids[:max_length]
+        labels = [token if weight else -100 for token, weight in zip(input_ids, weights, strict=True)]
+        found.append({"input_ids": input_ids, "labels": labels, WEIGHTS: weights})
+    return found
 
 
 def weighted_dataset(path: str | Path, tokenizer: Any, responses_only: bool, max_length: int):
-    from datasets import Dataset
-
-    rows = [weighted_row(tokenizer, row, responses_only, max_length) for row in read_jsonl(path)]
-    return Dataset.from_list([r for r in rows if any(r[WEIGHTS])])
+    return examples_dataset(
+        path, lambda row: weighted_examples(tokenizer, row, responses_only, max_length), lambda e: any(e[WEIGHTS])
+    )
 
 
 class WeightedCollator(DataCollatorForLanguageModeling):

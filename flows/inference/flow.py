@@ -18,7 +18,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled
 
-from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, stream_command, with_params_signature
+from flows._runtime import RESULT_PURPOSE, JobRun, run_job, stream_command, with_params_signature
 from flows._vllm import adapter_rank, fit_max_model_len, vllm_env, vllm_python
 from flows.inference.openai_models import BatchesCancelled, run_openai
 from ow_prefect.jobs.inference import InferenceJob, InferenceParams
@@ -51,6 +51,7 @@ def _infer(job: JobRun) -> dict[str, Any]:
             "n": cfg.n_completions_per_prompt,
             "max_model_len": fit_max_model_len(cfg.base_model, cfg.max_model_len),
             "quantization": cfg.quantization,
+            "load_format": cfg.load_format,
             "chat_template": cfg.chat_template,
             "seed": cfg.seed,
         }
@@ -75,10 +76,8 @@ def run_runner(config: dict[str, Any], work: Path) -> dict[str, Any]:
 
 def inference(**params: Any) -> dict[str, Any]:
     """Run a conversations file through a model (base or LoRA adapter) with vLLM; store the completions."""
-    ow_job = params.pop("ow_job", None)
-    job = start_job(InferenceJob, params, ow_job)
     try:
-        return run_once(job, _infer)
+        return run_job(InferenceJob, params, _infer)
     except BatchesCancelled as cancelled:  # noticed by polling (embedded runs have no supervisor to stop them)
         return Cancelled(message=str(cancelled))
 

@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": config["model"],
         "max_model_len": config.get("max_model_len"),
         "quantization": config.get("quantization"),
+        "load_format": config.get("load_format"),
+        "gpu_memory_utilization": config.get("gpu_memory_utilization"),
         "enable_prefix_caching": True,
         "seed": config.get("seed") or 0,
         "max_num_seqs": config.get("max_num_seqs") or 64,

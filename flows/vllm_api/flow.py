@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled
 from prefect.variables import Variable
 
-from flows._runtime import start_job, with_params_signature
+from flows._runtime import JobRun, finished_without_work, job_lock, other_active_runs, start_job, with_params_signature
 from flows._vllm import ServerSpec, free_port, pump_logs, start_server, stop_server, wait_healthy
 from ow_prefect.jobs.api import (
     FIRST_DEADLINE_SECONDS,
@@ -111,9 +111,29 @@ def heartbeat(job_id: str, proc: Any, port: int, tail: Any) -> str:
 
 def vllm_api(**params: Any) -> Any:
     """Serve a model (and LoRA adapters) with vLLM's OpenAI-compatible server until nobody keeps it alive."""
-    logger = get_run_logger()
     ow_job = params.pop("ow_job", None)
     job = start_job(ApiJob, params, ow_job)
+    # An API is never "completed", so there are no stored outputs to reuse; but one job is served by one run:
+    # a second run of the same API (a second click in the UI) ends at once, naming the run that serves it.
+    with job_lock(job, wait=False) as held:
+        return _serve(job) if held else _already_served(job)
+
+
+def _already_served(job: JobRun) -> Any:
+    serving = other_active_runs(job)
+    endpoint = Variable.get(endpoint_variable(job.id), default=None, _sync=True) or {}
+    where = f" at {endpoint['base_url']}" if endpoint.get("base_url") else ""
+    by = f"flow run '{serving[0].name}' ({serving[0].id})" if serving else "another flow run"
+    return finished_without_work(
+        job,
+        endpoint,
+        f"API job {job.id} is already served by {by}{where}: this run started nothing (an API serves again "
+        "once that run has ended)",
+    )
+
+
+def _serve(job: JobRun) -> Any:
+    logger = get_run_logger()
     cfg = ApiParams(**job.parameters)
     key = api_key(job.id)
     if Variable.get(deadline_variable(job.id), default=None, _sync=True) is None:
@@ -132,6 +152,7 @@ def vllm_api(**params: Any) -> Any:
             max_num_seqs=cfg.max_num_seqs,
             adapters=adapters,
             max_lora_rank=cfg.max_lora_rank,
+            max_loras=cfg.max_loras,
             quantization=cfg.quantization,
             kv_cache_dtype=cfg.kv_cache_dtype,
         )
@@ -166,4 +187,4 @@ def vllm_api(**params: Any) -> Any:
     return Cancelled(message=f"API stopped: {reason}")
 
 
-vllm_api = flow(name="vllm-api")(with_params_signature(vllm_api, ApiParams))
+vllm_api = flow(name="vllm-api")(with_params_signature(vllm_api, ApiParams, rerunnable=False))

@@ -163,10 +163,12 @@ class ChatEngine:
 
     async def _deploy(self, model: Any, name: str) -> Endpoint:
         if name not in self._deploying:
+            from ow_prefect.jobs.adapters import adapter_reference
             from ow_prefect.jobs.api import adapter_name
             from ow_prefect.jobs.inference import ModelRef, resolve_model
 
-            ref = await asyncio.to_thread(resolve_model, model)
+            # a Hugging Face LoRA adapter is served under its own name, on the base its config names
+            ref = await asyncio.to_thread(lambda: resolve_model(adapter_reference(model, self._ow.storage)))
             ref = ModelRef.model_validate(ref) if isinstance(ref, dict) else ModelRef(base=ref)
             served = adapter_name(ref) if ref.adapter else ref.base
             future = asyncio.get_running_loop().create_future()

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from ow_prefect.client.api import Api
 from ow_prefect.client.files import AsyncFiles, Files
 from ow_prefect.client.jobs import AsyncJobs, Jobs, JobTypeResource
+from ow_prefect.client.runs import AsyncEvents, AsyncRuns, Events, Runs
+from ow_prefect.errors import ConfigurationError
 from ow_prefect.jobs import api as _builtin_api  # noqa: F401  (registers ow.vllm_api; ow.api deploys it)
 from ow_prefect.jobs import custom as _builtin_custom  # noqa: F401  (registers ow.custom)
 from ow_prefect.jobs import evals as _builtin_evals  # noqa: F401  (registers ow.inspect_ai, ow.mmlu_pro)
@@ -26,14 +28,26 @@ from ow_prefect.storage import Storage
 
 if TYPE_CHECKING:
     from ow_prefect.chat import AsyncChat, Chat
+    from ow_prefect.run_log import CurrentRun
 
 
 class BaseOpenWeights:
-    def __init__(self, *, settings: OWSettings | None = None, storage: Storage | None = None):
+    def __init__(
+        self,
+        *,
+        settings: OWSettings | None = None,
+        storage: Storage | None = None,
+        deploy_kwargs: dict[str, Any] | None = None,
+        auth_token: str | None = None,
+        organization_id: str | None = None,
+        **supabase: Any,
+    ):
         from prefect.context import SettingsContext
 
+        _refuse_openweights_auth(auth_token, organization_id, supabase)
         self.settings = settings or get_settings()
         self._storage = storage
+        self.deploy_kwargs = dict(deploy_kwargs or {})  # what ow.chat deploys models with (OpenWeights' name)
         # Prefect's settings live in a context variable, which new threads (and anyio worker threads) do
         # not inherit: keep the ones in force now and re-enter them around every call into Prefect.
         self._prefect_settings = SettingsContext.get()
@@ -110,6 +124,21 @@ class BaseOpenWeights:
         """Temporary OpenAI-compatible APIs: ``with ow.api.deploy(model) as client: ...``."""
         return Api(self)
 
+    @cached_property
+    def run(self) -> CurrentRun:
+        """The run of the job this code runs in (inside a job's command): ``ow.run.log({...})``."""
+        from ow_prefect.run_log import CurrentRun
+
+        return CurrentRun(self)
+
+    @property
+    def hf_org(self) -> str | None:
+        """The Hub organization that fills ``{org}`` / ``{org_id}`` in ``finetuned_model_id``: ``OW_HF_ORG``, else
+        ``HF_ORG`` or ``HF_USER`` (as OpenWeights reads them); None leaves it to the run (the token's user)."""
+        from ow_prefect.jobs.finetune import client_hf_org
+
+        return client_hf_org()
+
     def __getattr__(self, name: str) -> JobTypeResource:
         if name.startswith("_"):
             raise AttributeError(name)
@@ -131,6 +160,13 @@ class OpenWeights(BaseOpenWeights):
     >>> job.wait().outputs
     """
 
+    def __init__(self, *, use_async: bool = False, **kwargs: Any):
+        """`use_async=True` makes ``ow.chat`` the async chat API (``await ow.chat.completions.create(...)``), as
+        in OpenWeights; `deploy_kwargs` are what models deployed on demand by ``ow.chat`` get (``max_model_len``,
+        ``max_num_seqs``, ...). See `BaseOpenWeights` for the rest."""
+        super().__init__(**kwargs)
+        self.use_async = use_async
+
     def __enter__(self) -> OpenWeights:
         return self
 
@@ -142,15 +178,37 @@ class OpenWeights(BaseOpenWeights):
         return Files(self)
 
     @cached_property
-    def chat(self) -> Chat:
+    def sync_chat(self) -> Chat:
         """openai-python's chat API over base models, adapters and OpenAI: ``ow.chat.completions.create``."""
         from ow_prefect.chat import Chat
 
-        return Chat(self)
+        return _with_deploy_kwargs(Chat(self), self.deploy_kwargs)
+
+    @cached_property
+    def async_chat(self) -> AsyncChat:
+        """The async chat API on this client: ``await ow.async_chat.completions.create(...)``."""
+        from ow_prefect.chat import AsyncChat
+
+        return _with_deploy_kwargs(AsyncChat(self), self.deploy_kwargs)
+
+    @property
+    def chat(self) -> Chat | AsyncChat:
+        """``sync_chat``, or ``async_chat`` when the client was made with ``use_async=True``."""
+        return self.async_chat if self.use_async else self.sync_chat
 
     @cached_property
     def jobs(self) -> Jobs:
         return Jobs(self)
+
+    @cached_property
+    def runs(self) -> Runs:
+        """The flow runs of jobs: ``ow.runs.list(job_id=...)``."""
+        return Runs(self)
+
+    @cached_property
+    def events(self) -> Events:
+        """What jobs logged and flows reported: ``ow.events.list(job_id=...)``."""
+        return Events(self)
 
 
 class AsyncOpenWeights(BaseOpenWeights):
@@ -171,8 +229,38 @@ class AsyncOpenWeights(BaseOpenWeights):
         """The async chat API: ``await ow.chat.completions.create(...)``."""
         from ow_prefect.chat import AsyncChat
 
-        return AsyncChat(self)
+        return _with_deploy_kwargs(AsyncChat(self), self.deploy_kwargs)
 
     @cached_property
     def jobs(self) -> AsyncJobs:
         return AsyncJobs(self)
+
+    @cached_property
+    def runs(self) -> AsyncRuns:
+        return AsyncRuns(self)
+
+    @cached_property
+    def events(self) -> AsyncEvents:
+        return AsyncEvents(self)
+
+
+def _with_deploy_kwargs(chat: Any, deploy_kwargs: dict[str, Any]) -> Any:
+    chat.settings.deploy_kwargs = {**deploy_kwargs, **chat.settings.deploy_kwargs}
+    return chat
+
+
+def _refuse_openweights_auth(auth_token: str | None, organization_id: str | None, supabase: dict[str, Any]) -> None:
+    """OpenWeights' Supabase credentials have no meaning here: say what takes their place."""
+    given = [name for name, value in (("auth_token", auth_token), ("organization_id", organization_id)) if value]
+    given += [
+        name for name, value in supabase.items() if value is not None and name in ("supabase_url", "supabase_key")
+    ]
+    unknown = sorted(set(supabase) - {"supabase_url", "supabase_key"})
+    if unknown:
+        raise TypeError(f"OpenWeights() got unexpected keyword argument(s) {unknown}")
+    if given:
+        raise ConfigurationError(
+            f"OpenWeights({', '.join(given)}=...): ow_prefect has no OpenWeights organization or Supabase. Jobs go "
+            "to a Prefect server: set PREFECT_API_URL (and PREFECT_API_KEY for Prefect Cloud) in the environment, "
+            "or leave it unset to run jobs in this process; see docs/teams.md. Remove these arguments."
+        )

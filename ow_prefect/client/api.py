@@ -22,10 +22,12 @@ import anyio.to_thread
 
 from ow_prefect.chat.routing import LIVE_APIS
 from ow_prefect.errors import JobFailedError, OWError
+from ow_prefect.jobs.adapters import adapter_reference
 from ow_prefect.jobs.api import (
     FIRST_DEADLINE_SECONDS,
     ApiJob,
     ApiParams,
+    adapter_name,
     deadline_value,
     deadline_variable,
     endpoint_variable,
@@ -74,20 +76,34 @@ class TemporaryApi:
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
+    def start(self, timeout: float = 120.0) -> Job:
+        """Submit the API job (or join the one serving the same thing) without waiting for it to serve, and
+        return it; it runs until `first_deadline` unless a client extends it (``up()`` does)."""
+        self._set_deadline(self.first_deadline, "no client extended the first deadline", only_later=True)
+        if not self._ow.embedded:
+            self.job = self._ow.jobs.submit(ApiJob, **self._params)
+            return self.job
+        # the flow runs in this process until its deadline: give it a thread of its own
+        self._embedded_run = threading.Thread(
+            target=self._ow.jobs.submit, args=(ApiJob,), kwargs=self._params, name=f"{self.job_id}", daemon=True
+        )
+        self._embedded_run.start()
+        give_up = time.monotonic() + timeout
+        while True:
+            try:
+                self.job = self._ow.jobs.retrieve(self.job_id)
+                return self.job
+            except OWError:
+                if not self._embedded_run.is_alive() or time.monotonic() > give_up:
+                    raise
+                time.sleep(0.5)
+
     def up(self) -> Any:
         """Start (or join) the API, wait until it serves, and return an `openai.OpenAI` client for it.
 
         Until it serves, the deadline is `first_deadline` after this call (image pulls and model downloads take
         a while); from then on it is `keep_alive` after the last extension."""
-        self._set_deadline(self.first_deadline, "no client extended the first deadline", only_later=True)
-        if self._ow.embedded:
-            # the flow runs in this process until its deadline: give it a thread of its own
-            self._embedded_run = threading.Thread(
-                target=self._ow.jobs.submit, args=(ApiJob,), kwargs=self._params, name=f"{self.job_id}", daemon=True
-            )
-            self._embedded_run.start()
-        else:
-            self.job = self._ow.jobs.submit(ApiJob, **self._params)
+        self.start(timeout=self.timeout)
         try:
             self._wait_until_serving()
         except BaseException:
@@ -216,20 +232,35 @@ class Api:
             self._sync_client(), params, keep_alive=keep_alive, first_deadline=first_deadline, timeout=timeout
         )
 
-    def multi_deploy(self, models: list[Any], **kwargs: Any) -> list[TemporaryApi]:
-        """One API per base model, the adapters of each base served together as LoRA modules."""
+    def create(self, **params: Any) -> Job:
+        """Submit a `vllm-api/serve` job and return it without waiting (OpenWeights' ``ow.api.create``); it serves
+        until its first deadline (`first_deadline`, 15 minutes) unless a client extends it — ``ow.api.deploy`` is
+        the way to keep it up while you use it. Parameters as in `deploy`."""
+        options = {key: params.pop(key) for key in ("keep_alive", "first_deadline", "timeout") if key in params}
+        return self.deploy(**params, **options).start()
+
+    def multi_deploy(
+        self, models: list[Any], base_model_override: str | None = None, **kwargs: Any
+    ) -> dict[str, TemporaryApi]:
+        """One API per base model, the adapters of each base served together as LoRA modules; a dict from each
+        model given (and each base model) to the API serving it, as in OpenWeights. `base_model_override` serves
+        every adapter on that base instead of the one it names."""
         by_base: dict[str, list[ModelRef]] = defaultdict(list)
-        bases: list[str] = []
+        keys: dict[str, list[str]] = defaultdict(list)
         for model in models:
-            ref = resolve_model(_plain(model))
+            ref = resolve_model(adapter_reference(_plain(model), self._ow.storage))
             ref = ModelRef.model_validate(ref) if isinstance(ref, dict) else ModelRef(base=ref)
-            if ref.base not in by_base:
-                bases.append(ref.base)
+            if base_model_override:
+                ref = ref.model_copy(update={"base": base_model_override})
+            by_base.setdefault(ref.base, [])
             if ref.adapter:
                 by_base[ref.base].append(ref)
-            else:
-                by_base.setdefault(ref.base, [])
-        return [self.deploy(base, [r.model_dump(exclude_none=True) for r in by_base[base]], **kwargs) for base in bases]
+            keys[ref.base].append(model if isinstance(model, str) else adapter_name(ref))
+        apis: dict[str, TemporaryApi] = {}
+        for base, adapters in by_base.items():
+            api = self.deploy(base, [r.model_dump(exclude_none=True) for r in adapters], **kwargs)
+            apis |= dict.fromkeys([base, *keys[base]], api)
+        return apis
 
 
 def _plain(model: Any) -> Any:

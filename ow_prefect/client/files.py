@@ -8,7 +8,7 @@ from typing import IO, TYPE_CHECKING
 
 import anyio.to_thread
 
-from ow_prefect.datasets import validate_dataset
+from ow_prefect.datasets import canonical_purpose, validate_dataset
 from ow_prefect.errors import DatasetValidationError
 from ow_prefect.storage import FileObject, check_purpose
 
@@ -46,11 +46,14 @@ class Files:
 
     def validate(self, file: FileInput, purpose: str) -> int:
         """Validate without storing; return the number of rows or raise one error listing every problem."""
+        purpose = canonical_purpose(purpose)
         data, name = read_input(file, self._client.settings.max_file_bytes)
         return validate_dataset(data, purpose, source=name or "file", max_bytes=self._client.settings.max_file_bytes)
 
     def create(self, file: FileInput, purpose: str) -> FileObject:
-        """Validate and store a file; identical bytes are stored once and get the same id."""
+        """Validate and store a file; identical bytes are stored once and get the same id. OpenWeights'
+        ``purpose="preferences"`` is stored as ``preference``."""
+        purpose = canonical_purpose(purpose)
         check_purpose(purpose)
         data, name = read_input(file, self._client.settings.max_file_bytes)
         validate_dataset(data, purpose, source=name or "file", max_bytes=self._client.settings.max_file_bytes)
@@ -59,11 +62,13 @@ class Files:
     def upload(self, path: str | os.PathLike[str], purpose: str) -> FileObject:
         """Store a file (validated like `create`) or a whole directory (adapters, checkpoints)."""
         if Path(path).is_dir():
-            return self._client.storage.put_path(path, purpose)
+            return self._client.storage.put_path(path, canonical_purpose(purpose))
         return self.create(path, purpose)
 
     def retrieve(self, file_id: str) -> FileObject:
         return self._client.storage.info(file_id)
+
+    get_by_id = retrieve  # OpenWeights' name
 
     def content(self, file_id: str) -> bytes:
         return self._client.storage.get_bytes(file_id)
@@ -89,6 +94,8 @@ class AsyncFiles:
 
     async def retrieve(self, file_id: str) -> FileObject:
         return await anyio.to_thread.run_sync(self._sync.retrieve, file_id)
+
+    get_by_id = retrieve  # OpenWeights' name
 
     async def content(self, file_id: str) -> bytes:
         return await anyio.to_thread.run_sync(self._sync.content, file_id)

@@ -7,6 +7,7 @@ URL) a job's flow is called directly in this process, against Prefect's ephemera
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -17,25 +18,40 @@ import anyio
 import anyio.to_thread
 
 from ow_prefect.client._logs import (
-    EVENTS_PAGE,
-    MAX_EVENT_PAGES,
     event_filter,
     format_events,
     format_logs,
     log_filter,
+    read_events,
+    read_events_async,
 )
-from ow_prefect.errors import ConfigurationError, NotFoundError, OWError
-from ow_prefect.jobs.base import TERMINAL_STATUSES, Job, JobStatus, get_job_type, project_root, raise_for_failure
+from ow_prefect.errors import ConfigurationError, NotFoundError, OWError, ParameterError
+from ow_prefect.jobs.base import (
+    TERMINAL_STATUSES,
+    Job,
+    JobStatus,
+    get_job_type,
+    job_types,
+    project_root,
+    raise_for_failure,
+)
 from ow_prefect.jobs.submit import (
+    FLOW_ONLY_PARAMETERS,
     JOB_TAG,
+    STATE_STATUS,
     STATUS_STATES,
+    SubmissionOptions,
+    history_key,
     idempotency_key,
     job_from_run,
     job_tag,
+    newest_per_job,
     outputs_key,
     plan,
     status_of,
+    submission_options,
     tag_value,
+    tagged_by_ow,
     tags_for,
     type_tag,
 )
@@ -43,6 +59,13 @@ from ow_prefect.settings import get_settings
 
 if TYPE_CHECKING:
     from ow_prefect.client._client import BaseOpenWeights
+
+
+SCAN_PAGE = 200  # Prefect's server returns at most 200 runs per request
+SCAN_PAGES = 25  # `list` reads at most this many pages of runs, newest first
+# Runs of ow_prefect's deployments that never started their flow (so never tagged themselves) are found among
+# this many of the newest not-completed runs of those flows.
+UNTAGGED_SCAN = 200
 
 
 class JobTimeoutError(OWError, TimeoutError):
@@ -70,6 +93,82 @@ def _newest_first():
     return FlowRunSort.EXPECTED_START_TIME_DESC
 
 
+RUNS_PAGE = 200  # the server's largest page of flow runs
+
+
+def _read_runs(client: Any, flow_run_filter: Any, limit: int) -> list[Any]:
+    """The newest `limit` flow runs matching the filter, page by page (sync client)."""
+    runs: list[Any] = []
+    while len(runs) < limit:
+        size = min(RUNS_PAGE, limit - len(runs))
+        page = client.read_flow_runs(
+            flow_run_filter=flow_run_filter, sort=_newest_first(), limit=size, offset=len(runs)
+        )
+        runs += page
+        if len(page) < size:
+            break
+    return runs
+
+
+async def _read_runs_async(client: Any, flow_run_filter: Any, limit: int) -> list[Any]:
+    """`_read_runs` with Prefect's async client."""
+    runs: list[Any] = []
+    while len(runs) < limit:
+        size = min(RUNS_PAGE, limit - len(runs))
+        page = await client.read_flow_runs(
+            flow_run_filter=flow_run_filter, sort=_newest_first(), limit=size, offset=len(runs)
+        )
+        runs += page
+        if len(page) < size:
+            break
+    return runs
+
+
+def _any_job_filter(job_ids: list[str]):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    return FlowRunFilter(tags=FlowRunFilterTags(any_=[job_tag(job_id) for job_id in job_ids]))
+
+
+def _untagged_filters() -> dict[str, Any]:
+    """Not-completed deployment runs of the flows of the registered job types (a completed run of them always
+    started its flow, which tags it)."""
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterDeploymentId,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+
+    flows = sorted({cls.deployment.partition("/")[0] for cls in job_types().values()})
+    states = [state for state in STATE_STATUS if state != "COMPLETED"]
+    return {
+        "flow_filter": FlowFilter(name=FlowFilterName(any_=flows)),
+        "flow_run_filter": FlowRunFilter(
+            deployment_id=FlowRunFilterDeploymentId(is_null_=False),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=states)),
+        ),
+    }
+
+
+def _deployment_filter(ids: set[Any]):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    return DeploymentFilter(id=DeploymentFilterId(any_=list(ids)))
+
+
+def _as_flow_run_id(job_id: str) -> Any:
+    """A job id that is a flow run id (a run whose parameters do not validate has no job id of its own)."""
+    from uuid import UUID
+
+    try:
+        return UUID(job_id)
+    except ValueError:
+        return None
+
+
 def _statuses(status: JobStatus | list[JobStatus] | None) -> list[JobStatus] | None:
     if status is None:
         return None
@@ -92,6 +191,17 @@ def _cancel_state(run: Any):
     if run.state and run.state.type.value in UNCLAIMED_STATES:
         return Cancelled(message="canceled through ow_prefect")
     return Cancelling()
+
+
+def model_outputs(outputs: dict[str, Any]) -> dict[str, str]:
+    """The model weights among a job's outputs (a fine-tune's `adapter`, its `merged` model): name -> id."""
+    from ow_prefect.storage import ID_RE
+
+    return {
+        name: value
+        for name, value in outputs.items()
+        if isinstance(value, str) and (match := ID_RE.match(value)) and match["purpose"] in ("adapter", "model")
+    }
 
 
 def _retry_state():
@@ -129,6 +239,11 @@ class Submission:
     validated: Any
     parameters: dict[str, Any]
     deployment: str
+    options: SubmissionOptions
+
+    def keeps(self, run: Any) -> bool:
+        """Return this existing run as it is instead of running the job again (``create_on_failed_status=False``)."""
+        return run is not None and status_of(run) in ("failed", "canceled") and status_of(run) not in self.options.rerun
 
     @property
     def tags(self) -> list[str]:
@@ -145,6 +260,12 @@ class _JobsBase:
         self._deployment_ids: dict[str, Any] = {}
 
     def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> Submission:
+        if "force_rerun" in kwargs:
+            raise ParameterError(
+                "force_rerun is an option of a flow run, not a job parameter (it is not part of the job id): to run "
+                "a completed job again from Python, use ow.jobs.restart(job_id) or job.restart()"
+            )
+        kwargs, options = submission_options(kwargs)
         with self._client.prefect_settings():  # validation may ask Prefect (model="ftjob:latest")
             kwargs = job_cls.prepare_params(dict(kwargs), self._client.storage)
             validated = job_cls.validate_params(**kwargs)
@@ -153,24 +274,101 @@ class _JobsBase:
         job_id = job_cls.compute_id(flow_parameters, image=image, code=code)
         envelope = {"id": job_id, "type": job_cls.name, "code_hash": code, "image": image}
         deployment = job_cls.deployment_for(validated) + get_settings().deployment_suffix
-        return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment)
+        return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment, options)
 
-    def _outputs(self, run: Any) -> dict[str, Any] | None:
+    def _outputs(self, run: Any, job_id: str | None = None) -> dict[str, Any] | None:
         if status_of(run) != "completed":
             return None
         try:
-            return self._client.storage.get_json(outputs_key(tag_value(run.tags, JOB_TAG)))
+            return self._client.storage.get_json(outputs_key(job_id or tag_value(run.tags, JOB_TAG)))
         except NotFoundError:
             return None
 
-    def _job(self, run: Any) -> Job:
-        return job_from_run(run, self._outputs(run), self._client)
+    def _job(self, run: Any, job_id: str | None = None, type_name: str | None = None, runs: int | None = None) -> Job:
+        outputs = self._outputs(run, job_id)
+        return job_from_run(run, outputs, self._client, job_id=job_id, type_name=type_name, run_count=runs)
 
-    def _download(self, job: Job, dest: str | os.PathLike[str]) -> Path:
+    def _newest(self, runs: list[Any]) -> Job:
+        """The job of its runs (newest first): the newest run, with the attempts of them all."""
+        return self._job(runs[0], runs=sum(run.run_count for run in runs))
+
+    def _identify(self, run: Any, entrypoint: str | None) -> tuple[str, str] | None:
+        """The job id and type of a run that never tagged itself: the SDK's envelope, else computed from its
+        parameters like its flow would (the first job type of its entrypoint that accepts them), else — the
+        parameters are invalid — the flow run id."""
+        envelope = (run.parameters or {}).get("ow_job") or {}
+        if envelope.get("id") and envelope.get("type"):
+            return envelope["id"], envelope["type"]
+        candidates = [cls for cls in job_types().values() if cls.entrypoint == entrypoint]
+        if not candidates:
+            return None
+        params = {k: v for k, v in (run.parameters or {}).items() if k not in FLOW_ONLY_PARAMETERS}
+        for cls in candidates:
+            try:
+                with self._client.prefect_settings():
+                    validated = cls.validate_params(**params)
+                return cls.compute_id(cls.flow_parameters(validated)), cls.name
+            except Exception:  # noqa: BLE001 - invalid for this type (or for all: then the run id names it)
+                continue
+        return str(run.id), candidates[0].name
+
+    def _untagged(self, runs: list[Any], entrypoints: dict[Any, str]) -> list[tuple[str, str, Any]]:
+        found = []
+        for run in runs:
+            if not tagged_by_ow(run) and (identity := self._identify(run, entrypoints.get(run.deployment_id))):
+                found.append((*identity, run))
+        return found
+
+    @staticmethod
+    def _select(
+        found: list[tuple[str, str, Any]], statuses: list[JobStatus] | None, type: str | None, limit: int
+    ) -> list[tuple[str, str, Any]]:
+        """One entry per job, its newest run, newest job first; filtered by the status of that run and type."""
+        found = sorted(found, key=lambda entry: entry[2].expected_start_time or entry[2].created, reverse=True)
+        selected = [
+            (job_id, type_name, run)
+            for job_id, (type_name, run) in newest_per_job(found).items()
+            if (statuses is None or status_of(run) in statuses) and (type is None or type_name == type)
+        ]
+        return selected[:limit]
+
+    @staticmethod
+    def _attempts(found: list[tuple[str, str, Any]], runs: list[Any]) -> dict[str, int]:
+        """Job id -> the attempts of all its runs (`found`, plus `runs`: every tagged run of the listed jobs)."""
+        by_run = {run.id: (job_id, run) for job_id, _, run in found}
+        by_run.update({run.id: (tag_value(run.tags, JOB_TAG), run) for run in runs})
+        attempts: dict[str, int] = {}
+        for job_id, run in by_run.values():
+            attempts[job_id] = attempts.get(job_id, 0) + run.run_count
+        return attempts
+
+    @staticmethod
+    def _tagged(runs: list[Any]) -> list[tuple[str, str, Any]]:
+        """(job id, type, run) from the runs' tags; a run without them is named by its flow run id."""
+        return [
+            (tag_value(run.tags, JOB_TAG) or str(run.id), tag_value(run.tags, "ow-type") or "custom", run)
+            for run in runs
+        ]
+
+    def _history(self, job_id: str) -> list[dict[str, Any]]:
+        storage = self._client.storage
+        try:
+            entries = storage.get_json(history_key(job_id))
+        except NotFoundError:
+            try:
+                return [storage.get_json(outputs_key(job_id))]  # recorded before histories existed
+            except NotFoundError:
+                return []
+        return [storage.get_json(entry["key"]) for entry in entries]
+
+    def _download(self, job: Job, dest: str | os.PathLike[str], weights: bool = False) -> Path:
         dest = Path(dest)
         dest.mkdir(parents=True, exist_ok=True)
         for relpath, file_id in (job.outputs.get("files") or {}).items():
             self._client.storage.download(file_id, dest / relpath)
+        if weights:
+            for name, file_id in model_outputs(job.outputs).items():
+                self._client.storage.download(file_id, dest / name)
         return dest
 
 
@@ -197,11 +395,13 @@ class Jobs(_JobsBase):
         with self._prefect() as client:
             run = self._find_run(client, sub.job_id)
             action = plan(run)
-            if action == "existing":
+            if action == "existing" or sub.keeps(run):
                 return self._job(run)
             if self._client.embedded:
                 _call_flow(self._client, job_cls, sub.parameters, sub.tags)
             elif action == "retry":
+                if sub.options.job_variables:  # a rerun on other hardware (OpenWeights updates allowed_hardware)
+                    client.update_flow_run(run.id, job_variables={**run.job_variables, **sub.options.job_variables})
                 client.set_flow_run_state(run.id, _retry_state())
             else:
                 return self._job(
@@ -215,22 +415,61 @@ class Jobs(_JobsBase):
                 )
             return self._job(self._find_run(client, sub.job_id))
 
+    def _runs_of(self, client, job_id: str) -> list[Any]:
+        return client.read_flow_runs(flow_run_filter=_run_filter([job_tag(job_id)]), sort=_newest_first())
+
+    def _find_untagged(self, client) -> list[tuple[str, str, Any]]:
+        runs = client.read_flow_runs(**_untagged_filters(), sort=_newest_first(), limit=UNTAGGED_SCAN)
+        runs = [run for run in runs if not tagged_by_ow(run)]
+        if not runs:
+            return []
+        deployments = client.read_deployments(deployment_filter=_deployment_filter({r.deployment_id for r in runs}))
+        return self._untagged(runs, {d.id: d.entrypoint for d in deployments})
+
     def retrieve(self, job_id: str) -> Job:
+        """The job: its newest run (run_count counts every run's attempts). A run started outside the SDK that
+        ended before its flow started is found by the id its parameters give (or by its flow run id)."""
         with self._prefect() as client:
-            run = self._find_run(client, job_id)
-        if run is None:
+            runs = self._runs_of(client, job_id)
+            if runs:
+                return self._newest(runs)
+            untagged = [entry for entry in self._find_untagged(client) if entry[0] == job_id]
+            if not untagged and (run_id := _as_flow_run_id(job_id)):
+                with contextlib.suppress(Exception):
+                    untagged = self._tagged([client.read_flow_run(run_id)])
+        if not untagged:
             raise NotFoundError(f"no job {job_id}")
-        return self._job(run)
+        job_id, type_name, run = untagged[0]
+        return self._job(run, job_id, type_name, runs=sum(entry[2].run_count for entry in untagged))
 
     def list(
         self, status: JobStatus | list[JobStatus] | None = None, type: str | None = None, limit: int = 100
     ) -> list[Job]:
+        """Jobs newest first, each once (its newest run), filtered by the status of that run. Runs that never
+        started their flow (crashed or cancelled before, or still waiting) are included."""
+        statuses = _statuses(status)
         tags = [JOB_TAG] + ([type_tag(type)] if type else [])
         with self._prefect() as client:
-            runs = client.read_flow_runs(
-                flow_run_filter=_run_filter(tags, _statuses(status)), sort=_newest_first(), limit=limit
-            )
-        return [self._job(run) for run in runs]
+            found = self._find_untagged(client)
+            for page in range(SCAN_PAGES):
+                runs = client.read_flow_runs(
+                    flow_run_filter=_run_filter(tags), sort=_newest_first(), limit=SCAN_PAGE, offset=page * SCAN_PAGE
+                )
+                found += self._tagged(runs)
+                if len(runs) < SCAN_PAGE or len(self._select(found, statuses, type, limit)) >= limit:
+                    break
+            selected = self._select(found, statuses, type, limit)
+            runs = []
+            for page in range(SCAN_PAGES if selected else 0):
+                runs += client.read_flow_runs(
+                    flow_run_filter=_any_job_filter([job_id for job_id, _, _ in selected]),
+                    limit=SCAN_PAGE,
+                    offset=page * SCAN_PAGE,
+                )
+                if len(runs) < (page + 1) * SCAN_PAGE:
+                    break
+        attempts = self._attempts(found, runs)
+        return [self._job(run, job_id, type_name, attempts.get(job_id)) for job_id, type_name, run in selected]
 
     def cancel(self, job_id: str) -> Job:
         with self._prefect() as client:
@@ -242,18 +481,27 @@ class Jobs(_JobsBase):
         return self.retrieve(job_id)
 
     def restart(self, job_id: str) -> Job:
-        """Run a finished job again (same flow run, run count + 1); embedded runs start a new flow run."""
+        """Run a finished job again (same flow run, run count + 1; embedded runs start a new flow run). A
+        completed job really runs again (``force_rerun``); its earlier outputs stay in `history()`."""
         job = self.retrieve(job_id)
         if not job.done:
             raise OWError(f"job {job_id} is {job.status}; cancel it before restarting")
         with self._prefect() as client:
             run = client.read_flow_run(job.flow_run_id)
+            parameters = _restart_parameters(job, run)
             if run.deployment_id is not None:
+                if parameters != run.parameters:
+                    client.update_flow_run(run.id, parameters=parameters)
                 client.set_flow_run_state(run.id, _retry_state(), force=True)
         if run.deployment_id is None:
             job_cls = get_job_type(job.type)
-            _call_flow(self._client, job_cls, run.parameters, tags_for(job_cls, job_id))
+            _call_flow(self._client, job_cls, parameters, tags_for(job_cls, job_id))
         return self.retrieve(job_id)
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        """The outputs of every completed run of the job, oldest first (the last is `job.outputs`); each has
+        `flow_run_id`, `run_count` and `completed_at`. Reruns add to it, never replace."""
+        return self._history(job_id)
 
     def wait(
         self, job_id: str, timeout: float | None = None, poll_interval: float = 2.0, raise_on_failure: bool = True
@@ -274,19 +522,26 @@ class Jobs(_JobsBase):
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         job = self.retrieve(job_id)
-        events = []
         with self._prefect() as client:
-            page = client.read_events(filter=event_filter(job.flow_run_id), limit=EVENTS_PAGE)
-            for _ in range(MAX_EVENT_PAGES):
-                events += page.events
-                if not page.next_page:
-                    break
-                page = client.read_events_page(str(page.next_page))
-        return format_events(events)
+            return format_events(read_events(client, event_filter(job.flow_run_id)))
 
-    def download(self, job_id: str, dest: str | os.PathLike[str]) -> Path:
-        """Download every result file of a completed job into `dest` (kept at its path under uploads/)."""
-        return self._download(raise_for_failure(self.retrieve(job_id)), dest)
+    def download(
+        self, job_id: str, dest: str | os.PathLike[str], only_last_run: bool = True, weights: bool = False
+    ) -> Path:
+        """Download every result file of a completed job into `dest` (kept at its path under uploads/); with
+        `weights`, also the model weights it stored (`adapter/`, `merged/`: see `model_outputs`); with
+        ``only_last_run=False``, each run's logs, event files and results into ``dest/<run id>/``."""
+        if not only_last_run:
+            return _download_runs(self._client.runs.list(job_id=job_id, limit=200), dest)
+        return self._download(raise_for_failure(self.retrieve(job_id)), dest, weights)
+
+    def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
+        """Jobs whose parameters have these values (a dict value matches the keys it names), newest first:
+        ``ow.jobs.find(model="Qwen/Qwen3-4B", meta={"group": "sweep"})``. Looks through the newest `limit` runs
+        (of one job `type`); Prefect cannot query parameters, so they are compared here."""
+        with self._prefect() as client:
+            runs = _read_runs(client, _run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
+        return [self._job(run) for run in _matching(runs, params, self._client)]
 
 
 class AsyncJobs(_JobsBase):
@@ -317,11 +572,15 @@ class AsyncJobs(_JobsBase):
         async with self._prefect() as client:
             run = await self._find_run(client, sub.job_id)
             action = plan(run)
-            if action == "existing":
+            if action == "existing" or sub.keeps(run):
                 return await self._job_async(run)
             if self._client.embedded:
                 await anyio.to_thread.run_sync(_call_flow, self._client, job_cls, sub.parameters, sub.tags)
             elif action == "retry":
+                if sub.options.job_variables:
+                    await client.update_flow_run(
+                        run.id, job_variables={**run.job_variables, **sub.options.job_variables}
+                    )
                 await client.set_flow_run_state(run.id, _retry_state())
             else:
                 variables = await anyio.to_thread.run_sync(_job_variables, job_cls, sub)
@@ -336,22 +595,64 @@ class AsyncJobs(_JobsBase):
                 )
             return await self._job_async(await self._find_run(client, sub.job_id))
 
+    async def _runs_of(self, client, job_id: str) -> list[Any]:
+        return await client.read_flow_runs(flow_run_filter=_run_filter([job_tag(job_id)]), sort=_newest_first())
+
+    async def _find_untagged(self, client) -> list[tuple[str, str, Any]]:
+        runs = await client.read_flow_runs(**_untagged_filters(), sort=_newest_first(), limit=UNTAGGED_SCAN)
+        runs = [run for run in runs if not tagged_by_ow(run)]
+        if not runs:
+            return []
+        deployments = await client.read_deployments(
+            deployment_filter=_deployment_filter({run.deployment_id for run in runs})
+        )
+        entrypoints = {d.id: d.entrypoint for d in deployments}
+        return await anyio.to_thread.run_sync(self._untagged, runs, entrypoints)
+
     async def retrieve(self, job_id: str) -> Job:
         async with self._prefect() as client:
-            run = await self._find_run(client, job_id)
-        if run is None:
+            runs = await self._runs_of(client, job_id)
+            if runs:
+                return await anyio.to_thread.run_sync(self._newest, runs)
+            untagged = [entry for entry in await self._find_untagged(client) if entry[0] == job_id]
+            if not untagged and (run_id := _as_flow_run_id(job_id)):
+                with contextlib.suppress(Exception):
+                    untagged = self._tagged([await client.read_flow_run(run_id)])
+        if not untagged:
             raise NotFoundError(f"no job {job_id}")
-        return await self._job_async(run)
+        job_id, type_name, run = untagged[0]
+        attempts = sum(entry[2].run_count for entry in untagged)
+        return await anyio.to_thread.run_sync(self._job, run, job_id, type_name, attempts)
 
     async def list(
         self, status: JobStatus | list[JobStatus] | None = None, type: str | None = None, limit: int = 100
     ) -> list[Job]:
+        statuses = _statuses(status)
         tags = [JOB_TAG] + ([type_tag(type)] if type else [])
         async with self._prefect() as client:
-            runs = await client.read_flow_runs(
-                flow_run_filter=_run_filter(tags, _statuses(status)), sort=_newest_first(), limit=limit
-            )
-        return [await self._job_async(run) for run in runs]
+            found = await self._find_untagged(client)
+            for page in range(SCAN_PAGES):
+                runs = await client.read_flow_runs(
+                    flow_run_filter=_run_filter(tags), sort=_newest_first(), limit=SCAN_PAGE, offset=page * SCAN_PAGE
+                )
+                found += self._tagged(runs)
+                if len(runs) < SCAN_PAGE or len(self._select(found, statuses, type, limit)) >= limit:
+                    break
+            selected = self._select(found, statuses, type, limit)
+            runs = []
+            for page in range(SCAN_PAGES if selected else 0):
+                runs += await client.read_flow_runs(
+                    flow_run_filter=_any_job_filter([job_id for job_id, _, _ in selected]),
+                    limit=SCAN_PAGE,
+                    offset=page * SCAN_PAGE,
+                )
+                if len(runs) < (page + 1) * SCAN_PAGE:
+                    break
+        attempts = self._attempts(found, runs)
+        return [
+            await anyio.to_thread.run_sync(self._job, run, job_id, type_name, attempts.get(job_id))
+            for job_id, type_name, run in selected
+        ]
 
     async def cancel(self, job_id: str) -> Job:
         async with self._prefect() as client:
@@ -363,17 +664,27 @@ class AsyncJobs(_JobsBase):
         return await self.retrieve(job_id)
 
     async def restart(self, job_id: str) -> Job:
+        """Run a finished job again (same flow run, run count + 1; embedded runs start a new flow run). A
+        completed job really runs again (``force_rerun``); its earlier outputs stay in `history()`."""
         job = await self.retrieve(job_id)
         if not job.done:
             raise OWError(f"job {job_id} is {job.status}; cancel it before restarting")
         async with self._prefect() as client:
             run = await client.read_flow_run(job.flow_run_id)
+            parameters = _restart_parameters(job, run)
             if run.deployment_id is not None:
+                if parameters != run.parameters:
+                    await client.update_flow_run(run.id, parameters=parameters)
                 await client.set_flow_run_state(run.id, _retry_state(), force=True)
         if run.deployment_id is None:
             job_cls = get_job_type(job.type)
-            await anyio.to_thread.run_sync(_call_flow, self._client, job_cls, run.parameters, tags_for(job_cls, job_id))
+            await anyio.to_thread.run_sync(_call_flow, self._client, job_cls, parameters, tags_for(job_cls, job_id))
         return await self.retrieve(job_id)
+
+    async def history(self, job_id: str) -> list[dict[str, Any]]:
+        """The outputs of every completed run of the job, oldest first (the last is `job.outputs`); each has
+        `flow_run_id`, `run_count` and `completed_at`. Reruns add to it, never replace."""
+        return await anyio.to_thread.run_sync(self._history, job_id)
 
     async def wait(
         self, job_id: str, timeout: float | None = None, poll_interval: float = 2.0, raise_on_failure: bool = True
@@ -394,19 +705,25 @@ class AsyncJobs(_JobsBase):
 
     async def events(self, job_id: str) -> list[dict[str, Any]]:
         job = await self.retrieve(job_id)
-        events = []
         async with self._prefect() as client:
-            page = await client.read_events(filter=event_filter(job.flow_run_id), limit=EVENTS_PAGE)
-            for _ in range(MAX_EVENT_PAGES):
-                events += page.events
-                if not page.next_page:
-                    break
-                page = await client.read_events_page(str(page.next_page))
-        return format_events(events)
+            return format_events(await read_events_async(client, event_filter(job.flow_run_id)))
 
-    async def download(self, job_id: str, dest: str | os.PathLike[str]) -> Path:
+    async def download(
+        self, job_id: str, dest: str | os.PathLike[str], only_last_run: bool = True, weights: bool = False
+    ) -> Path:
+        """Download every result file of a completed job into `dest` (kept at its path under uploads/); with
+        `weights`, also the model weights it stored (`adapter/`, `merged/`: see `model_outputs`); with
+        ``only_last_run=False``, each run's logs, event files and results into ``dest/<run id>/``."""
+        if not only_last_run:
+            runs = await self._client.runs.list(job_id=job_id, limit=200)
+            return await anyio.to_thread.run_sync(_download_runs, runs, dest)
         job = raise_for_failure(await self.retrieve(job_id))
-        return await anyio.to_thread.run_sync(self._download, job, dest)
+        return await anyio.to_thread.run_sync(self._download, job, dest, weights)
+
+    async def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
+        async with self._prefect() as client:
+            runs = await _read_runs_async(client, _run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
+        return [await self._job_async(run) for run in _matching(runs, params, self._client)]
 
 
 class JobTypeResource:
@@ -438,8 +755,55 @@ class JobTypeResource:
     def retrieve(self, job_id: str):
         return self._jobs.retrieve(job_id)
 
+    def cancel(self, job_id: str):
+        return self._jobs.cancel(job_id)
+
+    def restart(self, job_id: str):
+        return self._jobs.restart(job_id)
+
+    def find(self, limit: int = 1000, **params: Any):
+        """Jobs of this type whose parameters have these values (see ``ow.jobs.find``)."""
+        return self._jobs.find(limit=limit, type=self.job_cls.name, **params)
+
+
+def _matches(value: Any, wanted: Any) -> bool:
+    if isinstance(wanted, dict):
+        return isinstance(value, dict) and all(_matches(value.get(k), v) for k, v in wanted.items())
+    return value == wanted
+
+
+def _matching(runs: list[Any], params: dict[str, Any], client: Any) -> list[Any]:
+    """The runs whose job parameters (as `job.params` shows them) have `params`; one per job, its newest."""
+    found, seen = [], set()
+    for run in runs:  # newest first; a job rerun embedded has several runs
+        job = job_from_run(run, None, client)
+        if job.id not in seen and all(_matches(job.params.get(k), v) for k, v in params.items()):
+            found.append(run)
+        seen.add(job.id)
+    return found
+
+
+def _download_runs(runs: list[Any], dest: str | os.PathLike[str]) -> Path:
+    dest = Path(dest)
+    for run in runs:
+        run.download(dest / run.id)
+    return dest
+
+
+def _restart_parameters(job: Job, run: Any) -> dict[str, Any]:
+    """A completed job's run gets ``force_rerun``: its flow would otherwise return the stored outputs."""
+    parameters = dict(run.parameters or {})
+    if job.status == "completed":
+        parameters["force_rerun"] = True
+    return parameters
+
 
 def _job_variables(job_cls: type[Job], sub: Submission) -> dict[str, Any]:
     """The image the job id was computed with (the RunPod worker runs exactly it), plus the job type's own
-    variables (e.g. ``min_vram_gb``). Pools that have no `image` variable ignore it."""
-    return {"image": sub.parameters["ow_job"]["image"], **job_cls.job_variables(sub.validated)}
+    variables (e.g. ``min_vram_gb``), then the submission's (``allowed_hardware``: ``gpu_types``, ...). Pools
+    that have no such variable ignore it."""
+    return {
+        "image": sub.parameters["ow_job"]["image"],
+        **job_cls.job_variables(sub.validated),
+        **sub.options.job_variables,
+    }

@@ -35,8 +35,9 @@ def key_secret(job_id: str) -> str:
 
 
 def adapter_name(ref: ModelRef) -> str:
-    """The model name a LoRA module is served under: the fine-tuning job id, else the adapter's file id."""
-    return ref.job or ref.adapter.replace(":", "-")
+    """The model name a LoRA module is served under: its given name (a Hugging Face adapter's repo id), the
+    fine-tuning job id, else the adapter's file id."""
+    return ref.name or ref.job or ref.adapter.replace(":", "-")
 
 
 class ApiParams(BaseModel):
@@ -56,6 +57,12 @@ class ApiParams(BaseModel):
     max_model_len: int = Field(default=2048, ge=16, description="Context length.")
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences vLLM batches at once.")
     max_lora_rank: int | None = Field(default=None, ge=1, description="Largest LoRA rank; default: the adapters'.")
+    max_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description="LoRA adapters served in one batch (vLLM's --max-loras); default: all of them. Fewer saves GPU "
+        "memory; requests for the others wait for a slot.",
+    )
     quantization: str | None = Field(default=None, description="vLLM quantization (awq, gptq, fp8, ...).")
     kv_cache_dtype: str | None = Field(default=None, description="KV cache dtype (auto, fp8, ...).")
     requires_vram_gb: int | None = Field(default=None, ge=0, description="GPU memory; default: estimated.")
@@ -64,6 +71,12 @@ class ApiParams(BaseModel):
     @classmethod
     def _model(cls, value: Any) -> Any:
         return resolve_model(value)
+
+    @field_validator("max_loras", "max_lora_rank", mode="before")
+    @classmethod
+    def _openweights_defaults(cls, value: Any) -> Any:
+        """OpenWeights' defaults mean ours: max_lora_rank='guess' (from the adapters), max_loras=-1 (all)."""
+        return None if value in ("guess", -1) else value
 
     @field_validator("lora_adapters", mode="before")
     @classmethod
@@ -112,6 +125,16 @@ class ApiJob(Job):
     image_setting = "serve_image"
 
     @classmethod
+    def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
+        """Hugging Face LoRA adapters (as `model` or in `lora_adapters`) are stored and referenced first."""
+        from ow_prefect.jobs.adapters import adapter_references, with_adapter_model
+
+        prepared = dict(with_adapter_model(params, storage))
+        if "lora_adapters" in prepared:
+            prepared["lora_adapters"] = adapter_references(prepared["lora_adapters"], storage)
+        return prepared
+
+    @classmethod
     def job_variables(cls, validated: ApiParams) -> dict[str, Any]:
         from ow_prefect.jobs.vram import estimate_serving_vram_gb
 
@@ -122,7 +145,7 @@ class ApiJob(Job):
                 max_model_len=validated.max_model_len,
                 max_num_seqs=validated.max_num_seqs,
                 lora_rank=validated.max_lora_rank or 64,
-                lora_adapters=len(validated.adapters),
+                lora_adapters=min(validated.max_loras or len(validated.adapters), len(validated.adapters)),
                 quantized=validated.quantization is not None,
             )
         return {"min_vram_gb": vram, "ports": [f"{SERVE_PORT}/http"]}

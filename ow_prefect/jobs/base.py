@@ -8,11 +8,12 @@ every client; built-in types register themselves the same way user types do.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from ow_prefect.errors import JobFailedError, ParameterError
@@ -22,6 +23,52 @@ JobStatus = Literal["pending", "in_progress", "completed", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "canceled"})
 
 _REGISTRY: dict[str, type[Job]] = {}
+SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
+
+
+def _check_suffix(value: str | None) -> str | None:
+    if value is not None and not SUFFIX_RE.match(value):
+        raise ValueError("use up to 32 lowercase letters, digits, '-' or '_'")
+    return value
+
+
+# `job_id_suffix`: appended to the job id as `-<suffix>` (`Job.compute_id`)
+JobIdSuffix = Annotated[str | None, AfterValidator(_check_suffix)]
+
+
+class _ReadThrough(dict):
+    """A dict whose `__missing__` answers other names for its keys; `get` goes through it too."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+
+class JobParams(_ReadThrough):
+    """``job.params``: the flow run's parameters, also readable the ways OpenWeights nests them:
+    ``params["validated_params"]`` is the validated parameters (a custom job type's own ones) and
+    ``params["mounted_files"]`` a custom job's mounts."""
+
+    def __missing__(self, key: str) -> Any:
+        if key == "validated_params":
+            return self["params"] if "entrypoint" in self and "params" in self else self
+        if key == "mounted_files":
+            return dict.get(self, "mounts", {})
+        raise KeyError(key)
+
+
+OUTPUT_ALIASES = {"file": "result_file"}  # OpenWeights' name -> ours (inference: outputs["file"])
+
+
+class JobOutputs(_ReadThrough):
+    """``job.outputs``, where OpenWeights' names read through to ours (``outputs["file"]`` is the result file)."""
+
+    def __missing__(self, key: str) -> Any:
+        if key in OUTPUT_ALIASES and OUTPUT_ALIASES[key] in self:
+            return self[OUTPUT_ALIASES[key]]
+        raise KeyError(key)
 
 
 def project_root() -> Path:
@@ -90,7 +137,15 @@ class Job:
 
     @classmethod
     def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None, code: str | None = None) -> str:
-        return job_id(cls.id_prefix or cls.name, flow_parameters, code or cls.code_hash(), image or cls.image())
+        """``{prefix}-{hash}``, plus ``-{job_id_suffix}`` when the parameters have one (as in OpenWeights)."""
+        computed = job_id(cls.id_prefix or cls.name, flow_parameters, code or cls.code_hash(), image or cls.image())
+        suffix = flow_parameters.get("job_id_suffix")
+        return f"{computed}-{suffix}" if suffix else computed
+
+    @classmethod
+    def shown_params(cls, params: dict[str, Any], job_id: str) -> dict[str, Any]:
+        """The parameters as ``job.params`` shows them (a job type may fill in what only the id tells)."""
+        return params
 
     # ---- a submitted job ----------------------------------------------------------------------------
 
@@ -108,19 +163,25 @@ class Job:
         error: str | None = None,
         run_count: int = 0,
         state_name: str | None = None,
+        run_variables: dict[str, Any] | None = None,
+        docker_image: str | None = None,
+        worker_id: str | None = None,
         client: Any = None,
     ):
         self.id = id
         self.type = type
         self.status = status
-        self.params = params
+        self.params = JobParams(params)
         self.flow_run_id = flow_run_id
         self.created_at = created_at
         self.updated_at = updated_at
-        self.outputs = outputs or {}
+        self.outputs = JobOutputs(outputs or {})
         self.error = error
         self.run_count = run_count
         self.state_name = state_name
+        self._run_variables = dict(run_variables or {})  # the flow run's job variables (what the worker got)
+        self.docker_image = docker_image
+        self.worker_id = worker_id
         self._client = client
 
     def __repr__(self) -> str:
@@ -138,6 +199,30 @@ class Job:
     def done(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
+    # OpenWeights' job fields, where ow_prefect has them
+
+    @property
+    def model(self) -> str | None:
+        """The model the job trains, serves or evaluates (the base model when it is a reference)."""
+        model = self.params.get("model")
+        return model.get("base") if isinstance(model, dict) else model
+
+    @property
+    def script(self) -> str | None:
+        """A custom job's command."""
+        return self.params.get("entrypoint")
+
+    @property
+    def requires_vram_gb(self) -> float | None:
+        """The GPU memory the run asked the worker for (the ``min_vram_gb`` job variable)."""
+        return self._run_variables.get("min_vram_gb", self.params.get("requires_vram_gb"))
+
+    @property
+    def allowed_hardware(self) -> list[str] | None:
+        """The GPU types the run may use, as OpenWeights writes them (``["1x NVIDIA L40"]``), when it was limited."""
+        types = self._run_variables.get("gpu_types")
+        return [f"{self._run_variables.get('gpu_count', 1)}x {gpu}" for gpu in types] if types else None
+
     def to_dict(self) -> dict[str, Any]:
         keys = (
             "id",
@@ -151,6 +236,8 @@ class Job:
             "error",
             "run_count",
             "state_name",
+            "docker_image",
+            "worker_id",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -190,8 +277,21 @@ class Job:
             self._jobs().wait(self.id, timeout=timeout, poll_interval=poll_interval, raise_on_failure=raise_on_failure)
         )
 
-    def download(self, dest: str | Path):
-        return self._jobs().download(self.id, dest)
+    @property
+    def runs(self):
+        """The job's runs, oldest first (``job.runs[-1]`` is the latest); awaitable on the async client."""
+        if self._client is None:
+            raise RuntimeError("this Job is not bound to a client; get it from ow.jobs.retrieve(id)")
+        return self._client.runs.list(job_id=self.id)
+
+    def download(self, dest: str | Path, only_last_run: bool = True, weights: bool = False):
+        """The result files into `dest`; with `weights`, also the model weights the job stored (`adapter/`,
+        `merged/`); with ``only_last_run=False``, every run's logs, event files and results into
+        ``dest/<run id>/`` (OpenWeights' layout)."""
+        return self._jobs().download(self.id, dest, only_last_run=only_last_run, weights=weights)
+
+    def history(self):
+        return self._jobs().history(self.id)
 
     def logs(self):
         return self._jobs().logs(self.id)

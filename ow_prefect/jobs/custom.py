@@ -136,12 +136,17 @@ class CustomJob(Job):
 
     @classmethod
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
-        """Validate the type's own params (before any upload), upload the mounts, build the flow's parameters."""
+        """Validate the type's own params (before any upload), upload the mounts, build the flow's parameters.
+        ``requires_vram_gb`` overrides the type's own, as in OpenWeights, also when its params do not have it."""
+        vram_override = None
+        if "requires_vram_gb" not in cls.params.model_fields:
+            params = dict(params)
+            vram_override = params.pop("requires_vram_gb", None)
         validated = validate_for(cls, cls.params, params)
         base = cls._mount_base()
         mounts = {f"mount[{local!r}]": (base / Path(local).expanduser(), target) for local, target in cls.mount.items()}
         _check_mounts(cls, mounts)
-        vram = getattr(validated, "requires_vram_gb", None)
+        vram = getattr(validated, "requires_vram_gb", vram_override)
         return {
             "entrypoint": cls._command(validated),
             "mounts": {target: upload_mount(local, storage) for local, target in mounts.values()},

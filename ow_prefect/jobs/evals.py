@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,19 @@ class InspectParams(EvalParams):
         default_factory=dict,
         description="`inspect eval` options, named as on its command line without the dashes: {'limit': 50, "
         "'epochs': 2, 'temperature': 0, 'max_tokens': 512, 'task_args': {'subset': 'x'}} (task_args → -T, "
-        "model_args → -M; True is a bare flag).",
+        "model_args → -M; True is a bare flag); or the command line itself, as OpenWeights takes it: "
+        "'--limit 50 --top-p 0.9 -T subset=x'.",
     )
 
     @field_validator("mounts")
     @classmethod
     def _mounts(cls, mounts: dict[str, str]) -> dict[str, str]:
         return check_mounts(mounts)
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options_from_command_line(cls, options: Any) -> Any:
+        return options_from_command_line(options) if isinstance(options, str) else options
 
     @field_validator("options")
     @classmethod
@@ -102,6 +109,36 @@ def task_file(eval_name: str) -> str | None:
     """The file part of `eval_name` when it names a task file (`path.py` or `path.py@task`), else None."""
     path = eval_name.split("@", 1)[0]
     return path if path.endswith(TASK_FILE_SUFFIXES) else None
+
+
+def options_from_command_line(text: str) -> dict[str, Any]:
+    """`inspect eval` options given as its command line (``"--limit 5 --top-p 0.9 --no-score -T subset=x"``) as
+    the mapping `inspect_cli_options` turns back into it; a flag without a value is True."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"options {text!r}: {exc}") from None
+    options: dict[str, Any] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in ("-T", "-M", "--task-args", "--model-args"):
+            if i + 1 >= len(words) or "=" not in words[i + 1]:
+                raise ValueError(f"options {text!r}: {word} takes name=value")
+            name, _, value = words[i + 1].partition("=")
+            options.setdefault("task_args" if word in ("-T", "--task-args") else "model_args", {})[name] = value
+            i += 2
+            continue
+        if not word.startswith("--") or len(word) < 3:
+            raise ValueError(
+                f"options {text!r}: {word!r} is not an option; write '--name value' or '--flag' (e.g. '--limit 50')"
+            )
+        name, has_value, value = word[2:].partition("=")
+        if not has_value and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            value, has_value, i = words[i + 1], True, i + 1
+        options[name.replace("-", "_")] = value if has_value else True
+        i += 1
+    return options
 
 
 def inspect_cli_options(options: dict[str, Any]) -> list[str]:
@@ -148,6 +185,24 @@ class MmluProParams(EvalParams):
     )
     max_tokens: int = Field(default=2048, ge=1, description="Most tokens of reasoning and answer per question.")
     limit: int | None = Field(default=None, ge=1, description="At most this many questions per subject.")
+    save_dir: str = Field(
+        default="uploads",
+        description="Folder of the result files in the job's files ('uploads', the default, is the top; "
+        "'uploads/mmlu' puts them under mmlu/), as OpenWeights' save_dir.",
+    )
+    global_record_file: str = Field(
+        default="eval_record_collection.csv",
+        description="Name of the CSV result file with one row per run: the model, each subject's accuracy and the "
+        "overall accuracy (OpenWeights' record of evaluations).",
+    )
+    gpu_util: float = Field(
+        default=0.9, gt=0, le=1, description="Share of GPU memory vLLM may use (gpu_memory_utilization)."
+    )
+
+    @field_validator("save_dir", "global_record_file")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        return check_mount_path(value)
 
     @field_validator("dataset")
     @classmethod
@@ -171,7 +226,7 @@ class InspectJob(ServingJob):
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
         """A local task file or directory in `eval_name` is uploaded (content-addressed: an unchanged file is
         the same file id, so the same job) and mounted under its name; so is a local path given in `mounts`."""
-        params = upload_local_mounts(cls, params, storage)
+        params = upload_local_mounts(cls, super().prepare_params(params, storage), storage)
         name = params.get("eval_name")
         if not isinstance(name, str):
             return params
@@ -197,6 +252,7 @@ class MmluProJob(ServingJob):
 
     @classmethod
     def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
+        params = super().prepare_params(params, storage)
         dataset = params.get("dataset")
         if isinstance(dataset, str) and not ID_RE.match(dataset) and Path(dataset).expanduser().is_dir():
             return {**params, "dataset": storage.put_path(Path(dataset).expanduser(), "dataset").id}

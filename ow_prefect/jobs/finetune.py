@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import operator
+import os
 import re
 import string
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, parameter_error, register
+from ow_prefect.jobs.base import Job, JobIdSuffix, parameter_error, register
 from ow_prefect.storage import ID_RE
 
 Loss = Literal["sft", "dpo", "orpo", "weighted_sft"]
@@ -19,8 +23,13 @@ DATA_PURPOSE: dict[str, str] = {
     "weighted_sft": "conversations",
 }
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MODEL_ID_FIELDS = {"job_id", "model_name", "org"}
-SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
+ORG_FIELDS = ("org", "org_id")  # {org_id} is OpenWeights' name
+RUN_FIELDS = {"job_id", *ORG_FIELDS}  # filled when the id, and where the Hub organization, is known
+# Fields OpenWeights' training config has and ow_prefect does not: why, and what to write instead.
+UPSTREAM_ONLY = {
+    "sdft_": "ow_prefect has no loss='sdft' (self-distillation); use sft, dpo, orpo or weighted_sft",
+    "grpo_": "ow_prefect has no loss='grpo' (online RL); use sft, dpo, orpo or weighted_sft",
+}
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 Every = int | Literal["log"]
 EVERY_HELP = "an integer N (every N steps) or 'log' (steps 1-9, 10, 20, ..., 100, 200, ...); also step 0 and the last"
@@ -71,10 +80,76 @@ class SamplingCallback(BaseModel):
         return self
 
 
+def client_hf_org() -> str | None:
+    """The Hub organization known on this machine: ``OW_HF_ORG``, else OpenWeights' ``HF_ORG`` / ``HF_USER``."""
+    return os.environ.get("OW_HF_ORG") or os.environ.get("HF_ORG") or os.environ.get("HF_USER") or None
+
+
+class _KeepMissing(dict):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def fill_model_id(template: str, values: dict[str, Any]) -> str:
+    """`template` with the placeholders `values` has filled in; the others stay as they are."""
+    return string.Formatter().vformat(template, (), _KeepMissing({k: v for k, v in values.items() if v is not None}))
+
+
+_ARITHMETIC = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
+
+
+def arithmetic(text: str) -> float:
+    """The value of an arithmetic expression of numbers (``"1e-4"``, ``"2e-5 * 4"``, ``"10**-4"``): what
+    OpenWeights evaluates a string learning rate as, without running arbitrary code."""
+
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            return _ARITHMETIC[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _ARITHMETIC:
+            return _ARITHMETIC[type(node.op)](value(node.operand))
+        raise ValueError
+
+    try:
+        return float(value(ast.parse(text.strip(), mode="eval").body))
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, TypeError):
+        raise ValueError(
+            f"learning_rate {text!r} is not a number or an arithmetic expression of numbers (e.g. '1e-4', '2e-5*4')"
+        ) from None
+
+
 class FineTuningParams(BaseModel):
     """Parameters of the `finetune` flow (parity with OpenWeights' training config)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openweights_only_fields(cls, values: Any) -> Any:
+        """OpenWeights' no-op keys are dropped (``is_peft=True``: always LoRA; ``output_dir``: the run's scratch
+        directory); keys for what ow_prefect does not do are refused, saying so."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        if values.get("is_peft", True) is not True:
+            raise ValueError("is_peft=False: ow_prefect trains LoRA adapters only; remove is_peft")
+        values.pop("is_peft", None)
+        values.pop("output_dir", None)
+        problems = [
+            f"{key}: {why}" for key in values for prefix, why in UPSTREAM_ONLY.items() if key.startswith(prefix)
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
 
     model: str = Field(min_length=1, description="Base model: a Hugging Face Hub id or a local directory.")
     training_file: str = Field(
@@ -104,13 +179,15 @@ class FineTuningParams(BaseModel):
     gradient_accumulation_steps: int = Field(default=8, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(
         default=1e-4,
-        description="Learning rate; a negative number x means 10**x (-4 is 1e-4); numeric strings are accepted.",
+        description="Learning rate; a negative number x means 10**x (-4 is 1e-4); a string is read as a number or "
+        "an arithmetic expression of numbers ('1e-4', '2e-5*4'), as OpenWeights does.",
     )
     lr_scheduler_type: Literal[
         "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
     ] = Field(default="linear", description="LR schedule.")
     warmup_steps: int = Field(default=5, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(default=0.01, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm (0: no clipping).")
     optim: Literal["adamw_8bit", "adamw", "adamw_torch", "adam", "sgd", "adafactor"] = Field(
         default="adamw_8bit", description="Optimizer; adamw_8bit needs CUDA (adamw_torch is used on CPU)."
     )
@@ -133,9 +210,15 @@ class FineTuningParams(BaseModel):
     push_to_private: bool = Field(default=True, description="Hub repository visibility when pushing.")
     finetuned_model_id: str = Field(
         default="{org}/{model_name}-{job_id}",
-        description="Hub repo to push to (needs an HF token Secret block); placeholders {org}, {model_name}, {job_id}.",
+        description="Hub repo to push to (needs an HF token Secret block). Placeholders: {org} (or {org_id}: "
+        "OW_HF_ORG, HF_ORG or HF_USER where the job is created, else the token's user), {model_name}, {job_id}, "
+        "any other string parameter ({loss}, ...) and the keys of model_naming_extra_parameters.",
     )
-    job_id_suffix: str | None = Field(default=None, description="Appended to the job id (lowercase, digits, -_).")
+    model_naming_extra_parameters: dict[str, str] | None = Field(
+        default=None, description="More placeholders for finetuned_model_id: {name: value}."
+    )
+    ft_id_suffix: str | None = Field(default=None, description="Appended to finetuned_model_id as '-<suffix>'.")
+    job_id_suffix: JobIdSuffix = Field(default=None, description="Appended to the job id (lowercase, digits, -_).")
     chat_template: str = Field(
         default="default",
         description="'default' keeps the tokenizer's template (ChatML "
@@ -161,36 +244,45 @@ class FineTuningParams(BaseModel):
     @classmethod
     def _learning_rate(cls, value: Any) -> float:
         if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"learning_rate {value!r} is not a number") from None
+            value = arithmetic(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("learning_rate must be a number")
         if value == 0:
             raise ValueError("learning_rate must not be 0: give a positive rate or a negative exponent (-4 = 1e-4)")
         return float(10**value if value < 0 else value)
 
-    @field_validator("finetuned_model_id")
-    @classmethod
-    def _model_id(cls, value: str) -> str:
-        fields = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-        unknown = fields - MODEL_ID_FIELDS
-        if unknown:
-            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; use {sorted(MODEL_ID_FIELDS)}")
-        if value.count("/") != 1:
-            raise ValueError(f"{value!r} must look like 'org/name'")
-        return value
+    def naming_values(self) -> dict[str, Any]:
+        """What fills finetuned_model_id's placeholders, but for {job_id} and {org}: every string parameter,
+        {model_name} and model_naming_extra_parameters (as OpenWeights fills it)."""
+        values = {name: value for name, value in self if isinstance(value, str)}
+        values["model_name"] = Path(self.model.rstrip("/")).name
+        return values | (self.model_naming_extra_parameters or {})
 
-    @field_validator("job_id_suffix")
-    @classmethod
-    def _suffix(cls, value: str | None) -> str | None:
-        if value is not None and not SUFFIX_RE.match(value):
-            raise ValueError("use up to 32 lowercase letters, digits, '-' or '_'")
-        return value
+    def _fill_model_id(self) -> None:
+        """Fill in what the parameters determine (the same here and in the flow, so the id is the same);
+        {job_id} and {org} stay until they are known."""
+        template = self.finetuned_model_id
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"finetuned_model_id {template!r}: {exc}") from None
+        values = self.naming_values()
+        unknown = sorted(fields - RUN_FIELDS - set(values))
+        if unknown:
+            raise ValueError(
+                f"finetuned_model_id: unknown placeholder(s) {unknown}; use {{org}}, {{model_name}}, {{job_id}}, a "
+                "string parameter, or add them to model_naming_extra_parameters"
+            )
+        filled = fill_model_id(template, values)
+        if self.ft_id_suffix:
+            filled, self.ft_id_suffix = f"{filled}-{self.ft_id_suffix}", None
+        if filled.count("/") != 1:
+            raise ValueError(f"finetuned_model_id {filled!r} must look like 'org/name'")
+        self.finetuned_model_id = filled
 
     @model_validator(mode="after")
     def _cross_field_rules(self) -> FineTuningParams:
+        self._fill_model_id()
         purpose = DATA_PURPOSE[self.loss]
         for field in ("training_file", "test_file"):
             value = getattr(self, field)
@@ -238,8 +330,15 @@ class WeightedSFTParams(FineTuningParams):
     """Parameters of token-weighted SFT: the fine-tuning parameters, with block weights in the training data."""
 
     loss: Literal["weighted_sft"] = Field(
-        default="weighted_sft", description="Token-weighted SFT: loss = sum(w * CE) / sum(|w|) over tokens."
+        default="weighted_sft",
+        description="Token-weighted SFT: loss = sum(w * CE) / sum(|w|) over tokens ('sft', as OpenWeights' "
+        "weighted_sft takes it, means the same).",
     )
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _sft_is_weighted_here(cls, value: Any) -> Any:
+        return "weighted_sft" if value == "sft" else value
 
 
 @register("fine_tuning")
@@ -266,10 +365,22 @@ class FineTuneJob(Job):
         return f"finetune/{validated.loss.replace('_', '-')}"
 
     @classmethod
-    def compute_id(cls, flow_parameters: dict[str, Any], image: str | None = None, code: str | None = None) -> str:
-        job_id = super().compute_id(flow_parameters, image, code)
-        suffix = flow_parameters.get("job_id_suffix")
-        return f"{job_id}-{suffix}" if suffix else job_id
+    def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
+        """{org} / {org_id} in finetuned_model_id are filled with the organization known here (OpenWeights fills
+        them when the job is created); otherwise the run fills them from the HF token's user."""
+        org = client_hf_org()
+        template = params.get("finetuned_model_id", cls.params.model_fields["finetuned_model_id"].default)
+        if org and isinstance(template, str):
+            params = {**params, "finetuned_model_id": fill_model_id(template, dict.fromkeys(ORG_FIELDS, org))}
+        return params
+
+    @classmethod
+    def shown_params(cls, params: dict[str, Any], job_id: str) -> dict[str, Any]:
+        """``finetuned_model_id`` with its {job_id} filled in, as OpenWeights shows it."""
+        template = params.get("finetuned_model_id")
+        if not isinstance(template, str):
+            return params
+        return {**params, "finetuned_model_id": fill_model_id(template, {"job_id": job_id})}
 
     @classmethod
     def job_variables(cls, validated: FineTuningParams) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, register
+from ow_prefect.jobs.base import Job, JobIdSuffix, register
 from ow_prefect.storage import ID_RE
 
 
@@ -19,6 +19,9 @@ class ModelRef(BaseModel):
     base: str = Field(min_length=1, description="Base model: a Hub id or a local directory.")
     adapter: str | None = Field(default=None, description="File id of a LoRA adapter directory (or a checkpoint).")
     job: str | None = Field(default=None, description="The fine-tuning job that made the adapter, if any.")
+    name: str | None = Field(
+        default=None, description="The name the adapter is served under (a Hugging Face adapter's repo id or path)."
+    )
 
     @field_validator("adapter")
     @classmethod
@@ -120,9 +123,14 @@ class InferenceParams(ServedModel):
         default=2048, ge=16, description="Context length (prompt + completion); capped at the model's own maximum."
     )
     quantization: str | None = Field(default=None, description="vLLM quantization (awq, gptq, fp8, ...).")
+    load_format: str | None = Field(
+        default=None,
+        description="vLLM load format ('bitsandbytes' for unsloth's 4-bit checkpoints, with quantization).",
+    )
     chat_template: str | None = Field(default=None, description="Jinja chat template instead of the tokenizer's.")
     seed: int | None = Field(default=None, description="Sampling seed: same seed, same completions.")
     requires_vram_gb: int | None = Field(default=None, ge=0, description="GPU memory; default: estimated.")
+    job_id_suffix: JobIdSuffix = Field(default=None, description="Appended to the job id (lowercase, digits, -_).")
     use_batch: bool | None = Field(
         default=None,
         description="OpenAI models only ('openai/…'): True (the default for them) sends the rows through OpenAI's "
@@ -184,7 +192,7 @@ class InferenceParams(ServedModel):
             raise ValueError(f"input_file_id: {len(problems)} rows OpenAI cannot answer: " + "; ".join(problems[:5]))
 
 
-VLLM_ONLY_FIELDS = ("chat_template", "max_model_len", "quantization", "requires_vram_gb")
+VLLM_ONLY_FIELDS = ("chat_template", "max_model_len", "quantization", "load_format", "requires_vram_gb")
 OPENAI_MAX_STOP = 4
 
 
@@ -209,9 +217,15 @@ def openai_row_problems(file_id: str) -> list[str]:
 class ServingJob(Job):
     """A job that serves one model with vLLM (base, or base + adapter): the serving image, and job variables
     asking for the GPU memory its parameters need (`base_model`, `adapter`, `max_model_len`, `quantization`,
-    `requires_vram_gb`)."""
+    `requires_vram_gb`). A Hugging Face LoRA adapter given as `model` is stored and referenced first."""
 
     image_setting = "serve_image"
+
+    @classmethod
+    def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
+        from ow_prefect.jobs.adapters import with_adapter_model
+
+        return with_adapter_model(params, storage)
 
     @classmethod
     def job_variables(cls, validated: Any) -> dict[str, Any]:

@@ -47,6 +47,13 @@ class LogprobJob(Job):
     id_prefix = "lpjob"
 
     @classmethod
+    def prepare_params(cls, params: dict[str, Any], storage: Any) -> dict[str, Any]:
+        """A Hugging Face LoRA adapter given as `model` is stored and referenced first."""
+        from ow_prefect.jobs.adapters import with_adapter_model
+
+        return with_adapter_model(params, storage)
+
+    @classmethod
     def job_variables(cls, validated: LogprobParams) -> dict[str, Any]:
         from ow_prefect.jobs.vram import estimate_vram_gb
 

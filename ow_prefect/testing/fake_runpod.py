@@ -501,6 +501,13 @@ class FakeRunPod:
         with self._lock:
             self._faults.append(fault)
 
+    def reset(self) -> None:
+        """Forget the faults injected and the boots stalled that no request has used up yet (for a fake shared by
+        tests one after another)."""
+        with self._lock:
+            self._faults.clear()
+            self._stalled_boots = 0
+
     def stall_boots(self, times: int = 1) -> None:
         """Make the next `times` pods created hang in their image pull: they stay listed as RUNNING with no
         runtime and no container, the way a pod stuck starting looks, until they are deleted."""

@@ -3,8 +3,9 @@
     prefect work-pool create gpu --type runpod
     prefect worker start --pool gpu
 
-For each flow run the worker ranks the GPU types that fit (`min_vram_gb` over `gpu_count` GPUs, in the
-allowed clouds and data centers, under `max_price_per_hour`, preference list first, then cheapest), creates a
+For each flow run the worker ranks the GPU types that fit (`min_vram_gb` plus `vram_margin` over `gpu_count`
+GPUs, in the allowed clouds and data centers, under `max_price_per_hour`, preference list first, then cheapest),
+creates a
 pod on the first one that has capacity, reports `runpod::<pod id>` as the run's infrastructure, and then
 watches the run and the pod together until one of them ends:
 
@@ -57,7 +58,15 @@ from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodAuthError, RunPodError, RunPodNoCapacity, RunPodNotFound
 from ow_prefect.runpod.models import Pod
-from ow_prefect.runpod.offers import CLOUDS, Candidate, Ranking, create_on_first, find_offers
+from ow_prefect.runpod.offers import (
+    CLOUDS,
+    DEFAULT_VRAM_MARGIN,
+    Candidate,
+    Ranking,
+    create_on_first,
+    find_offers,
+    with_margin,
+)
 from ow_prefect.settings import get_settings
 
 POD_PREFIX = "ow-"
@@ -110,6 +119,14 @@ class RunPodVariables(BaseVariables):
         ge=0,
         title="Minimum GPU memory (GB)",
         description="Total GPU memory the job needs, over all its GPUs. ow_prefect jobs pass their estimate.",
+    )
+    vram_margin: float = Field(
+        default=DEFAULT_VRAM_MARGIN,
+        ge=0,
+        le=1,
+        title="GPU memory margin",
+        description="Share of memory asked for on top of min_vram_gb (0.15: a 40 GB job needs a 46 GB card), "
+        "because the estimates can fall short; 0 packs a job to its estimate.",
     )
     gpu_count: int = Field(default=1, ge=1, le=8, title="GPU count", description="GPUs per pod.")
     cloud: Literal["SECURE", "COMMUNITY", "ANY"] = Field(
@@ -196,6 +213,7 @@ class RunPodJobConfiguration(BaseJobConfiguration):
     image: str = Field(default_factory=lambda: get_settings().train_image)
     gpu_types: list[str] = Field(default_factory=list)
     min_vram_gb: float = Field(default=16, ge=0)
+    vram_margin: float = Field(default=DEFAULT_VRAM_MARGIN, ge=0, le=1)
     gpu_count: int = Field(default=1, ge=1, le=8)
     cloud: Literal["SECURE", "COMMUNITY", "ANY"] = "SECURE"
     data_center_ids: list[str] = Field(default_factory=list)
@@ -509,7 +527,7 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         while True:
             ranking = await find_offers(
                 runpod,
-                min_vram_gb=configuration.min_vram_gb,
+                min_vram_gb=with_margin(configuration.min_vram_gb, configuration.vram_margin),
                 gpu_count=configuration.gpu_count,
                 preferred=configuration.gpu_types,
                 clouds=configuration.clouds,
@@ -958,7 +976,7 @@ FILTER_REASONS = {
     "gpu_types": ("{n} not in gpu_types", "add types to gpu_types, or leave it empty"),
     "vram": (
         "{n} with less than {vram:g} GB over {count} GPU(s)",
-        "lower min_vram_gb (or requires_vram_gb), or raise gpu_count",
+        "lower min_vram_gb (or requires_vram_gb) or vram_margin, or raise gpu_count",
     ),
     "stock": ("{n} sold out", "capacity_wait retries for a while"),
     "data_centers": ("{n} not in data centers {data_centers}", "widen or empty data_center_ids"),
@@ -978,7 +996,7 @@ def _filter_summary(configuration: RunPodJobConfiguration, ranking: Ranking) -> 
         cuda = ", ".join(filter(None, [cuda, f">= {configuration.data_center_min_cuda_version} on data-center GPUs"]))
     values = {
         "cloud": configuration.cloud,
-        "vram": configuration.min_vram_gb,
+        "vram": with_margin(configuration.min_vram_gb, configuration.vram_margin),  # what the filter compares
         "count": configuration.gpu_count,
         "data_centers": configuration.data_center_ids,
         "cuda": cuda or "none",
@@ -992,7 +1010,9 @@ def _filter_summary(configuration: RunPodJobConfiguration, ranking: Ranking) -> 
 
 def _no_capacity_message(configuration: RunPodJobConfiguration, ranking: Ranking, tried: Sequence[str] = ()) -> str:
     wanted = (
-        f"{configuration.gpu_count} GPU(s) with {configuration.min_vram_gb:g} GB in total, cloud "
+        f"{configuration.gpu_count} GPU(s) with {configuration.min_vram_gb:g} GB in total "
+        f"(+{configuration.vram_margin:.0%} margin: "
+        f"{with_margin(configuration.min_vram_gb, configuration.vram_margin):g} GB), cloud "
         f"{configuration.cloud}"
         + (f", types {configuration.gpu_types}" if configuration.gpu_types else "")
         + (f", data centers {configuration.data_center_ids}" if configuration.data_center_ids else "")

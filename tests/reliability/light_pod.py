@@ -1,25 +1,36 @@
-"""The load test's pod (tests/reliability/test_load.py, OW_LOAD_POD=light): what `prefect flow-run execute`
-does to its flow run's state and nothing more — Running, a short sleep, Completed — through Prefect's REST API.
+"""A light pod: what `prefect flow-run execute` does to its flow run's state and nothing more, through Prefect's
+REST API — Running, the work, then Completed (or Failed) — for the worker-behaviour tests and the load test.
+
+    python tests/reliability/light_pod.py [SECONDS]
 
 On 2 CPU cores a full `prefect flow-run execute` costs each pod seconds of CPU for Python and Prefect to start,
-so 200 of them take half an hour and measure Prefect's start-up, not the worker. This stand-in costs a fraction
-of that and keeps what the worker sees the same: a pod whose run goes Running, then Completed, on the server.
+so hundreds of them measure Prefect's start-up, not the worker. This stand-in costs a fraction of that and keeps
+what the worker sees the same: a pod whose run goes Running, then final, on the server.
+
+Without SECONDS it does what tests/runpod_flows.py's `sleeper` does with the run's parameters: sleeps `seconds`,
+fails when `fail`, stores `payload` in ow_prefect's storage. On SIGTERM with
+`PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule` (what the worker sets) it puts a run that is not final
+back to AwaitingRetry, as `prefect flow-run execute` does when a pod is preempted.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
+from typing import Any
 
 import httpx
 
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
-def set_state(client: httpx.Client, flow_run_id: str, state_type: str) -> None:
-    """Propose a state; retry while the server is busy (5xx, no answer) or asks to wait."""
+
+def set_state(client: httpx.Client, flow_run_id: str, state: dict[str, Any]) -> str:
+    """Propose a state; retry while the server is busy (5xx, no answer) or asks to wait. The server's answer."""
     for attempt in range(30):
         try:
-            response = client.post(f"/flow_runs/{flow_run_id}/set_state", json={"state": {"type": state_type}})
+            response = client.post(f"/flow_runs/{flow_run_id}/set_state", json={"state": state})
         except httpx.TransportError:
             time.sleep(min(2**attempt, 10))
             continue
@@ -28,23 +39,48 @@ def set_state(client: httpx.Client, flow_run_id: str, state_type: str) -> None:
             continue
         response.raise_for_status()
         result = response.json()
-        if result["status"] == "ACCEPT":
-            return
         if result["status"] == "WAIT":
             time.sleep(float(result["details"].get("delay_seconds") or 1))
             continue
-        raise SystemExit(f"{state_type} refused: {result}")
-    raise SystemExit(f"could not set {state_type}: the server kept failing")
+        return result["status"]
+    raise SystemExit(f"could not set {state['type']}: the server kept failing")
+
+
+def reschedule_on_sigterm(client: httpx.Client, flow_run_id: str) -> None:
+    def handler(signum, frame):
+        run = client.get(f"/flow_runs/{flow_run_id}").json()
+        if (run.get("state") or {}).get("type") not in FINAL:
+            set_state(client, flow_run_id, {"type": "SCHEDULED", "name": "AwaitingRetry"})
+            print(f"flow run {flow_run_id} rescheduled", flush=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main() -> int:
-    seconds = float(sys.argv[1]) if len(sys.argv) > 1 else 0.5
     flow_run_id = os.environ["PREFECT__FLOW_RUN_ID"]
     with httpx.Client(base_url=os.environ["PREFECT_API_URL"].rstrip("/"), timeout=60) as client:
-        set_state(client, flow_run_id, "RUNNING")
-        time.sleep(seconds)
-        set_state(client, flow_run_id, "COMPLETED")
-    print(f"flow run {flow_run_id} completed")
+        if os.environ.get("PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR") == "reschedule":
+            reschedule_on_sigterm(client, flow_run_id)
+        if len(sys.argv) > 1:
+            parameters = {"seconds": float(sys.argv[1])}
+        else:
+            parameters = client.get(f"/flow_runs/{flow_run_id}").json()["parameters"]
+        if set_state(client, flow_run_id, {"type": "RUNNING"}) != "ACCEPT":
+            print(f"flow run {flow_run_id} is not to run now", flush=True)
+            return 0
+        print(f"sleeping {parameters.get('seconds', 1.0)} s", flush=True)
+        time.sleep(float(parameters.get("seconds", 1.0)))
+        if parameters.get("fail"):
+            set_state(client, flow_run_id, {"type": "FAILED", "message": "asked to fail"})
+            return 1
+        if parameters.get("payload"):
+            from ow_prefect.storage import Storage
+
+            stored = Storage.from_settings().put_bytes(parameters["payload"].encode(), "result", filename="payload.txt")
+            print(f"stored {stored.id}", flush=True)
+        set_state(client, flow_run_id, {"type": "COMPLETED"})
+    print(f"flow run {flow_run_id} completed", flush=True)
     return 0
 
 

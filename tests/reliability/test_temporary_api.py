@@ -11,20 +11,21 @@ import time
 import pytest
 
 from ow_prefect import OpenWeights
-from ow_prefect.testing.servers import prefect_worker
 from tests.helpers import eventually
-from tests.runpod_support import WORKER_ENV, assert_clean, deploy, make_pool, pods_of
+from tests.runpod_support import POD_COMMAND, assert_clean, deploy, pods_of
 from tests.test_api import port_closed
 
 pytestmark = pytest.mark.slow
 
-POOL = "ow-test-runpod-api"
 SUFFIX = "-reliability"
 
 
-def test_an_api_on_a_pod_stops_after_its_client_is_killed(fake, prefect_client, use_server, tiny_model, tmp_path):
-    make_pool(prefect_client, fake, POOL)
-    deploy(prefect_client, POOL, f"serve{SUFFIX}", entrypoint="flows/vllm_api/flow.py:vllm_api")
+def test_an_api_on_a_pod_stops_after_its_client_is_killed(
+    fake, prefect_client, runpod_pool, runpod_worker, runpod_worker_log, use_server, tiny_model, tmp_path
+):
+    # the session's runpod worker and pool (tests/runpod_support.py); a real flow run in the pod
+    entrypoint = "flows/vllm_api/flow.py:vllm_api"
+    deploy(prefect_client, runpod_pool, f"serve{SUFFIX}", entrypoint=entrypoint, command=POD_COMMAND)
     script = tmp_path / "client.py"
     script.write_text(
         textwrap.dedent(
@@ -47,25 +48,24 @@ def test_an_api_on_a_pod_stops_after_its_client_is_killed(fake, prefect_client, 
         )
     )
     env = {**os.environ, "PREFECT_API_URL": use_server, "OW_DEPLOYMENT_SUFFIX": SUFFIX}
-    with prefect_worker(use_server, POOL, "runpod", WORKER_ENV, tmp_path / "worker.log"):
-        client = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
-        try:
-            line = client.stdout.readline()
-            assert line.startswith("UP"), f"{line}\n{(tmp_path / 'worker.log').read_text()[-3000:]}"
-            _, job_id, base_url, tokens = line.split()
-            assert int(tokens) >= 1
-            client.send_signal(signal.SIGKILL)
-            killed_at = time.monotonic()
-        finally:
-            client.kill()
-            client.wait()
-        ow = OpenWeights()
-        job = ow.jobs.retrieve(job_id)
-        (pod,) = pods_of(fake, job.flow_run_id)
-        assert f":{pod.port_map['8000/http']}/" in base_url, "the client reached the API through the pod's port"
-        assert eventually(lambda: ow.jobs.retrieve(job_id).done, timeout=120)
-        job = ow.jobs.retrieve(job_id)
-        assert job.status == "canceled" and "keep-alive deadline passed" in job.error
-        assert time.monotonic() - killed_at >= 5  # not before its deadline
-        assert port_closed(base_url)
-        assert_clean(fake)
+    client = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        line = client.stdout.readline()
+        assert line.startswith("UP"), f"{line}\n{runpod_worker_log.read_text()[-3000:]}"
+        _, job_id, base_url, tokens = line.split()
+        assert int(tokens) >= 1
+        client.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+    finally:
+        client.kill()
+        client.wait()
+    ow = OpenWeights()
+    job = ow.jobs.retrieve(job_id)
+    (pod,) = pods_of(fake, job.flow_run_id)
+    assert f":{pod.port_map['8000/http']}/" in base_url, "the client reached the API through the pod's port"
+    assert eventually(lambda: ow.jobs.retrieve(job_id).done, timeout=120)
+    job = ow.jobs.retrieve(job_id)
+    assert job.status == "canceled" and "keep-alive deadline passed" in job.error
+    assert time.monotonic() - killed_at >= 5  # not before its deadline
+    assert port_closed(base_url)
+    assert_clean(fake)

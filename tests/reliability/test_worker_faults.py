@@ -1,6 +1,9 @@
 """Fault scenarios of the `runpod` worker: a real Prefect server, the worker as a process and FakeRunPod, whose pods
-run `prefect flow-run execute` locally. Every scenario ends with the same invariants (tests/runpod_support.py):
-no pod left, never two billed pods for one flow run, and the outputs of the runs that finished, intact."""
+are light (tests/reliability/light_pod.py: the run's states through the REST API, its output stored, rescheduled
+on SIGTERM: what the worker sees of `prefect flow-run execute`, without its seconds of CPU; the end-to-end runs
+with the real thing are in tests/test_runpod_worker.py and the other modules here). Every scenario ends with the
+same invariants (tests/runpod_support.py): no pod left, never two billed pods for one flow run, and the outputs
+of the runs that finished, intact."""
 
 import json
 import os
@@ -14,6 +17,7 @@ from ow_prefect.testing.fake_runpod import CAPACITY_DETAIL
 from ow_prefect.testing.servers import prefect_worker
 from tests.helpers import eventually
 from tests.runpod_support import (
+    LIGHT_POD_COMMAND,
     WORKER_ENV,
     all_deleted,
     assert_clean,
@@ -198,7 +202,7 @@ def test_a_worker_killed_mid_run_is_replaced_and_the_new_one_deletes_the_pod(
     prefect_client, fake, prefect_api, tmp_path
 ):
     pool = "ow-test-runpod-restart"
-    make_pool(prefect_client, fake, pool)
+    make_pool(prefect_client, fake, pool, command=LIGHT_POD_COMMAND)
     deployment_id = deploy(prefect_client, pool, "restart")
     output = payload()
     flow_run = prefect_client.create_flow_run_from_deployment(
@@ -223,7 +227,7 @@ def test_two_workers_on_one_pool_run_each_flow_run_once(prefect_client, fake, pr
     """Both poll the same pool and both reconcile it every 2 s: each run gets exactly one pod, and neither
     worker's reconciler deletes a pod the other one is watching."""
     pool = "ow-test-runpod-two"
-    make_pool(prefect_client, fake, pool)
+    make_pool(prefect_client, fake, pool, command=LIGHT_POD_COMMAND)
     deployment_id = deploy(prefect_client, pool, "two-workers")
     outputs = {}
     with (
@@ -249,6 +253,7 @@ def test_two_workers_on_one_pool_run_each_flow_run_once(prefect_client, fake, pr
 
 @pytest.fixture(autouse=True)
 def _pods_from_this_module_only(fake):
-    """A scenario's leftovers would fail the next one's assert_clean: start each from a clean fake."""
+    """A scenario's (or an earlier module's) leftovers would fail the next one's assert_clean: start each from a
+    clean fake."""
     assert_clean(fake, timeout=30)
     yield
