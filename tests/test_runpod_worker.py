@@ -165,12 +165,13 @@ def test_a_pod_without_the_code_crashes_the_run_with_the_pull_steps_error(
         work_pool_name=runpod_pool,
         parameter_openapi_schema=flow.parameters.model_dump(mode="json"),
         pull_steps=[{"ow_prefect.workers.pull.code_directory": {}}],
+        job_variables={"command": POD_COMMAND},  # a real `prefect flow-run execute`, which runs the pull steps
     )
     flow_run = prefect_client.create_flow_run_from_deployment(deployment_id, parameters={"seconds": 1})
     wait_for(prefect_client, flow_run.id, finished, timeout=120)
     assert all_deleted(fake, flow_run.id, timeout=60)
     # Prefect's own crash says only "Process exited with status code: 1"; the worker then adds the pod's log
-    done = wait_for(prefect_client, flow_run.id, lambda run: "code is not in this pod" in run.state.message, 60)
+    done = wait_for(prefect_client, flow_run.id, lambda run: "code is not in this pod" in (run.state.message or ""), 60)
     assert done.state.is_crashed(), done.state
     assert "The error: FileNotFoundError: ow_prefect's code is not in this pod" in done.state.message, done.state
     assert "OW_POD_CODE_DIR" in done.state.message
