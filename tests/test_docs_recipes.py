@@ -247,7 +247,7 @@ def test_gpu_recipe_trains_in_a_fake_pod_and_deletes_it(gpu_recipe, docs_server)
         cost = eventually(lambda: cost_table_of(client, run.id), timeout=60)
         assert cost and cost.type == "table" and "RunPod cost: $" in cost.description, cost
         (row,) = json.loads(cost.data)
-        assert row["gpu"] == "1x A100 80GB PCIe" and row["cost_usd"] > 0, row
+        assert row["gpu"] == "1x NVIDIA A100 80GB PCIe" and row["cost_usd"] > 0, row
         types = [artifact.type for artifact in artifacts_of(client, run.id)]
         assert "image" in types, types  # the loss curve
 
@@ -330,7 +330,7 @@ def test_the_ui_shows_the_dpo_form_and_the_finished_runs_artifacts(gpu_recipe, d
                 box = page.locator("th", has_text=column).first.bounding_box()
                 assert box["x"] + box["width"] <= min(scroller["x"] + scroller["width"], 1400), (column, box, scroller)
             first_row = page.locator("tbody tr").first.inner_text()
-            assert "1x A100 80GB PCIe" in first_row and "SECURE" in first_row, first_row
+            assert "1x NVIDIA A100 80GB PCIe" in first_row and "SECURE" in first_row, first_row
             page.screenshot(path=str(out / "ui-cost-table.png"))
 
             page.goto(f"{ui}/artifacts/artifact/{loss_curve.id}", wait_until="networkidle", timeout=120_000)

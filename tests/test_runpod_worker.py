@@ -70,7 +70,7 @@ def test_a_run_gets_its_own_pod_which_is_deleted_when_it_completes(prefect_clien
 
     (row,) = eventually(cost)
     assert row["pod"] == pod.id and row["usd_per_hour"] == 0.49 and row["cost_usd"] > 0
-    assert row["gpu"] == "1x RTX A6000"
+    assert row["gpu"] == "1x NVIDIA RTX A6000"
     # the UI's table shows the columns in this order and, at 1400 px, about 850 px of them: the cost first
     assert list(row)[:4] == ["cost_usd", "gpu", "billed_seconds", "usd_per_hour"], list(row)
 

@@ -948,7 +948,7 @@ async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: fl
     rows.append(
         {
             "cost_usd": round(cost, 6),
-            "gpu": record.gpu.replace("NVIDIA ", ""),
+            "gpu": record.gpu,  # RunPod's GPU type id, as gpu_types takes it
             "billed_seconds": round(seconds, 1),
             "usd_per_hour": round(record.price_per_hour, 4),
             "cloud": record.cloud,
