@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from ow_prefect.errors import StorageError
+from ow_prefect.hashing import is_job_id
 from ow_prefect.jobs.base import Job, JobStatus, get_job_type
 
 JOB_TAG = "ow-job"
@@ -91,4 +93,8 @@ def job_from_run(flow_run: Any, outputs: dict[str, Any] | None, client: Any) -> 
 
 
 def outputs_key(job_id: str) -> str:
+    """Where a job's outputs are stored. Job ids also come from run tags, which anyone with access to the
+    Prefect API can set, so an id that does not have the shape of one is refused before it becomes a key."""
+    if not is_job_id(job_id):
+        raise StorageError(f"{job_id!r} is not a job id (like 'ftjob-0123456789ab'); nothing was read")
     return f"outputs/{job_id}.json"
