@@ -70,6 +70,12 @@ def test_api_serves_base_and_lora_by_key_stays_alive_and_stops_on_down(use_serve
         assert httpx.post(f"{base_url}/chat/completions", json=body, timeout=30).status_code == 401
         wrong = {"Authorization": "Bearer wrong-key"}
         assert httpx.post(f"{base_url}/chat/completions", json=body, headers=wrong, timeout=30).status_code == 401
+        # vLLM is on loopback behind the gateway: its other routes are not published, key or not
+        keyed = {"Authorization": f"Bearer {api.api_key}"}
+        root = base_url.removesuffix("/v1")
+        for path in ("/invocations", "/tokenize", "/metrics"):
+            assert httpx.post(f"{root}{path}", json=body, headers=keyed, timeout=30).status_code == 404, path
+        assert httpx.get(f"{root}/health", timeout=30).status_code == 200
         # the keep-alive thread moves the deadline forward (every keep_alive / 3 = 5 s)
         first = deadline(ow, api.job_id)
         assert eventually(lambda: deadline(ow, api.job_id) > first + 1, timeout=20)
@@ -91,6 +97,12 @@ def test_api_serves_base_and_lora_by_key_stays_alive_and_stops_on_down(use_serve
     assert "down() was called" in job.error
     assert port_closed(base_url), "the vLLM server is gone"
     assert api.api_key not in job.logs()
+    from prefect.blocks.system import Secret
+
+    from ow_prefect.jobs.api import key_secret
+
+    with ow.prefect_settings(), pytest.raises(ValueError):  # each run's key lives as long as the run
+        Secret.load(key_secret(api.job_id), _sync=True)
 
 
 def test_bad_api_parameters_are_refused_before_any_run(tiny_model, trained_adapter):
