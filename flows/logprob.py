@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, with_params_signature
+from flows._runtime import RESULT_PURPOSE, JobRun, provide_hf_token, run_once, start_job, with_params_signature
 from ow_prefect.jobs.logprob import LogprobJob, LogprobParams
 
 
@@ -67,6 +67,7 @@ def logprob(**params: Any) -> dict[str, Any]:
     """Summed logprob of every content block of a conversations file under a model (base or LoRA adapter)."""
     ow_job = params.pop("ow_job", None)
     job = start_job(LogprobJob, params, ow_job)
+    provide_hf_token(job)
     return run_once(job, _logprobs)
 
 

@@ -19,7 +19,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, stream_command, with_params_signature
+from flows._runtime import (
+    RESULT_PURPOSE,
+    JobRun,
+    provide_hf_token,
+    run_once,
+    start_job,
+    stream_command,
+    with_params_signature,
+)
 from flows._vllm import ServerSpec, serving
 from ow_prefect.jobs.api import adapter_name
 from ow_prefect.jobs.evals import InspectJob, InspectParams, inspect_cli_options, slug
@@ -123,6 +131,7 @@ def inspect_eval(**params: Any) -> dict[str, Any]:
     """Run an inspect-ai task against a model (base, LoRA adapter or fine-tuning job) served with vLLM."""
     ow_job = params.pop("ow_job", None)
     job = start_job(InspectJob, params, ow_job)
+    provide_hf_token(job)
     return run_once(job, _evaluate)
 
 

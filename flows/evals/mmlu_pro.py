@@ -22,7 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, with_params_signature
+from flows._runtime import RESULT_PURPOSE, JobRun, provide_hf_token, run_once, start_job, with_params_signature
 from flows._vllm import adapter_rank, fit_max_model_len
 from flows.inference.flow import run_runner
 from ow_prefect.jobs.evals import MmluProJob, MmluProParams, slug
@@ -214,6 +214,7 @@ def mmlu_pro(**params: Any) -> dict[str, Any]:
     """MMLU-Pro (chain of thought, few-shot) of a model, base, LoRA adapter or fine-tuning job, with vLLM."""
     ow_job = params.pop("ow_job", None)
     job = start_job(MmluProJob, params, ow_job)
+    provide_hf_token(job)
     return run_once(job, _evaluate)
 
 

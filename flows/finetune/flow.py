@@ -14,7 +14,15 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows._runtime import JobRun, run_once, start_job, with_params_signature
+from flows._runtime import (
+    JobRun,
+    hf_token,
+    hf_token_secret,
+    provide_hf_token,
+    run_once,
+    start_job,
+    with_params_signature,
+)
 from ow_prefect.jobs.finetune import FineTuningParams, job_class_for
 
 ADAPTER_PURPOSE = "adapter"
@@ -56,7 +64,7 @@ def _train(job: JobRun) -> dict[str, Any]:
         merged = job.storage.put_path(result.merged_dir, MODEL_PURPOSE) if result.merged_dir else None
         loss_curve = reporting.publish_results(job.id, result.log_history, job.storage)
         hub_model_id = None
-        token = hub.hf_token()
+        token = hf_token()
         if token:
             hub_model_id = hub.push(
                 result.merged_dir or result.adapter_dir,
@@ -68,7 +76,7 @@ def _train(job: JobRun) -> dict[str, Any]:
             )
             logger.info("pushed to the Hub as %s", hub_model_id)
         else:
-            logger.info("no HF token Secret block '%s': not pushing to the Hub", hub.secret_name())
+            logger.info("no HF token Secret block '%s': not pushing to the Hub", hf_token_secret())
     logger.info(
         "job %s: %s steps with %s, train loss %s, eval loss %s",
         job.id,
@@ -99,6 +107,7 @@ def finetune(**parameters: Any) -> dict[str, Any]:
     """Fine-tune a model with LoRA (SFT, DPO, ORPO or token-weighted SFT)."""
     ow_job = parameters.pop("ow_job", None)
     job = start_job(job_class_for(parameters.get("loss", "sft")), parameters, ow_job)
+    provide_hf_token(job)
     return run_once(job, _train)
 
 

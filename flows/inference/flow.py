@@ -18,7 +18,15 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import Cancelled
 
-from flows._runtime import RESULT_PURPOSE, JobRun, run_once, start_job, stream_command, with_params_signature
+from flows._runtime import (
+    RESULT_PURPOSE,
+    JobRun,
+    provide_hf_token,
+    run_once,
+    start_job,
+    stream_command,
+    with_params_signature,
+)
 from flows._vllm import adapter_rank, fit_max_model_len, vllm_env, vllm_python
 from flows.inference.openai_models import BatchesCancelled, run_openai
 from ow_prefect.jobs.inference import InferenceJob, InferenceParams
@@ -77,6 +85,7 @@ def inference(**params: Any) -> dict[str, Any]:
     """Run a conversations file through a model (base or LoRA adapter) with vLLM; store the completions."""
     ow_job = params.pop("ow_job", None)
     job = start_job(InferenceJob, params, ow_job)
+    provide_hf_token(job)
     try:
         return run_once(job, _infer)
     except BatchesCancelled as cancelled:  # noticed by polling (embedded runs have no supervisor to stop them)
