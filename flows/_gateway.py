@@ -85,7 +85,7 @@ class Gateway:
         if scope["type"] != "http":
             return  # no websockets
         method, path = scope["method"], scope["path"]
-        if path == HEALTH and method in ("GET", "HEAD"):
+        if path == HEALTH and method == "GET":
             await self._forward(scope, receive, send, b"", count=False)
         elif not path.startswith("/v1/"):
             await _error(send, 404, f"{path} is not served here: use /health and the OpenAI routes under /v1")
@@ -94,7 +94,10 @@ class Gateway:
         elif not forwarded(method, path):
             await _error(send, 404, f"{method} {path} is not one of the OpenAI routes served here")
         else:
-            body = await _read_body(scope, receive)
+            try:
+                body = await _read_body(scope, receive)
+            except _ClientGone:
+                return
             if body is None:
                 await _error(send, 413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
             else:
@@ -164,6 +167,10 @@ async def _cancel_on_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its request was complete: nothing to forward."""
+
+
 async def _read_body(scope: dict[str, Any], receive: Any) -> bytes | None:
     """The whole request body (OpenAI requests are JSON), or None when it is over `MAX_BODY_BYTES`."""
     declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
@@ -173,7 +180,7 @@ async def _read_body(scope: dict[str, Any], receive: Any) -> bytes | None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return b""
+            raise _ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:

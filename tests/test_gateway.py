@@ -151,3 +151,14 @@ def test_a_port_in_use_is_a_clear_error(gateway):
     port = int(gateway.url.rsplit(":", 1)[1])
     with pytest.raises(RuntimeError, match="cannot listen"), running_gateway(gateway.upstream, KEY, "127.0.0.1", port):
         pass
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_forwarded(gateway, upstream, monkeypatch):
+    import flows._gateway
+
+    monkeypatch.setattr(flows._gateway, "MAX_BODY_BYTES", 100)
+    for body in (b"x" * 101, (b"x" * 60 for _ in range(2))):  # declared length, and chunked without one
+        answer = httpx.post(f"{gateway.url}/v1/completions", content=body, headers=keyed())
+        assert answer.status_code == 413 and answer.headers["x-ow-refused-by"] == "gateway"
+    assert httpx.post(f"{gateway.url}/v1/completions", content=b"x" * 100, headers=keyed()).status_code == 200
+    assert [path for _, path, _ in upstream.seen] == ["/v1/completions"]
