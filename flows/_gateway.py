@@ -107,11 +107,14 @@ class Gateway:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                # vLLM's pool: unbounded (vLLM queues by itself), no time limit on a long generation.
+                # Connections to vLLM: unbounded (vLLM queues by itself), no time limit on a long generation, and
+                # few kept idle: httpcore looks at every idle connection on each request, which cost 3.4-4.1 ms of
+                # gateway CPU per request with 64 in flight against 1.8-2.2 ms with 8 kept (loopback connects are
+                # cheap; measured on the 2-core dev VM, upstream CPU unchanged).
                 self._client = httpx.AsyncClient(
                     base_url=self.upstream,
                     timeout=httpx.Timeout(None, connect=10),
-                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                    limits=httpx.Limits(max_connections=None, max_keepalive_connections=8),
                 )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
