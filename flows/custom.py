@@ -5,11 +5,11 @@ command sees ``OW_JOB_ID``, ``OW_WORK_DIR``, ``OW_PARAMS`` (a path: the job type
 ``OW_OUTPUTS`` (a path: JSON written there is merged into ``job.outputs``). Its output streams into the flow
 run's logs.
 
-The command gets an environment of its own (`command_env`), not the one of the process that runs the flow: on
-a process pool that one is the worker's (its RunPod key, storage keys, ...), in a pod it holds the Prefect API
+The command gets an environment of its own (`command_env`), not the one of the process that runs the flow: on a
+process pool that one is the worker's (its RunPod key, storage keys, ...), in a pod it holds the Prefect API
 key. What the command sees is the machine's plain settings (`PLAIN_VARIABLES`: paths, locale, GPU and Hugging
-Face cache settings, the pod's RunPod facts), the job's own variables, its `env` and its `secrets` (values
-loaded here from the Secret blocks it names) — and nothing else.
+Face cache settings, ow_prefect's home and vLLM interpreter, the pod's RunPod facts), the job's own variables,
+its `env` and its `secrets` (values loaded here from the Secret blocks it names) — and nothing else.
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ PLAIN_VARIABLES = frozenset(
         "HF_DATASETS_OFFLINE",
         "TRANSFORMERS_OFFLINE",
         "HF_HUB_ENABLE_HF_TRANSFER",
+        "OW_HOME",  # where ow_prefect keeps its state on this machine, and its vLLM environment
+        "OW_VLLM_PYTHON",
         "RUNPOD_POD_ID",
         "RUNPOD_DC_ID",
         "RUNPOD_POD_HOSTNAME",
