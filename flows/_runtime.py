@@ -92,6 +92,13 @@ def start_job(job_cls: type[Job], parameters: dict[str, Any], ow_job: dict[str, 
     return JobRun(job_cls, computed, flow_parameters, Storage.from_settings(), flow_run)
 
 
+OW_JOB_TITLE = "ow_job (set by the ow_prefect SDK)"
+OW_JOB_DESCRIPTION = "Job id, code hash and image, set by the ow_prefect SDK; leave it empty in the UI and the CLI."
+# Prefect titles every parameter by its name; a "title" in the annotation's json_schema_extra wins (Prefect merges
+# it into the field it builds), so the UI form labels the envelope as the SDK's.
+OwJobEnvelope = Annotated[dict[str, Any] | None, Field(json_schema_extra={"title": OW_JOB_TITLE})]
+
+
 def run_job(job_cls: type[Job], parameters: dict[str, Any], work: Callable[[JobRun], dict[str, Any]]) -> Any:
     """What every built-in flow does with its parameters (`ow_job` and `force_rerun` among them): identify the
     job; under its lock, return the stored outputs of a completed run of it, or do `work` and record them."""
@@ -202,9 +209,9 @@ def with_params_signature(
         )
         described.append(f"    force_rerun: {FORCE_RERUN_HELP}")
     parameters.append(
-        inspect.Parameter("ow_job", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=dict[str, Any] | None)
+        inspect.Parameter("ow_job", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=OwJobEnvelope)
     )
-    described.append("    ow_job: set by the ow_prefect SDK: job id, code hash, image.")
+    described.append(f"    ow_job: {OW_JOB_DESCRIPTION}")
     fn.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])
     # Prefect reads parameter descriptions (the UI form's help text) from a Google-style docstring.
     fn.__doc__ = f"{fn.__doc__ or ''}\n\nArgs:\n" + "\n".join(described) + "\n"

@@ -14,6 +14,8 @@
 - ``OW_OPENAI_BATCH_POLL_SECONDS``: how often batch inference asks OpenAI how its batches are doing (default 30).
 - ``OW_RUNPOD_POLL_SECONDS``: how often the RunPod worker looks at each run and its pod (default 2).
 - ``OW_RUNPOD_RECONCILE_SECONDS``: how often the RunPod worker looks for orphaned pods (default 60).
+- ``OW_POD_CODE_DIR``: where RunPod pods find the project's code; default the image's copy (``/opt/ow_prefect``).
+  Set on the RunPod worker, which passes it to its pods (``ow_prefect.workers.pull``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class OWSettings(BaseSettings):
     )
     runpod_poll_seconds: float = Field(default=2.0, gt=0, description="RunPod worker: run and pod poll interval.")
     runpod_reconcile_seconds: float = Field(default=60.0, gt=0, description="RunPod worker: orphan sweep interval.")
+    pod_code_dir: str | None = Field(
+        default=None,
+        description="Where RunPod pods find the project's code (set on the worker, passed to its pods); default "
+        "the image's copy, /opt/ow_prefect. A checkout the pods see: a network volume, or this one for FakeRunPod.",
+    )
 
     @property
     def home_dir(self) -> Path:

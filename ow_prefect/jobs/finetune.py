@@ -153,10 +153,16 @@ class FineTuningParams(BaseModel):
 
     model: str = Field(min_length=1, description="Base model: a Hugging Face Hub id or a local directory.")
     training_file: str = Field(
-        description="File id of the training data: 'conversations:…' for SFT, 'preference:…' for DPO/ORPO."
+        description="File id of the training data: 'conversations:…' for sft and weighted_sft, 'preference:…' for "
+        "dpo and orpo (`ow files upload FILE --purpose preference` prints it)."
     )
     test_file: str | None = Field(default=None, description="File id of evaluation data (same kind).")
-    loss: Loss = Field(default="sft", description="Training objective: sft, dpo or orpo.")
+    loss: Loss = Field(
+        default="sft",
+        description="Training objective: sft, dpo, orpo or weighted_sft. Each finetune/* deployment presets its own "
+        "(finetune/dpo: dpo, finetune/weighted-sft: weighted_sft); dpo and orpo train on a 'preference' file, sft "
+        "and weighted_sft on a 'conversations' one.",
+    )
     r: int = Field(default=16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha (scaling numerator).")
     lora_dropout: float = Field(default=0.0, ge=0, le=1, description="LoRA dropout, 0 to 1.")
