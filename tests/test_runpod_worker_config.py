@@ -107,6 +107,34 @@ def test_the_pool_template_takes_other_defaults():
         RunPodWorker.base_job_template(gpus=["x"])
 
 
+async def test_the_pool_template_is_what_it_was_before_variables_and_configuration_shared_their_fields():
+    """`prefect work-pool create --type runpod` and `ow setup` build the pool from this template: since the
+    variables and the configuration share one definition of each field (RunPodFields), it must be what it was
+    (tests/data/runpod_base_job_template.json, saved from the two hand-kept copies), in the same order, but
+    for titles and descriptions, which every field now has."""
+    import json
+    from pathlib import Path
+
+    from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+
+    before = json.loads((Path(__file__).parent / "data" / "runpod_base_job_template.json").read_text())
+    for template in (
+        await get_default_base_job_template_for_infrastructure_type("runpod"),  # what the Prefect CLI uses
+        RunPodWorker.base_job_template(),  # what `ow setup` uses
+    ):
+        properties = template["variables"]["properties"]
+        assert all(field.get("title") and field.get("description") for field in properties.values()), [
+            name for name, field in properties.items() if not field.get("description")
+        ]
+        assert list(template["job_configuration"]) == [
+            "command", "env", "labels", "name", *list(properties)[4:]
+        ]  # fmt: skip
+        assert template["job_configuration"] == {name: "{{ " + name + " }}" for name in properties}
+        for field in properties.values():
+            del field["title"], field["description"]
+        assert json.dumps(template) == json.dumps(before)  # keys in the same order: the UI's form keeps it
+
+
 def test_loopback_urls():
     assert _is_loopback("http://127.0.0.1:4200/api") and _is_loopback("http://localhost/api")
     assert not _is_loopback("https://api.prefect.cloud/api/accounts/x") and not _is_loopback("https://api.runpod.io/v2")
