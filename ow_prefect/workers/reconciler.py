@@ -57,9 +57,21 @@ class PodReconciler:
             try:
                 self._remember(await self._pool_credentials())
             except ConfigurationError as exc:  # said once at start: every run of this pool will fail the same way
-                self._warn_once(self._logger, "no-credentials", f"Work pool {self._work_pool.name!r}: {exc}")
-            except Exception:
-                pass
+                self._warn_once(
+                    self._logger,
+                    "no-credentials",
+                    f"RunPod reconciler: work pool {self._work_pool.name!r} has no RunPod credentials, so orphan pods "
+                    f"of this pool are not cleaned up (and its runs fail): {exc}",
+                )
+            except Exception as exc:  # e.g. the pool names a block that was deleted; said once, tried every pass
+                self._warn_once(
+                    self._logger,
+                    "bad-credentials",
+                    f"RunPod reconciler: cannot load work pool {self._work_pool.name!r}'s RunPod credentials "
+                    f"({type(exc).__name__}: {exc}), so orphan pods of this pool are not cleaned up: check that the "
+                    "pool's `credentials` variable names an existing RunPod Credentials block (`ow setup`), or set "
+                    "RUNPOD_API_KEY in the worker's environment",
+                )
         deleted = []
         for credentials in list(self._credentials.values()):
             async with credentials.get_client() as runpod:
