@@ -5,8 +5,8 @@ background event loop). What it guarantees:
 - a seeded request that was answered before is answered from disk: no network, no semaphore;
 - at most `concurrency` requests in flight per endpoint (a vLLM server's `max_num_seqs`), each attempt
   holding a slot only while it talks to the server (not while it waits to retry);
-- 429, 5xx, timeouts and dropped connections are retried with exponential back-off and full jitter, honouring
-  `Retry-After`; anything else (400, 401, 404) is raised at once;
+- 429, 5xx, timeouts and dropped connections are retried (`ow_prefect.retry`: exponential back-off with full
+  jitter, `Retry-After` honoured up to two minutes); anything else (400, 401, 404) is raised at once;
 - a timeout that grows with `max_tokens`;
 - a model with no server is deployed on demand: requests that arrive within `deploy_window` seconds are
   grouped, so adapters of one base model share one server; a failed deployment fails its requests with the
@@ -16,7 +16,6 @@ background event loop). What it guarantees:
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 from ow_prefect.chat.cache import ChatCache, cache_key
 from ow_prefect.chat.routing import LIVE_APIS, Endpoint, is_openai, openai_endpoint, weights_identity
 from ow_prefect.errors import OWError
+from ow_prefect.retry import RetryRules, retry_after_seconds
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -103,35 +103,29 @@ class ChatEngine:
         return self._identities[name]
 
     async def _send(self, endpoint: Endpoint, request: dict[str, Any]) -> Any:
-        import openai
-
         client = self._client(endpoint)
         semaphore = self._semaphores[endpoint.key]
         body = {**request, "model": endpoint.model}
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 1024
         body.setdefault("timeout", self.settings.base_timeout_s + max_tokens * self.settings.timeout_per_token_s)
-        attempt = 0
-        while True:
-            try:
-                async with semaphore:
-                    return await client.chat.completions.create(**body)
-            except (openai.APIConnectionError, openai.APITimeoutError, openai.APIStatusError) as error:
-                status = getattr(error, "status_code", None)
-                retryable = status is None or status in RETRYABLE_STATUS
-                attempt += 1
-                if not retryable or attempt >= self.settings.max_attempts or body.get("stream"):
-                    raise
-                await asyncio.sleep(self._delay(attempt, error))
 
-    def _delay(self, attempt: int, error: Exception) -> float:
-        response = getattr(error, "response", None)
-        header = response.headers.get("retry-after") if response is not None else None
-        if header:
-            try:
-                return max(0.0, float(header))
-            except ValueError:
-                pass
-        return random.uniform(0, min(self.settings.max_backoff_s, self.settings.backoff_s * 2 ** (attempt - 1)))
+        async def attempt() -> Any:
+            async with semaphore:  # a slot only while talking to the server, not while waiting to retry
+                return await client.chat.completions.create(**body)
+
+        return await self._retry_rules(stream=bool(body.get("stream"))).acall(attempt)
+
+    def _retry_rules(self, stream: bool) -> RetryRules:
+        """A chat completion changes nothing on the server, so asking again is safe: it is retried on answers
+        that may pass (429 after its `Retry-After`, 5xx, timeouts, dropped connections); a stream never is
+        (part of it may have reached the caller)."""
+        return RetryRules(
+            retry_on=_retryable,
+            attempts=1 if stream else self.settings.max_attempts,
+            initial_s=self.settings.backoff_s,
+            max_s=self.settings.max_backoff_s,
+            retry_after=_retry_after,
+        )
 
     def _client(self, endpoint: Endpoint) -> Any:
         if endpoint.key not in self._clients:
@@ -249,6 +243,19 @@ class ChatEngine:
             for api in self._deployed:
                 await asyncio.to_thread(api.down)  # returns once its run has ended (seconds)
             self._deployed.clear()
+
+
+def _retryable(error: BaseException) -> bool:
+    import openai
+
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code in RETRYABLE_STATUS
+    return isinstance(error, openai.APIConnectionError)  # timeouts included (APITimeoutError is one)
+
+
+def _retry_after(error: BaseException) -> float | None:
+    response = getattr(error, "response", None)
+    return retry_after_seconds(response.headers.get("retry-after")) if response is not None else None
 
 
 def _api_endpoint(api: Any, model: str) -> Endpoint:
