@@ -133,6 +133,21 @@ def test_a_missing_openai_key_says_how_to_set_it(monkeypatch, ow):
         ow.chat.completions.create(model="gpt-4o", messages=HELLO)
 
 
+def test_a_prefect_outage_is_not_reported_as_a_missing_openai_key(monkeypatch):
+    """The key's Secret block cannot be read because the Prefect API is down (nothing listens at its URL): the
+    error says so, instead of "there is no key"."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ow_prefect import ConfigurationError, OWError
+    from ow_prefect.chat.routing import openai_endpoint
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    down = temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"})
+    with down, pytest.raises(OWError, match="reading the Secret block 'openai-api-key' failed .*Prefect API") as raised:
+        openai_endpoint("gpt-4o")
+    assert not isinstance(raised.value, ConfigurationError) and "no key" not in str(raised.value)
+
+
 def test_batch_can_hand_answers_over_as_they_come(fake, ow):
     seen = {}
     count = ow.chat.completions.batch(

@@ -38,25 +38,32 @@ def is_openai(model: str) -> bool:
 def openai_endpoint(model: str) -> Endpoint:
     """OpenAI (or `OPENAI_BASE_URL`): the key from OPENAI_API_KEY, else the Secret block named by
     OW_OPENAI_KEY_SECRET (default `openai-api-key`)."""
-    from ow_prefect.errors import ConfigurationError
+    from ow_prefect.errors import ConfigurationError, OWError
+    from ow_prefect.settings import get_settings
 
+    settings = get_settings()
     key = os.environ.get("OPENAI_API_KEY")
     if not key:
-        secret = os.environ.get("OW_OPENAI_KEY_SECRET", "openai-api-key")
-        try:
-            from prefect.blocks.system import Secret
+        secret = settings.openai_key_secret
+        from prefect.blocks.system import Secret
 
+        try:
             key = Secret.load(secret, _sync=True).get()
-        except Exception:
+        except ValueError:  # what Block.load raises when there is no block of that name
             raise ConfigurationError(
                 f"model {model!r} goes to OpenAI, but there is no key: set OPENAI_API_KEY or save a Prefect "
                 f"Secret block {secret!r}"
             ) from None
+        except Exception as exc:
+            raise OWError(
+                f"model {model!r} goes to OpenAI and OPENAI_API_KEY is not set, but reading the Secret block "
+                f"{secret!r} failed ({type(exc).__name__}: {exc}); check that the Prefect API is reachable"
+            ) from exc
     return Endpoint(
         base_url=os.environ.get("OPENAI_BASE_URL", OPENAI_URL),
         api_key=key,
         model=model.removeprefix(OPENAI_PREFIX),
-        concurrency=int(os.environ.get("OW_OPENAI_CONCURRENCY", "64")),
+        concurrency=settings.openai_concurrency,
     )
 
 
