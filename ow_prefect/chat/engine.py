@@ -63,6 +63,7 @@ class ChatEngine:
         self._deploying: dict[str, asyncio.Future] = {}  # model -> future endpoint
         self._groups: dict[str, list[tuple]] = {}  # base -> (name, ref, served name, future) waiting for the window
         self._deployed: list[Any] = []  # TemporaryApi objects this engine started
+        self._flushes: set[asyncio.Task] = set()  # deploy windows open now (each deploys its base when it closes)
         self._answering: dict[str, asyncio.Future] = {}  # cache key -> the one request answering it now
 
     # ---- one request -----------------------------------------------------------------------------
@@ -83,18 +84,18 @@ class ChatEngine:
         self._answering[key] = future
         try:
             response = await self._send(await self._endpoint(model), request)
-        except BaseException as error:
-            if isinstance(error, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(error)
-                future.exception()  # retrieved here, so a future nobody else awaited does not warn
+        except Exception as error:
+            future.set_exception(error)
+            future.exception()  # retrieved here, so a future nobody else awaited does not warn
             raise
+        else:
+            self.cache.set(key, response)
+            future.set_result(response)
+            return response
         finally:
             self._answering.pop(key, None)
-        self.cache.set(key, response)
-        future.set_result(response)
-        return response
+            if not future.done():  # cancelled or interrupted: whoever waits for the same answer stops too
+                future.cancel()
 
     async def _identity(self, model: Any) -> str:
         name = model if isinstance(model, str) else repr(model)
@@ -169,28 +170,41 @@ class ChatEngine:
             self._deploying[name] = future
             group = self._groups.setdefault(ref.base, [])
             group.append((name, ref, served, future))
-            if len(group) == 1:  # the first of its base: close the window later
-                asyncio.get_running_loop().call_later(
-                    self.settings.deploy_window_s, lambda: asyncio.ensure_future(self._flush(ref.base))
-                )
+            if len(group) == 1:  # the first of its base: it deploys them all when the window closes
+                task = asyncio.create_task(self._flush(ref.base, group), name=f"ow-chat-deploy-{ref.base}")
+                self._flushes.add(task)
+                task.add_done_callback(self._flushes.discard)
         return await asyncio.shield(self._deploying[name])
 
-    async def _flush(self, base: str) -> None:
-        group = self._groups.pop(base, [])
-        adapters = [ref.model_dump(exclude_none=True) for _, ref, _, _ in group if ref.adapter]
+    async def _flush(self, base: str, group: list[tuple]) -> None:
+        """When the window closes, deploy `base` with the adapters of `group` (which grew meanwhile). Every
+        request waiting for it gets the endpoint or the reason it failed, also when `aclose` cancels this."""
         try:
-            api = self._ow.api.deploy(base, adapters, **self.settings.deploy_kwargs)
+            await asyncio.sleep(self.settings.deploy_window_s)
+            self._groups.pop(base, None)
+            adapters = [ref.model_dump(exclude_none=True) for _, ref, _, _ in group if ref.adapter]
+            # deploy() submits the job, up() waits until it serves: blocking calls, kept off the event loop
+            api = await asyncio.to_thread(self._ow.api.deploy, base, adapters, **self.settings.deploy_kwargs)
             await asyncio.to_thread(api.up)
             self._deployed.append(api)
-        except BaseException as error:  # every waiting request learns why, instead of waiting forever
-            for name, _, _, future in group:
-                self._deploying.pop(name, None)
-                if not future.done():
-                    future.set_exception(OWError(f"deploying {base} for {name} failed: {error}"))
+        except asyncio.CancelledError:
+            self._fail(base, group, OWError(f"deploying {base} was stopped: the chat client was closed"))
+            raise
+        except Exception as error:  # every waiting request learns why, instead of waiting forever
+            self._fail(base, group, OWError(f"deploying {base} failed: {type(error).__name__}: {error}"))
             return
         for _, _, served, future in group:
             if not future.done():
                 future.set_result(_api_endpoint(api, served))
+
+    def _fail(self, base: str, group: list[tuple], error: OWError) -> None:
+        if self._groups.get(base) is group:
+            del self._groups[base]
+        for name, _, _, future in group:
+            self._deploying.pop(name, None)  # the next request for it tries again
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a request that stopped waiting leaves no warning behind
 
     # ---- batches ---------------------------------------------------------------------------------
 
@@ -236,6 +250,9 @@ class ChatEngine:
         return total if on_result is not None else [results[i] for i in range(total)]
 
     async def aclose(self, down: bool = True) -> None:
+        for task in list(self._flushes):  # deploy windows still open: their requests are told why they end
+            task.cancel()
+        await asyncio.gather(*self._flushes, return_exceptions=True)
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
