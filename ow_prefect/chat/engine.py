@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ow_prefect.chat.cache import ChatCache, cache_key
-from ow_prefect.chat.routing import LIVE_APIS, Endpoint, is_openai, openai_endpoint, weights_identity
+from ow_prefect.chat.routing import LIVE_APIS, Endpoint, openai_endpoint, weights_identity
 from ow_prefect.errors import OWError
+from ow_prefect.openai_names import is_openai
 from ow_prefect.retry import RetryRules, retry_after_seconds
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
-OPENAI_PREFIX = "openai/"
-OPENAI_NAME_RE = re.compile(r"^(gpt-|o\d|chatgpt-|ft:gpt-)")
+from ow_prefect.openai_names import OPENAI_PREFIX, is_openai
+
 OPENAI_URL = "https://api.openai.com/v1"
 
 # Live TemporaryApi objects of this process, by the model names they serve (TemporaryApi registers itself).
@@ -29,10 +28,6 @@ class Endpoint:
     @property
     def key(self) -> tuple[str, str]:
         return self.base_url, self.api_key
-
-
-def is_openai(model: str) -> bool:
-    return model.startswith(OPENAI_PREFIX) or bool(OPENAI_NAME_RE.match(model))
 
 
 def openai_endpoint(model: str) -> Endpoint:

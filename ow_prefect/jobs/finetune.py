@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, JobIdSuffix, parameter_error, register
+from ow_prefect.jobs.base import Job, JobIdSuffix, parameter_error
+from ow_prefect.jobs.registry import register
 from ow_prefect.settings import get_settings
 from ow_prefect.storage import ID_RE
 
