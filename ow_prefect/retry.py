@@ -9,7 +9,7 @@ effect before asking again.
 
     RULES = RetryRules(retry_on=lambda e: isinstance(e, Busy), attempts=5, initial_s=0.5, max_s=30)
 
-    answer = await RULES.acall(client.get, "/things")     # or RULES.call(fn, ...) in blocking code
+    answer = await RULES.acall(client.get, "/things")
 
 S3 is the exception: botocore retries its own calls (see `ow_prefect.storage`), and we configure that instead of
 wrapping it in a second loop.
@@ -75,12 +75,6 @@ class RetryRules:
             "wait": self.wait_s,
             "reraise": True,
         }
-
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)``, tried again (blocking waits) by these rules."""
-        import tenacity
-
-        return tenacity.Retrying(**self._arguments())(fn, *args, **kwargs)
 
     async def acall(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """``await fn(*args, **kwargs)``, tried again (waits with asyncio.sleep) by these rules."""
