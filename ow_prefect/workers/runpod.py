@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -264,9 +263,7 @@ class RunPodJobConfiguration(BaseJobConfiguration):
         super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id)
         settings = self._base_environment()
         ow = get_settings()
-        ow_env = {"OW_STORAGE_BLOCK": ow.storage_block} | {
-            name: value for name in POD_OW_SETTINGS[1:] if (value := os.environ.get(name))
-        }
+        ow_env = {"OW_STORAGE_BLOCK": ow.storage_block} | ow.exported(POD_OW_SETTINGS[1:])
         env = {
             **{name: settings[name] for name in POD_PREFECT_SETTINGS if settings.get(name)},
             **self._base_flow_run_environment(flow_run),
