@@ -118,3 +118,33 @@ def test_only_an_unclaimed_run_is_cancelled_outright(state, cancel):
     from ow_prefect.client.jobs import _cancel_state
 
     assert _cancel_state(run(state)).type.value == cancel
+
+
+def test_equal_jobs_hash_equal():
+    def handle(status: str) -> Job:
+        return Job(id="customjob-0123456789ab", type="custom", status=status, params={}, flow_run_id="run-1")
+
+    pending, completed = handle("pending"), handle("completed")  # the same job read twice, before and after
+    assert pending == completed and hash(pending) == hash(completed)
+    assert len({pending, completed}) == 1 and completed in {pending: "seen"}
+
+
+VRAM_JOBS = {
+    "fine_tuning": {"model": "nowhere/Model-8B", "training_file": "{file}"},
+    "inference": {"model": "nowhere/Model-8B", "input_file_id": "{file}"},
+    "logprob": {"model": "nowhere/Model-8B", "dataset": "{file}"},
+    "vllm_api": {"model": "nowhere/Model-8B"},
+}
+
+
+@pytest.mark.parametrize("name", VRAM_JOBS)
+def test_gpu_job_types_ask_the_worker_for_their_estimate_or_for_requires_vram_gb(name):
+    conversation = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    file_id = OpenWeights().files.create(conversation, purpose="conversations").id
+    params = {key: value.replace("{file}", file_id) for key, value in VRAM_JOBS[name].items()}
+    job_cls = get_job_type(name)
+    estimated = job_cls.job_variables(job_cls.validate_params(**params))["min_vram_gb"]
+    assert 16 <= estimated <= 200, "an 8B model, estimated from its name"
+    given = job_cls.job_variables(job_cls.validate_params(**params, requires_vram_gb=7))
+    assert given["min_vram_gb"] == 7
+
