@@ -148,3 +148,25 @@ def test_gpu_job_types_ask_the_worker_for_their_estimate_or_for_requires_vram_gb
     given = job_cls.job_variables(job_cls.validate_params(**params, requires_vram_gb=7))
     assert given["min_vram_gb"] == 7
 
+
+def test_an_unreachable_prefect_api_is_reported_as_such_not_as_a_missing_job_or_run():
+    from uuid import uuid4
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ow_prefect import PrefectUnavailableError
+    from ow_prefect.testing.servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        ow = OpenWeights()
+    calls = {
+        "ow.runs.retrieve": lambda: ow.runs.retrieve(str(uuid4())),
+        "ow.jobs.retrieve": lambda: ow.jobs.retrieve(str(uuid4())),
+        "ow.custom.create": lambda: ow.custom.create(entrypoint="echo never submitted"),
+        "ow.events.list": lambda: ow.events.list(job_id="customjob-0123456789ab"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(PrefectUnavailableError, match=f"the Prefect API at {url} cannot be reached"):
+            call()
+            pytest.fail(f"{name} did not fail")
