@@ -167,3 +167,12 @@ def test_a_sync_call_on_the_sdks_own_loop_is_refused_not_a_deadlock():
     with pytest.raises(RuntimeError, match="would wait forever"):
         asyncio.run_coroutine_threadsafe(calls_sync(), sdk_loop()).result(timeout=10)
 
+
+def test_ow_api_hands_out_sync_objects_from_either_client():
+    """`TemporaryApi` and its job are sync; on the async client they use a sync twin on the same settings."""
+    sync = OpenWeights()
+    assert sync._sync_twin() is sync
+    async_ow = AsyncOpenWeights()
+    twin = async_ow._sync_twin()
+    assert isinstance(twin, OpenWeights) and twin.settings is async_ow.settings
+    assert twin.embedded == async_ow.embedded and twin._prefect_api == async_ow._prefect_api

@@ -102,6 +102,14 @@ class BaseOpenWeights:
             async with client:
                 yield client
 
+    def _sync_twin(self) -> OpenWeights:
+        """This client if it is an `OpenWeights`, else one on the same Prefect API, settings and storage: for
+        the synchronous objects a resource hands out (``ow.api``'s `TemporaryApi` and its job) either way."""
+        if isinstance(self, OpenWeights):
+            return self
+        with self.prefect_settings():
+            return OpenWeights(settings=self.settings, storage=self._storage)
+
     @property
     def _prefect_api(self) -> str:
         url = self._prefect_settings.settings.api.url
