@@ -99,6 +99,7 @@ def run_job(job_cls: type[Job], parameters: dict[str, Any], work: Callable[[JobR
     ow_job = parameters.pop("ow_job", None)
     force_rerun = bool(parameters.pop("force_rerun", False))
     job = start_job(job_cls, parameters, ow_job)
+    provide_hf_token(job)
     with job_lock(job):
         done = None if force_rerun else completed_run(job)
         if done is None:
@@ -146,6 +147,35 @@ def finished_without_work(job: JobRun, outputs: dict[str, Any], message: str) ->
         _set_tags(job.flow_run, add=[cached_tag(job.id)], remove=[JOB_TAG, job_tag(job.id)])
     get_run_logger().info(message)
     return Completed(message=message, data=outputs)
+
+
+def hf_token_secret() -> str:
+    """Name of the Secret block holding the team's Hugging Face token (`OW_HF_TOKEN_SECRET`, default 'hf-token')."""
+    return os.environ.get("OW_HF_TOKEN_SECRET", "hf-token")
+
+
+def hf_token() -> str | None:
+    """The token in the Secret block `hf_token_secret()`, or None when there is none."""
+    from prefect.blocks.system import Secret
+
+    try:
+        return Secret.load(hf_token_secret(), _sync=True).get()
+    except ValueError:
+        return None
+
+
+def provide_hf_token(job: JobRun) -> None:
+    """Let this run download gated models (Llama, Gemma, ...): the HF token Secret block becomes `HF_TOKEN` in
+    the run's process, where huggingface_hub, transformers, datasets and the vLLM processes the flow starts
+    find it. Only in a worker's process (a pod, a process pool), which runs this one flow run: a flow called in
+    your own process (embedded) uses your own Hugging Face login. A `HF_TOKEN` already set wins. The token is
+    never a parameter or a log line, and custom jobs' commands do not get it unless they ask (flows/custom.py).
+    """
+    if os.environ.get("HF_TOKEN") or job.flow_run is None or job.flow_run.deployment_id is None:
+        return
+    token = hf_token()
+    if token:
+        os.environ["HF_TOKEN"] = token
 
 
 def with_params_signature(
@@ -353,14 +383,15 @@ def _history(job: JobRun) -> list[dict[str, Any]]:
     return [{"flow_run_id": run_id, "run_count": count, "completed_at": previous.get("completed_at"), "key": key}]
 
 
-def stream_command(command: str, cwd: str, env: dict[str, str], *, tail_lines: int = 20) -> int:
-    """Run `command` in a shell, sending each line of its output to the run's logs as it comes."""
+def stream_command(command: str, cwd: str, env: dict[str, str], *, inherit: bool = True, tail_lines: int = 20) -> int:
+    """Run `command` in a shell, sending each line of its output to the run's logs as it comes. Its environment
+    is this process's plus `env`, or with `inherit=False` only `env`."""
     logger = get_run_logger()
     tail: deque[str] = deque(maxlen=tail_lines)
     with subprocess.Popen(
         ["bash", "-c", command],
         cwd=cwd,
-        env={**os.environ, **env},
+        env={**os.environ, **env} if inherit else env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

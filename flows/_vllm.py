@@ -96,7 +96,7 @@ def server_command(spec: ServerSpec, port: int) -> list[str]:
         "--served-model-name",
         spec.served_name,
         "--host",
-        "0.0.0.0",
+        "127.0.0.1",  # only ever reached from inside the pod: a temporary API publishes its gateway instead
         "--port",
         str(port),
         "--max-model-len",

@@ -6,12 +6,19 @@ as JSON), ``OW_OUTPUTS`` (a path: JSON written there is merged into ``job.output
 ``ow.run.log({...})`` appends a line there; each becomes an ``ow.run.log`` event while the command runs, and the
 logged values — the latest per key, as in OpenWeights — are merged into ``job.outputs``). Its output streams
 into the flow run's logs.
+
+The command gets an environment of its own (`command_env`), not the one of the process that runs the flow: on a
+process pool that one is the worker's (its RunPod key, storage keys, ...), in a pod it holds the Prefect API
+key. What the command sees is the machine's plain settings (`PLAIN_VARIABLES`: paths, locale, GPU and Hugging
+Face cache settings, ow_prefect's home and vLLM interpreter, the pod's RunPod facts), the job's own variables,
+its `env` and its `secrets` (values loaded here from the Secret blocks it names) — and nothing else.
 """
 
 from __future__ import annotations
 
 import contextvars
 import json
+import os
 import tempfile
 import threading
 from pathlib import Path
@@ -29,8 +36,81 @@ from flows._runtime import (
     run_job,
     stream_command,
 )
+from ow_prefect.errors import ConfigurationError
 from ow_prefect.jobs.custom import CommandJob, CustomJob
 from ow_prefect.run_log import RUN_LOG_EVENT, latest_values
+
+# Variables of the flow's environment a command may see: none of them holds a credential.
+PLAIN_VARIABLES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "SHELL",
+        "TERM",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "HOSTNAME",
+        "PYTHONPATH",
+        "PYTHONUNBUFFERED",
+        "VIRTUAL_ENV",
+        "CONDA_PREFIX",
+        "CONDA_DEFAULT_ENV",
+        "LD_LIBRARY_PATH",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "OMP_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "TOKENIZERS_PARALLELISM",
+        "PIP_NO_CACHE_DIR",
+        "PIP_DISABLE_PIP_VERSION_CHECK",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_DATASETS_CACHE",
+        "HF_ENDPOINT",
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_HUB_ENABLE_HF_TRANSFER",
+        "OW_HOME",  # where ow_prefect keeps its state on this machine, and its vLLM environment
+        "OW_VLLM_PYTHON",
+        "RUNPOD_POD_ID",
+        "RUNPOD_DC_ID",
+        "RUNPOD_POD_HOSTNAME",
+        "RUNPOD_GPU_COUNT",
+        "RUNPOD_CPU_COUNT",
+        "RUNPOD_PUBLIC_IP",
+        "RUNPOD_VOLUME_ID",
+    }
+)
+PLAIN_PREFIXES = ("LC_", "CUDA_", "NVIDIA_", "RUNPOD_TCP_PORT_")
+
+
+def command_env(params: dict[str, Any], job_variables: dict[str, str]) -> dict[str, str]:
+    """The whole environment of the command: plain settings, the job's `env`, its `secrets`, its own variables."""
+    plain = {
+        name: value for name, value in os.environ.items() if name in PLAIN_VARIABLES or name.startswith(PLAIN_PREFIXES)
+    }
+    return {**plain, **params.get("env", {}), **_load_secrets(params.get("secrets", {})), **job_variables}
+
+
+def _load_secrets(secrets: dict[str, str]) -> dict[str, str]:
+    from prefect.blocks.system import Secret
+
+    values = {}
+    for variable, block in secrets.items():
+        try:
+            values[variable] = str(Secret.load(block, _sync=True).get())
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"secrets[{variable!r}]: Secret block {block!r} cannot be loaded ({exc}); create it in the UI or "
+                f"with `prefect block create secret`, or drop it from the job's secrets"
+            ) from None
+    return values
 
 
 def _run_command(job: JobRun) -> dict[str, Any]:
@@ -44,7 +124,7 @@ def _run_command(job: JobRun) -> dict[str, Any]:
         params_file = work / ".ow_params.json"
         params_file.write_text(json.dumps(params["params"]))
         run_log = RunLogForwarder(job, work / ".ow_run_log.jsonl")
-        env = {
+        own = {
             "OW_JOB_ID": job.id,
             "OW_FLOW_RUN_ID": str(job.flow_run.id) if job.flow_run else "",
             "OW_WORK_DIR": str(work),
@@ -53,7 +133,7 @@ def _run_command(job: JobRun) -> dict[str, Any]:
             "OW_RUN_LOG": str(run_log.path),
         }
         with run_log:
-            stream_command(params["entrypoint"], cwd=str(work), env=env)
+            stream_command(params["entrypoint"], cwd=str(work), env=command_env(params, own), inherit=False)
         files = {
             path.relative_to(work / "uploads").as_posix(): job.storage.put_path(path, RESULT_PURPOSE).id
             for path in sorted((work / "uploads").rglob("*"))
@@ -145,21 +225,27 @@ def custom_run(
     mounts: dict[str, str] | None = None,
     requires_vram_gb: int = 0,
     params: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    secrets: dict[str, str] | None = None,
     force_rerun: bool = False,
     ow_job: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files.
+    """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files. The command
+    gets `env`, and `secrets` loaded from their blocks, but no credential of the machine that runs it.
 
     Args:
         entrypoint: The shell command, run with bash in the work dir.
         mounts: Work-dir path -> stored file or directory id, downloaded there before the command runs.
         requires_vram_gb: GPU memory the command needs; 0 runs it without a GPU.
         params: The job type's parameters, as JSON in the file named by $OW_PARAMS.
+        env: Environment variables of the command (plain values; part of the job id).
+        secrets: Environment variable -> name of a Prefect Secret block whose value the command gets.
         force_rerun: {force_rerun}
         ow_job: set by the ow_prefect SDK: job id, code hash, image.
     """
     parameters = {"entrypoint": entrypoint, "mounts": mounts or {}, "requires_vram_gb": requires_vram_gb}
-    parameters |= {"params": params or {}, "force_rerun": force_rerun, "ow_job": ow_job}
+    parameters |= {"params": params or {}, "env": env or {}, "secrets": secrets or {}}
+    parameters |= {"force_rerun": force_rerun, "ow_job": ow_job}
     return run_job(_job_type(ow_job), parameters, _run_command)
 
 

@@ -146,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
         "in directories are left out.",
     )
     exec_.add_argument("--vram", type=int, default=0, metavar="GB", help="GPU memory the job needs (default 0: CPU)")
+    exec_.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the command (repeatable; a job parameter, shown in the UI: no keys)",
+    )
+    exec_.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        metavar="NAME=BLOCK",
+        help="an environment variable whose value is read from a Prefect Secret block where the job runs "
+        "(repeatable), e.g. --secret HF_TOKEN=hf-token. The command gets no other credential.",
+    )
     exec_.add_argument("--wait", action="store_true", help="wait for the job, stream its logs, exit with its code")
     exec_.set_defaults(handler=_exec)
 
@@ -302,8 +317,9 @@ def _upload(args: argparse.Namespace, extra: list[str]) -> int:
 def _exec(args: argparse.Namespace, extra: list[str]) -> int:
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     mounts = dict(_mount(spec) for spec in args.mount)
+    env, secrets = _assignments("--env", args.env), _assignments("--secret", args.secret)
     ow = _client()
-    job = ow.custom.create(entrypoint=command, mounts=mounts, requires_vram_gb=args.vram)
+    job = ow.custom.create(entrypoint=command, mounts=mounts, requires_vram_gb=args.vram, env=env, secrets=secrets)
     if not args.wait:
         print(job.id)
         return 0
@@ -330,6 +346,18 @@ def _mount(spec: str) -> tuple[str, str]:
         inside = not relative.is_absolute() and ".." not in relative.parts
         target = relative.as_posix() if inside else Path(local).resolve().name
     return target, local
+
+
+def _assignments(option: str, specs: list[str]) -> dict[str, str]:
+    """`NAME=VALUE` options -> {NAME: VALUE}."""
+    pairs = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name:
+            print(f"ow exec: error: {option} {spec!r}: write it as NAME=VALUE", file=sys.stderr)
+            raise SystemExit(2)
+        pairs[name] = value
+    return pairs
 
 
 def _dev_pod(args: argparse.Namespace, extra: list[str]) -> int:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 HASH_CHARS = 12
+# `{prefix}-{hash}`, the prefix a job type's name (a Python identifier), plus fine-tuning's `-{job_id_suffix}`.
+JOB_ID_RE = re.compile(r"^[^\W\d]\w{0,99}-[0-9a-f]{12}(?:-[a-z0-9_\-]{1,32})?$")
 
 
 def canonical_json(value: Any) -> str:
@@ -53,6 +56,10 @@ def code_hash(root: Path, relative_paths: Iterable[str]) -> str:
         digest.update(rel.encode() + b"\0")
         digest.update((root / rel).read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def is_job_id(value: object) -> bool:
+    return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
 
 
 def job_id(prefix: str, params: dict[str, Any], code_sha256: str, image: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ow_prefect.errors import ConfigurationError, NotFoundError, StorageError
 from ow_prefect.hashing import HASH_CHARS, canonical_json, sha256_bytes, sha256_file
@@ -30,23 +30,51 @@ from ow_prefect.settings import OWSettings, get_settings
 
 PURPOSE_RE = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
 ID_RE = re.compile(r"^(?P<purpose>[a-z][a-z0-9_\-]{0,63}):(?P<kind>file|dir)-(?P<hash>[0-9a-f]{12})$")
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+def check_relative_path(path: str) -> str:
+    """`path` as a relative POSIX path that stays where it is put: no absolute path, no `..`, no empty, `.`
+    or backslash part. Records are data (anyone who can write the bucket can write one), so every path in one
+    is checked before it is used."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or "\\" in path or "\0" in path or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"{path!r} is not a relative path inside the destination (no '..', '/' first or '\\')")
+    return path
+
+
+def check_key(key: str) -> str:
+    """A storage key is a relative path inside the store: nothing is ever read or written outside it."""
+    try:
+        return check_relative_path(key)
+    except ValueError:
+        raise StorageError(f"storage key {key!r} would leave the store; nothing was read or written") from None
 
 
 class DirectoryEntry(BaseModel):
     path: str
-    sha256: str
-    bytes: int
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    bytes: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, path: str) -> str:
+        return check_relative_path(path)
 
 
 class FileObject(BaseModel):
     """A stored file or directory. Item access (`f["id"]`, `f.get("filename")`) works too, as on OpenWeights'
-    file dicts (whose ``"object"`` is always ``"file"``)."""
+    file dicts (whose ``"object"`` is always ``"file"``).
 
-    id: str
-    purpose: str
+    Reading a record validates it: the id is a file id whose purpose, kind and hash agree with the record,
+    `sha256` is 64 hex digits, the filename is one plain name and directory entries are relative paths that
+    stay inside the directory (a directory's id is also the hash of its entries)."""
+
+    id: str = Field(pattern=ID_RE.pattern)
+    purpose: str = Field(pattern=PURPOSE_RE.pattern)
     kind: Literal["file", "directory"]
-    bytes: int
-    sha256: str
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=SHA256_PATTERN)
     filename: str | None = None
     created_at: float
     entries: list[DirectoryEntry] | None = None
@@ -63,6 +91,37 @@ class FileObject(BaseModel):
             return self[key]
         except KeyError:
             return default
+
+    @field_validator("filename")
+    @classmethod
+    def _plain_name(cls, filename: str | None) -> str | None:
+        if filename is not None and "/" in check_relative_path(filename):
+            raise ValueError(f"{filename!r} is not a plain file name")
+        return filename
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FileObject:
+        match = ID_RE.match(self.id)
+        kind = "file" if self.kind == "file" else "dir"
+        if (match["purpose"], match["kind"]) != (self.purpose, kind):
+            raise ValueError(f"id {self.id} does not name a {self.kind} of purpose {self.purpose!r}")
+        if not self.sha256.startswith(match["hash"]):
+            raise ValueError(f"id {self.id} does not match sha256 {self.sha256}")
+        if self.kind == "file" and self.entries is not None:
+            raise ValueError("a file has no entries")
+        if self.kind == "directory":
+            entries = self.entries or []
+            if manifest_sha256(entries) != self.sha256:
+                raise ValueError("its entries do not hash to its sha256 (the directory's content id)")
+            paths = {entry.path for entry in entries}
+            parents = {path.rsplit("/", n)[0] for path in paths for n in range(1, path.count("/") + 1)}
+            if len(paths) < len(entries) or paths & parents:
+                raise ValueError("its entries repeat a path, or use a file's path as a directory")
+        return self
+
+
+def manifest_sha256(entries: list[DirectoryEntry]) -> str:
+    return sha256_bytes(canonical_json([entry.model_dump() for entry in entries]).encode())
 
 
 def check_purpose(purpose: str) -> None:
@@ -102,7 +161,7 @@ class LocalBackend:
         return f"LocalBackend({str(self.root)!r})"
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        return self.root / check_key(key)
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
@@ -193,6 +252,7 @@ class S3Backend:
         return f"S3Backend(bucket={self.bucket.bucket_name!r}, folder={self.prefix!r})"
 
     def _key(self, key: str) -> str:
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _is_missing(self, exc: Exception) -> bool:
@@ -265,10 +325,10 @@ class BlockBackend:
     def __repr__(self) -> str:
         return f"BlockBackend({type(self.block).__name__})"
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, key: str, *args: Any) -> Any:
         from prefect.utilities.asyncutils import run_coro_as_sync
 
-        result = getattr(self.block, method)(*args)
+        result = getattr(self.block, method)(check_key(key), *args)
         return run_coro_as_sync(result) if hasattr(result, "__await__") else result
 
     def exists(self, key: str) -> bool:
@@ -284,6 +344,8 @@ class BlockBackend:
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._call("read_path", key)
+        except StorageError:
+            raise
         except Exception as exc:
             raise NotFoundError(f"{key} is not in {self!r}: {exc}") from None
 
@@ -395,7 +457,7 @@ class Storage:
             entries.append(
                 DirectoryEntry(path=file.relative_to(root).as_posix(), sha256=sha, bytes=file.stat().st_size)
             )
-        manifest_sha = sha256_bytes(canonical_json([e.model_dump() for e in entries]).encode())
+        manifest_sha = manifest_sha256(entries)
         return self._save_record(
             FileObject(
                 id=f"{purpose}:dir-{manifest_sha[:HASH_CHARS]}",
@@ -403,19 +465,28 @@ class Storage:
                 kind="directory",
                 bytes=sum(e.bytes for e in entries),
                 sha256=manifest_sha,
-                filename=root.name,
+                filename=root.resolve().name or None,
                 created_at=time.time(),
                 entries=entries,
             )
         )
 
     def info(self, file_id: str) -> FileObject:
+        """The record of `file_id`, validated (see `FileObject`): a record that is not what its key promises is
+        a StorageError, never used."""
         key = record_key(file_id)
         try:
             raw = self.backend.get_bytes(key)
         except NotFoundError:
             raise NotFoundError(f"file {file_id} is not in {self!r}") from None
-        return FileObject.model_validate_json(raw)
+        try:
+            record = FileObject.model_validate_json(raw)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'record'}: {e['msg']}" for e in exc.errors())
+            raise StorageError(f"the record of {file_id} ({key}) is invalid, so it was not used: {problems}") from None
+        if record.id != file_id:
+            raise StorageError(f"the record at {key} says it is {record.id}, not {file_id}, so it was not used")
+        return record
 
     def exists(self, file_id: str) -> bool:
         return self.backend.exists(record_key(file_id))
@@ -424,26 +495,44 @@ class Storage:
         record = self.info(file_id)
         if record.kind == "directory":
             raise StorageError(f"{file_id} is a directory; use download(id, dest_dir)")
-        return self.backend.get_bytes(f"blobs/{record.sha256}")
+        data = self.backend.get_bytes(f"blobs/{record.sha256}")
+        _check_hash(file_id, record.sha256, sha256_bytes(data))
+        return data
 
     def download(self, file_id: str, dest: str | os.PathLike[str]) -> Path:
-        """A file goes to `dest` (or `dest/<filename>` when `dest` is a directory); a directory into `dest`."""
+        """A file goes to `dest` (or `dest/<filename>` when `dest` is a directory); a directory into `dest`.
+
+        Every byte is checked against its hash before it lands: the content is fetched into a temporary file (a
+        directory into a temporary folder) beside the destination and moved into place only when it matches.
+        """
         record = self.info(file_id)
         dest = Path(dest)
         if record.kind == "file":
             target = dest / (record.filename or record.id.split(":")[1]) if dest.is_dir() else dest
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.backend.get_file(f"blobs/{record.sha256}", target)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".ow-partial-") as staging:
+                self._fetch_blob(file_id, record.sha256, Path(staging) / "blob")
+                os.replace(Path(staging) / "blob", target)
             return target
-        targets = [((dest / entry.path).resolve(), entry) for entry in record.entries or []]
-        for target, entry in targets:  # all checked before anything is written
-            if not target.is_relative_to(dest.resolve()):
+        entries = record.entries or []
+        root = dest.resolve()
+        for entry in entries:  # a link already in `dest` could still lead out: checked before anything is written
+            if not (root / entry.path).resolve().is_relative_to(root):
                 raise StorageError(f"{file_id}: entry {entry.path!r} points outside the directory; nothing written")
-        for target, entry in targets:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.backend.get_file(f"blobs/{entry.sha256}", target)
-        dest.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.partial-") as staging:
+            for entry in entries:
+                (Path(staging) / entry.path).parent.mkdir(parents=True, exist_ok=True)
+                self._fetch_blob(f"{file_id} entry {entry.path!r}", entry.sha256, Path(staging) / entry.path)
+            dest.mkdir(exist_ok=True)
+            for entry in entries:
+                (dest / entry.path).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(Path(staging) / entry.path, dest / entry.path)
         return dest
+
+    def _fetch_blob(self, what: str, sha256: str, path: Path) -> None:
+        self.backend.get_file(f"blobs/{sha256}", path)
+        _check_hash(what, sha256, sha256_file(path))
 
     def put_json(self, key: str, value: Any) -> None:
         """Mutable JSON documents beside the content store (job outputs)."""
@@ -451,3 +540,11 @@ class Storage:
 
     def get_json(self, key: str) -> Any:
         return json.loads(self.backend.get_bytes(key))
+
+
+def _check_hash(what: str, expected: str, actual: str) -> None:
+    if actual != expected:
+        raise StorageError(
+            f"{what}: the stored content is corrupted or was replaced (it hashes to {actual}, its record says "
+            f"{expected}); nothing was written. Upload the file again."
+        )

@@ -148,10 +148,20 @@ def deployed(prefect_api):
         return register(pool=POOL, create_pool="process")
 
 
+# Credentials in the process worker's environment, as an operator's machine has them: the flows it runs inherit
+# them (Prefect's process worker passes on its whole environment); the commands of custom jobs must not.
+WORKER_SECRETS = {
+    "RUNPOD_API_KEY": "rpa_WORKER_SECRET_5e4d3c2b1a",
+    "AWS_SECRET_ACCESS_KEY": "aws_WORKER_SECRET_9a8b7c6d5e",
+    "HF_TOKEN": "hf_WORKER_SECRET_1f2e3d4c5b",
+    "PREFECT_API_KEY": "pnu_WORKER_SECRET_6a5b4c3d2e",
+}
+
+
 @pytest.fixture(scope="session")
 def worker(prefect_api, deployed, session_dir: Path):
-    """A real `process` worker polling the test pool every second."""
-    env = {"OW_HOME": os.environ["OW_HOME"], "PREFECT_HOME": str(session_dir / "prefect-worker")}
+    """A real `process` worker polling the test pool every second (with `WORKER_SECRETS` in its environment)."""
+    env = {"OW_HOME": os.environ["OW_HOME"], "PREFECT_HOME": str(session_dir / "prefect-worker"), **WORKER_SECRETS}
     with prefect_worker(prefect_api, POOL, "process", env, session_dir / "worker.log") as proc:
         yield proc
 

@@ -68,6 +68,12 @@ def test_api_serves_base_and_lora_by_key_and_stays_alive(use_server, served_api)
     assert httpx.post(f"{base_url}/chat/completions", json=body, timeout=30).status_code == 401
     wrong = {"Authorization": "Bearer wrong-key"}
     assert httpx.post(f"{base_url}/chat/completions", json=body, headers=wrong, timeout=30).status_code == 401
+    # vLLM is on loopback behind the gateway: its other routes are not published, key or not
+    keyed = {"Authorization": f"Bearer {api.api_key}"}
+    root = base_url.removesuffix("/v1")
+    for path in ("/invocations", "/tokenize", "/metrics"):
+        assert httpx.post(f"{root}{path}", json=body, headers=keyed, timeout=30).status_code == 404, path
+    assert httpx.get(f"{root}/health", timeout=30).status_code == 200
     # the keep-alive thread moves the deadline forward (every keep_alive / 3 = 20 s)
     first = deadline(ow, api.job_id)
     assert eventually(lambda: deadline(ow, api.job_id) > first + 1, timeout=45)

@@ -88,6 +88,12 @@ def test_models_without_a_server_are_deployed_on_demand_grouped_by_base_and_stop
     assert "down() was called" in job.error
     assert port_closed(base_url), "the vLLM server is gone"
     assert api_key not in job.logs()
+    from prefect.blocks.system import Secret
+
+    from ow_prefect.jobs.api import key_secret
+
+    with ow.prefect_settings(), pytest.raises(ValueError):  # each run's key lives as long as the run
+        Secret.load(key_secret(job.id), _sync=True)
 
 
 def test_a_failed_deployment_fails_its_requests_with_the_reason(use_server, worker, tmp_path):

@@ -1,7 +1,9 @@
 """Custom job types (`ow_prefect.CustomJob`) and local mounts of the built-in `custom` type: parameters,
 mounts, identity and uploads without a server; then end to end on a real server with a `process` worker."""
 
+import hashlib
 import importlib.util
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -228,6 +230,54 @@ def test_params_mounted_directory_and_uploads_on_the_worker(src, tmp_path):
     assert changed.id != job.id and changed.flow_run_id != job.flow_run_id
     assert changed.wait(timeout=120, poll_interval=0.5).outputs["words"] == 6
     assert changed.params["mounts"]["corpus"] != job.params["mounts"]["corpus"]
+
+
+@pytest.mark.usefixtures("worker", "use_server")
+def test_a_command_gets_its_env_and_secrets_and_none_of_the_workers_credentials():
+    """On a process pool the flow's process has the worker's whole environment (tests/conftest.WORKER_SECRETS);
+    the command it runs has the machine's plain settings, its own variables, `env` and `secrets`, and no more."""
+    from prefect.blocks.system import Secret
+
+    from tests.conftest import WORKER_SECRETS
+
+    Secret(value="hf_JOB_SECRET_0a1b2c3d4e").save("ow-test-custom-hf", overwrite=True, _sync=True)
+    ow = OpenWeights()
+    command = 'env | sort | sed "s/^HF_TOKEN=.*/HF_TOKEN=(set)/"; printf %s "$HF_TOKEN" | sha256sum'
+    job = ow.custom.create(entrypoint=command, env={"MY_SETTING": "plain"}, secrets={"HF_TOKEN": "ow-test-custom-hf"})
+    job = job.wait(timeout=120, poll_interval=0.5)
+    digest = hashlib.sha256(b"hf_JOB_SECRET_0a1b2c3d4e").hexdigest()
+    printed = eventually(lambda: digest in (logs := job.logs()) and logs, timeout=30)  # logs arrive in batches
+    variables = dict(re.findall(r"^\S+ ([A-Za-z_][A-Za-z0-9_]*)=(.*)$", printed, re.MULTILINE))  # time NAME=value
+    assert variables["MY_SETTING"] == "plain" and variables["OW_JOB_ID"] == job.id and "PATH" in variables
+    assert variables["HF_TOKEN"] == "(set)", "the job's secret, from its Secret block"
+    assert not set(variables) & {"RUNPOD_API_KEY", "AWS_SECRET_ACCESS_KEY", "PREFECT_API_KEY", "PREFECT_API_URL"}
+    assert not any(secret in printed for secret in WORKER_SECRETS.values()), printed
+
+
+def test_env_and_secrets_names_are_checked(counting):
+    with pytest.raises(ParameterError, match=r"env: .*'OW_JOB_ID' is not a variable the command can be given"):
+        counting.custom.validate(entrypoint="true", env={"OW_JOB_ID": "x"})
+    with pytest.raises(ParameterError, match=r"secrets: .*'1X' is not a variable"):
+        counting.custom.validate(entrypoint="true", secrets={"1X": "block"})
+    with pytest.raises(ParameterError, match=r"\['A'\] set in both env and secrets"):
+        counting.custom.validate(entrypoint="true", env={"A": "1"}, secrets={"A": "block"})
+    plain = counting.custom.validate(entrypoint="true")
+    assert counting.custom.validate(entrypoint="true", secrets={"HF_TOKEN": "hf-token"}) != plain
+
+
+def test_the_command_environment_is_an_allow_list(monkeypatch, use_server):
+    from flows.custom import command_env
+    from ow_prefect.errors import ConfigurationError
+
+    for name, value in {"PATH": "/bin", "LC_ALL": "C", "CUDA_VISIBLE_DEVICES": "0", "RUNPOD_POD_ID": "p1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("RUNPOD_API_KEY", "PREFECT_API_AUTH_STRING", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "OPENAI_API_KEY"):
+        monkeypatch.setenv(name, "secret")
+    env = command_env({"env": {"A": "1"}, "secrets": {}}, {"OW_JOB_ID": "customjob-0123456789ab"})
+    assert {"PATH", "LC_ALL", "CUDA_VISIBLE_DEVICES", "RUNPOD_POD_ID", "A", "OW_JOB_ID"} <= set(env)
+    assert "secret" not in env.values()
+    with pytest.raises(ConfigurationError, match=r"secrets\['X'\]: Secret block 'ow-no-such-block' cannot be loaded"):
+        command_env({"env": {}, "secrets": {"X": "ow-no-such-block"}}, {})
 
 
 def test_openweights_spelling_subclassing_job_makes_a_custom_job_type(src, counting):

@@ -1,7 +1,9 @@
 """The fake RunPod API against plain httpx: the contract a RunPod client and worker are tested against."""
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -115,8 +117,8 @@ def test_a_new_pod_is_running_before_its_runtime_appears(api, fake):
     assert up["ssh"]["direct"]["host"] == "127.0.0.1" and up["startedAt"]
 
 
-def test_the_pod_process_sees_the_env_sent_and_runpod_variables(api, fake, tmp_path, monkeypatch):
-    monkeypatch.setenv("FROM_THE_TEST", "inherited")
+def test_the_pod_process_sees_the_env_sent_runpod_variables_and_nothing_of_the_test(api, fake, tmp_path, monkeypatch):
+    monkeypatch.setenv("FROM_THE_TEST", "not inherited")
     report = tmp_path / "env.json"
     dump_env = f"{sys.executable} -c 'import json, os; print(json.dumps(dict(os.environ)))'"
     # Written aside and then renamed, so the test never reads half a file.
@@ -125,7 +127,9 @@ def test_the_pod_process_sees_the_env_sent_and_runpod_variables(api, fake, tmp_p
 
     env = eventually(lambda: report.exists() and json.loads(report.read_text()), timeout=10, interval=0.05)
     public_port = wait_until_up(api, pod["id"])["runtime"]["ports"][0]["public"]
-    assert env["MY_SETTING"] == "hello" and env["FROM_THE_TEST"] == "inherited"
+    assert env["MY_SETTING"] == "hello" and "FROM_THE_TEST" not in env
+    assert env["PATH"] == os.environ["PATH"] and env["OW_HOME"] == os.environ["OW_HOME"]  # the image's, here
+    assert Path(env["HOME"]) == fake.pods[pod["id"]].workdir
     assert env["RUNPOD_POD_ID"] == pod["id"] and env["RUNPOD_DC_ID"] == "US-TX-3"
     assert env["RUNPOD_TCP_PORT_8000"] == str(public_port) and env["RUNPOD_PUBLIC_IP"] == "127.0.0.1"
     assert env["RUNPOD_GPU_COUNT"] == "1" and env["RUNPOD_API_KEY"] not in ("", API_KEY)

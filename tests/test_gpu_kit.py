@@ -57,6 +57,16 @@ def test_the_driver_defaults_are_fine_tuning_defaults():
 
     fields = FineTuningParams.model_fields
     assert {k: fields[k].get_default(call_default_factory=True) for k in DEFAULTS} == DEFAULTS
+    # every field the training code reads is in the driver's config (a new FineTuningParams field read by
+    # train.py or backends.py must be added to DEFAULTS, or the GPU kit fails only on the lent GPU)
+    read = set()
+    for name in ("train.py", "backends.py"):
+        source = (ROOT / "flows" / "finetune" / name).read_text()
+        code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("#", "python ")))
+        read |= set(re.findall(r"\bcfg\.([a-z_0-9]+)\b", code))
+    driver_sets = {"loss", "model"}  # from its command line
+    read -= {"json", "training_file", "test_file"}  # the module's CLI entry (__main__), not train.main
+    assert read <= set(DEFAULTS) | driver_sets, sorted(read - set(DEFAULTS) - driver_sets)
 
 
 @pytest.mark.slow

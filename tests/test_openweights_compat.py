@@ -387,7 +387,9 @@ def test_api_deployment_cookbook_multi_deploy_by_model_and_async_chat(trained_ad
             model=model, messages=question, stream=True, max_tokens=12, temperature=0
         )
         partial_message = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
-        assert re.match(r"[A-Z][a-z]+ plus [a-z]+ equals [a-z-]+\.", partial_message), partial_message  # the adapter's form
+        assert re.match(r"[A-Z][a-z]+ plus [a-z]+ equals [a-z-]+\.", partial_message), (
+            partial_message
+        )  # the adapter's form
         reply = asyncio.run(ow.chat.completions.create(model=model, messages=question, max_tokens=12, temperature=0))
         assert reply.choices[0].message.content == partial_message
 

@@ -1,4 +1,5 @@
-"""The RunPod worker's job configuration without a server: the pod's env, the create body, validation."""
+"""The RunPod worker's job configuration (without a server, but for one block reference): the pod's env, the create
+body, validation."""
 
 from uuid import uuid4
 
@@ -167,3 +168,23 @@ def test_a_pod_that_could_not_reach_the_prefect_api_is_never_created():
         worker._check_reachable(RunPodJobConfiguration(), real, logger=None)
     fake = RunPodCredentials(api_key="k", api_url="http://127.0.0.1:9/v2")  # a local fake's pods reach loopback
     worker._check_reachable(local, fake, logger=None)
+
+
+async def test_pods_can_get_a_scoped_prefect_key_from_a_secret_block(use_server, monkeypatch):
+    """docs/security.md: the pool's `env` names a Secret block holding a narrower Prefect key than the worker's;
+    Prefect resolves the placeholder when it builds the run's configuration, and the job's env wins."""
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import WorkPool
+    from prefect.settings import PREFECT_API_KEY, temporary_settings
+
+    await Secret(value="pnu_scoped_pod_key").save("ow-test-pod-prefect-key", overwrite=True)
+    pool_env = {"PREFECT_API_KEY": "{{ prefect.blocks.secret.ow-test-pod-prefect-key }}"}  # as docs/security.md says
+    async with get_client() as client:
+        config = await RunPodJobConfiguration.from_template_and_values(
+            RunPodWorker.base_job_template(env=pool_env), {}, client=client
+        )
+    with temporary_settings(updates={PREFECT_API_KEY: "pnu_the_workers_own_key"}):
+        config.prepare_for_flow_run(flow_run(), work_pool=WorkPool(id=uuid4(), name="gpu", type="runpod"))
+    assert config.env["PREFECT_API_KEY"] == "pnu_scoped_pod_key"
+    assert "pnu_the_workers_own_key" not in config.env.values()

@@ -32,13 +32,13 @@ def test_the_api_endpoint_locally_on_runpod_and_on_a_mapped_port(monkeypatch):
 
     monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
     monkeypatch.delenv("RUNPOD_TCP_PORT_8000", raising=False)
-    port, url = endpoint(8000)
-    assert url == f"http://127.0.0.1:{port}/v1"
+    host, port, url = endpoint(8000)
+    assert (host, url) == ("127.0.0.1", f"http://127.0.0.1:{port}/v1")  # the gateway stays on loopback locally
     monkeypatch.setenv("RUNPOD_POD_ID", "abc123")
-    assert endpoint(8000) == (8000, "https://abc123-8000.proxy.runpod.net/v1")  # RunPod's http proxy
+    assert endpoint(8000) == ("0.0.0.0", 8000, "https://abc123-8000.proxy.runpod.net/v1")  # RunPod's http proxy
     monkeypatch.setenv("RUNPOD_TCP_PORT_8000", "41234")
     monkeypatch.setenv("RUNPOD_PUBLIC_IP", "203.0.113.7")
-    assert endpoint(8000) == (41234, "http://203.0.113.7:41234/v1")  # a mapped port (tcp, or FakeRunPod)
+    assert endpoint(8000) == ("0.0.0.0", 41234, "http://203.0.113.7:41234/v1")  # a mapped port (tcp, FakeRunPod)
 
 
 def test_prompts_continue_a_prefill_and_take_a_chat_template(tiny_model):

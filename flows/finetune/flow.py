@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows._runtime import JobRun, run_job, with_params_signature
+from flows._runtime import JobRun, hf_token, hf_token_secret, run_job, with_params_signature
 from ow_prefect.jobs.finetune import FineTuningParams, job_class_for
 
 ADAPTER_PURPOSE = "adapter"
@@ -56,7 +56,7 @@ def _train(job: JobRun) -> dict[str, Any]:
         merged = job.storage.put_path(result.merged_dir, MODEL_PURPOSE) if result.merged_dir else None
         loss_curve = reporting.publish_results(job.id, result.log_history, job.storage)
         hub_model_id = None
-        token = hub.hf_token()
+        token = hf_token()
         if token:
             hub_model_id = hub.push(
                 result.merged_dir or result.adapter_dir,
@@ -68,7 +68,7 @@ def _train(job: JobRun) -> dict[str, Any]:
             )
             logger.info("pushed to the Hub as %s", hub_model_id)
         else:
-            logger.info("no HF token Secret block '%s': not pushing to the Hub", hub.secret_name())
+            logger.info("no HF token Secret block '%s': not pushing to the Hub", hf_token_secret())
     logger.info(
         "job %s: %s steps over %s examples from %s rows with %s, train loss %s, eval loss %s",
         job.id,

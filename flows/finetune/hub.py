@@ -1,23 +1,10 @@
-"""Pushing a fine-tuned model to the Hugging Face Hub, with the token from a Prefect Secret block."""
+"""Pushing a fine-tuned model to the Hugging Face Hub, with the token from a Prefect Secret block
+(`flows._runtime.hf_token`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-
-def secret_name() -> str:
-    return os.environ.get("OW_HF_TOKEN_SECRET", "hf-token")
-
-
-def hf_token() -> str | None:
-    """The token in the Secret block `OW_HF_TOKEN_SECRET` (default 'hf-token'), or None when there is none."""
-    from prefect.blocks.system import Secret
-
-    try:
-        return Secret.load(secret_name(), _sync=True).get()
-    except ValueError:
-        return None
 
 
 def repo_id(template: str, *, job_id: str, model: str, org: str) -> str:

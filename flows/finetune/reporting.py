@@ -134,7 +134,7 @@ class CheckpointSync(TrainerCallback):
             return None
         if "id" not in latest:
             return None
-        target = output_dir / f"checkpoint-{latest['step']}"
+        target = output_dir / f"checkpoint-{int(latest['step'])}"  # a stored record: the step is a number
         shutil.rmtree(target, ignore_errors=True)
         storage.download(latest["id"], target)
         return target

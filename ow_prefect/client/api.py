@@ -6,8 +6,10 @@
 `deploy` validates and returns a `TemporaryApi` (nothing runs yet). `up()` (or entering it) submits the
 `vllm-api/serve` job — or reuses the one already serving the same thing —, keeps moving its keep-alive
 deadline forward from a background thread, waits until vLLM is healthy and returns a client pointed at it
-with its key. `down()` (or leaving it) lets the API stop within seconds. If this process dies, the API stops
-by itself `keep_alive` seconds after the last extension. See ow_prefect/jobs/api.py for the channel.
+with the key of the run serving it (every run of the API makes its own and deletes it when it ends; joining an
+API that is up reads the current one). `down()` (or leaving it) lets the API stop within seconds. If this
+process dies, the API stops by itself `keep_alive` seconds after the last extension. See ow_prefect/jobs/api.py
+for the channel.
 """
 
 from __future__ import annotations
@@ -181,9 +183,13 @@ class TemporaryApi:
             with self._ow.prefect_settings():
                 published = Variable.get(endpoint_variable(self.job_id), default=None, _sync=True)
                 if published:
+                    try:  # the key of the run serving now (each run makes its own and deletes it at its end)
+                        self.api_key = Secret.load(key_secret(self.job_id), _sync=True).get()
+                    except ValueError:  # that run just ended: wait for the next one, or report the end below
+                        published = None
+                if published:
                     self.base_url = published["base_url"]
                     self.models = published["models"]
-                    self.api_key = Secret.load(key_secret(self.job_id), _sync=True).get()
                     return
             if self._ended():
                 job = self._ow.jobs.retrieve(self.job_id)

@@ -31,7 +31,7 @@ from ow_prefect.client._queries import (
     untagged_filters,
 )
 from ow_prefect.client.runs import AsyncRuns
-from ow_prefect.errors import ConfigurationError, NotFoundError, OWError, ParameterError
+from ow_prefect.errors import ConfigurationError, NotFoundError, OWError, ParameterError, StorageError
 from ow_prefect.jobs.base import (
     TERMINAL_STATUSES,
     Job,
@@ -60,6 +60,7 @@ from ow_prefect.jobs.submit import (
     type_tag,
 )
 from ow_prefect.settings import get_settings
+from ow_prefect.storage import check_relative_path
 
 if TYPE_CHECKING:
     from ow_prefect.client._client import BaseOpenWeights
@@ -183,10 +184,11 @@ class AsyncJobs:
         return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment, options)
 
     def _outputs(self, run: Any, job_id: str | None = None) -> dict[str, Any] | None:
-        if status_of(run) != "completed":
+        job_id = job_id or tag_value(run.tags, JOB_TAG)
+        if status_of(run) != "completed" or job_id is None:
             return None
         try:
-            return self._client.storage.get_json(outputs_key(job_id or tag_value(run.tags, JOB_TAG)))
+            return self._client.storage.get_json(outputs_key(job_id))
         except NotFoundError:
             return None
 
@@ -241,8 +243,14 @@ class AsyncJobs:
 
     def _download(self, job: Job, dest: str | os.PathLike[str], weights: bool = False) -> Path:
         dest = Path(dest)
+        files = job.outputs.get("files") or {}
+        for relpath in files:  # the outputs are a stored record too: every path stays inside `dest`
+            try:
+                check_relative_path(relpath)
+            except ValueError as exc:
+                raise StorageError(f"job {job.id}: result file {exc}; nothing was written") from None
         dest.mkdir(parents=True, exist_ok=True)
-        for relpath, file_id in (job.outputs.get("files") or {}).items():
+        for relpath, file_id in files.items():
             self._client.storage.download(file_id, dest / relpath)
         if weights:
             for name, file_id in model_outputs(job.outputs).items():

@@ -5,7 +5,8 @@ The channel is three named Prefect objects per job (names from the job id, so bo
 - Variable ``ow-api-deadline-<job id>``: ``{"deadline": epoch seconds, "reason": ...}``; clients move it
   forward, the flow's heartbeat stops vLLM once it has passed (``down()`` sets it to 0);
 - Variable ``ow-api-endpoint-<job id>``: ``{"base_url", "models", "flow_run_id"}``, set once vLLM is healthy;
-- Secret block ``ow-api-key-<job id>``: the API key (never a flow parameter, never logged).
+- Secret block ``ow-api-key-<job id>``: the API key of the run serving now (never a flow parameter, never
+  logged); each run makes its own and deletes it when it ends.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class ApiJob(Job):
     deployment = "vllm-api/serve"
     entrypoint = "flows/vllm_api/flow.py:vllm_api"
     params = ApiParams
-    code = ("flows/vllm_api", "flows/_runtime.py", "flows/_vllm.py")
+    code = ("flows/vllm_api", "flows/_runtime.py", "flows/_vllm.py", "flows/_gateway.py")
     id_prefix = "apijob"
     image_setting = "serve_image"
 

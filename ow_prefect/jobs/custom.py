@@ -15,16 +15,18 @@ are not uploaded again and give the same job id, and a changed file gives a new 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ow_prefect.jobs.base import Job, parameter_error, register, validate_for
 from ow_prefect.storage import ID_RE
 
 MOUNT_PURPOSE = "custom"
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Left out when a mounted directory is uploaded: tool caches, environments, version control, and `.env`
 # (it usually holds API keys). A file named explicitly in a mount is always uploaded.
 MOUNT_SKIP = frozenset(
@@ -92,11 +94,39 @@ class CustomRunParams(BaseModel):
         default_factory=dict,
         description="The job type's validated parameters, written as JSON to the file $OW_PARAMS names.",
     )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for the command (plain values: they are flow parameters, shown in the "
+        "UI; put keys in `secrets`).",
+    )
+    secrets: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for the command whose values come from Prefect Secret blocks: "
+        "{variable: block name}, e.g. {'HF_TOKEN': 'hf-token'}. Only the names are parameters. Without this the "
+        "command gets no credential of the machine it runs on.",
+    )
 
     @field_validator("mounts")
     @classmethod
     def _check_mounts(cls, mounts: dict[str, str]) -> dict[str, str]:
         return check_mounts(mounts)
+
+    @field_validator("env", "secrets")
+    @classmethod
+    def _check_names(cls, variables: dict[str, str]) -> dict[str, str]:
+        for name in variables:
+            if not ENV_NAME_RE.fullmatch(name) or name.startswith("OW_"):
+                raise ValueError(
+                    f"{name!r} is not a variable the command can be given: use letters, digits and '_' (not "
+                    "starting with a digit), and no OW_ prefix (the job's own variables)"
+                )
+        return variables
+
+    @model_validator(mode="after")
+    def _set_once(self) -> CustomRunParams:
+        if both := sorted(set(self.env) & set(self.secrets)):
+            raise ValueError(f"{both} set in both env and secrets; keep each in one")
+        return self
 
 
 class NoParams(BaseModel):
@@ -114,14 +144,17 @@ class CustomJob(Job):
             params = WordCountParams                            # pydantic; unknown keys are rejected
             requires_vram_gb = 0                                # or a `requires_vram_gb` field in params
             base_image = "ghcr.io/me/ow-train:0.1"              # optional; default OW_TRAIN_IMAGE
+            secrets = {"HF_TOKEN": "hf-token"}                  # optional: variable -> Secret block
 
             def get_entrypoint(self, validated_params: WordCountParams) -> str:
                 return f"python count.py --min-length {validated_params.min_length}"
 
     Relative local paths in ``mount`` are relative to the file that defines the class (the current directory
     when there is none, e.g. in a notebook); directories are uploaded without the names in ``MOUNT_SKIP``.
-    The command finds the validated params as JSON in the file ``$OW_PARAMS`` too. The job id covers the
-    command, the mounted files' content, the params, the image and the `custom/run` flow's code.
+    The command finds the validated params as JSON in the file ``$OW_PARAMS`` too. It gets no credential of
+    the machine it runs on: ``env`` (plain values) and ``secrets`` (values from Secret blocks) give it what it
+    needs. The job id covers the command, the mounted files' content, the params, env and the names in
+    secrets, the image and the `custom/run` flow's code.
     """
 
     deployment = "custom/run"
@@ -130,6 +163,8 @@ class CustomJob(Job):
     params: ClassVar[type[BaseModel]] = NoParams
     mount: ClassVar[dict[str, str]] = {}
     requires_vram_gb: ClassVar[int] = 0
+    env: ClassVar[dict[str, str]] = {}
+    secrets: ClassVar[dict[str, str]] = {}
 
     def get_entrypoint(self, validated_params: BaseModel) -> str:
         raise NotImplementedError(f"{type(self).__name__} must define get_entrypoint(self, validated_params) -> str")
@@ -152,6 +187,8 @@ class CustomJob(Job):
             "mounts": {target: upload_mount(local, storage) for local, target in mounts.values()},
             "requires_vram_gb": cls.requires_vram_gb if vram is None else vram,
             "params": validated.model_dump(mode="json"),
+            "env": dict(cls.env),
+            "secrets": dict(cls.secrets),
         }
 
     @classmethod

@@ -67,6 +67,10 @@ def resolve_model(value: Any) -> Any:
         value = newest_finetune_job()
     if not isinstance(value, str) or not value.startswith("ftjob-"):
         return value
+    from ow_prefect.hashing import is_job_id
+
+    if not is_job_id(value):
+        raise ValueError(f"{value!r} is not a fine-tuning job id (like 'ftjob-0123456789ab')")
     from ow_prefect.errors import NotFoundError
     from ow_prefect.jobs.submit import outputs_key
     from ow_prefect.storage import Storage

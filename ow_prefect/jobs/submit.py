@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ow_prefect.errors import StorageError
+from ow_prefect.hashing import is_job_id
 from ow_prefect.jobs.base import Job, JobStatus, get_job_type
 
 JOB_TAG = "ow-job"
@@ -177,16 +179,24 @@ def tagged_by_ow(flow_run: Any) -> bool:
     return JOB_TAG in flow_run.tags or any(t.startswith("ow-cached:") for t in flow_run.tags)
 
 
+def checked_job_id(job_id: str) -> str:
+    """Job ids also come from run tags, which anyone with access to the Prefect API can set: an id that does not
+    have the shape of one is refused before it becomes a storage key."""
+    if not is_job_id(job_id):
+        raise StorageError(f"{job_id!r} is not a job id (like 'ftjob-0123456789ab'); nothing was read")
+    return job_id
+
+
 def outputs_key(job_id: str) -> str:
     """The job's latest outputs (what `job.outputs` shows)."""
-    return f"outputs/{job_id}.json"
+    return f"outputs/{checked_job_id(job_id)}.json"
 
 
 def history_key(job_id: str) -> str:
     """Every completed run of the job, oldest first: flow run id, run count, completion time, record key."""
-    return f"outputs/{job_id}/history.json"
+    return f"outputs/{checked_job_id(job_id)}/history.json"
 
 
 def run_outputs_key(job_id: str, flow_run_id: str, run_count: int) -> str:
     """The outputs of one completed run of the job (written once, never replaced)."""
-    return f"outputs/{job_id}/runs/{flow_run_id}-{run_count}.json"
+    return f"outputs/{checked_job_id(job_id)}/runs/{flow_run_id}-{int(run_count)}.json"

@@ -14,8 +14,12 @@ The server answers the way `runpod-openapi-v2.json` (RunPod's spec, shipped next
 observed behaviour say: bearer auth, problem+json errors, strict bodies (unknown fields are a 422 naming them),
 HTTP 400 with RunPod's own sentence when no GPU is left, `RUNNING` with `runtime: null` right after a create.
 
-A pod is a local process. Its `args` run under `bash -c` in a scratch directory, with the test's environment,
-the env the client sent and RunPod's injected `RUNPOD_*` variables. As on RunPod, a command that exits is
+A pod is a local process. Its `args` run under `bash -c` in a scratch directory (also its `HOME`), with what a
+container of the image would have and nothing more: the image's environment (`image_env`; by default the few
+variables in `IMAGE_VARIABLES` that this machine, playing the image, has set — the interpreter's `PATH`,
+ow_prefect's home and vLLM environment, the Hugging Face cache and offline switches), the env the client sent
+and RunPod's injected `RUNPOD_*` variables. The test's own environment (its keys included) is not inherited,
+so a test passes only when the worker really sends a pod what it needs. As on RunPod, a command that exits is
 restarted and the pod keeps billing until it is deleted or terminated; without `args` (the image's default
 command) nothing runs and the pod just stays up. Each exposed port is mapped to a free loopback port, shown in
 the pod's `runtime.ports` and published as `RUNPOD_TCP_PORT_<private port>` — for http ports too, because
@@ -373,6 +377,23 @@ JsonBody = Annotated[Any, Depends(_json_body)]
 CatalogFilters = Annotated[AvailabilityFilters | None, Depends(_availability_filters)]
 
 
+# What a test machine's environment contributes to a fake pod, standing in for the image's ENV lines (the real
+# images set PATH, OW_HOME, OW_VLLM_PYTHON, HF_HOME, PYTHONPATH: docker/Dockerfile).
+IMAGE_VARIABLES = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "TZ",
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "OW_HOME",
+    "OW_VLLM_PYTHON",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+)
+
+
 class FakeRunPod:
     """RunPod's REST API v2 for pods and the GPU catalog, served on a free loopback port while entered.
 
@@ -380,7 +401,8 @@ class FakeRunPod:
     `default_stock` starts it with DEFAULT_STOCK. The timings default to RunPod-like values and tests pass
     smaller ones: `boot_seconds` from create (or start) to a runtime, `restart_backoff` from a command's exit to
     its restart, `kill_grace` from SIGTERM to SIGKILL, `log_follow_seconds` for how long a log stream waits for
-    new lines before it ends.
+    new lines before it ends. `image_env` is the environment every container starts with (default: this
+    process's `IMAGE_VARIABLES`).
 
     While entered, `url` is the API's base (".../v2"). For assertions: `pods` (id -> FakePod, deleted ones
     included), `stock` ((GPU id, cloud, data center) -> StockEntry) and `requests` ((method, path, JSON body or
@@ -397,8 +419,12 @@ class FakeRunPod:
         restart_backoff: float = 1.0,
         kill_grace: float = 3.0,
         log_follow_seconds: float = 1.0,
+        image_env: dict[str, str] | None = None,
     ) -> None:
         self.api_key = api_key
+        if image_env is None:
+            image_env = {name: os.environ[name] for name in IMAGE_VARIABLES if name in os.environ}
+        self.image_env = dict(image_env)
         self.page_size = page_size
         self.boot_seconds = boot_seconds
         self.restart_backoff = restart_backoff
@@ -821,7 +847,7 @@ class FakeRunPod:
         injected |= {f"RUNPOD_TCP_PORT_{_private_port(spec)}": str(public) for spec, public in pod.port_map.items()}
         if pod.mounts.get("network"):
             injected["RUNPOD_VOLUME_ID"] = pod.mounts["network"][0]["volumeId"]
-        return {**os.environ, **pod.env, **injected}
+        return {**self.image_env, "HOME": str(pod.workdir), **pod.env, **injected}
 
     def _pump_output(self, pod: FakePod, stream: Any) -> None:
         with stream:

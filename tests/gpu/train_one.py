@@ -34,6 +34,7 @@ DEFAULTS = {
     "lora_bias": "none",
     "lora_dropout": 0.0,
     "lr_scheduler_type": "linear",
+    "max_grad_norm": 1.0,
     "max_seq_length": 2048,
     "max_steps": None,
     "merge_before_push": None,

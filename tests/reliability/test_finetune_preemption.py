@@ -20,10 +20,15 @@ def test_a_preempted_finetune_resumes_from_its_last_checkpoint_on_a_new_pod(
     from ow_prefect.testing.tiny_model import sample_conversations, write_jsonl
 
     monkeypatch.setenv("OW_DEPLOYMENT_SUFFIX", SUFFIX)
-    monkeypatch.setenv("OW_TRAIN_BACKEND", "transformers")  # pods of the fake inherit this process's environment
+    pod_env = {"OW_TRAIN_BACKEND": "transformers"}  # a pod has only the env its job variables and the image give it
     # the session's runpod worker and pool (tests/runpod_support.py); a real flow run in each pod
     deploy(
-        prefect_client, runpod_pool, f"sft{SUFFIX}", entrypoint="flows/finetune/flow.py:finetune", command=POD_COMMAND
+        prefect_client,
+        runpod_pool,
+        f"sft{SUFFIX}",
+        entrypoint="flows/finetune/flow.py:finetune",
+        command=POD_COMMAND,
+        env=pod_env,
     )
     ow = OpenWeights()
     data = ow.files.upload(write_jsonl(sample_conversations(128), tmp_path / "train.jsonl"), "conversations")
