@@ -7,6 +7,11 @@ A file passed with ``file=`` is left next to the run log (`run_files_dir`) and n
 it (purpose ``event``) and its id travels with the event. The command has no storage credentials (its
 environment is its own, see flows/custom.py), so it never stores anything itself. Nothing here imports
 Prefect: the command's environment may not have it.
+
+``$OW_RUN_LOG``, ``$OW_FLOW_RUN_ID`` and ``$OW_JOB_ID`` are read from the environment, not from `OWSettings`, on
+purpose: they are not settings but this process's run context, set by the flow (flows/custom.py) for the one
+command it starts. A setting can come from a ``.env`` file, and a ``.env`` in the command's working directory
+(a mounted project may carry one) must never make a process claim to be another run, or a job's command.
 """
 
 from __future__ import annotations

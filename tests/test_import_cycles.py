@@ -1,37 +1,53 @@
-"""No import cycles among ow_prefect's modules, found by reading their imports (nothing is imported).
+"""No import cycles between the modules of ow_prefect/ and flows/, read statically from their source.
 
-A module-level import runs when the module is imported; a cycle of them makes the import order matter (a name
-used before its module finished running). An import inside a function runs later, so a cycle through one
-works, but it is still two modules that need each other: shared helpers belong in a leaf module.
-Imports under ``if TYPE_CHECKING:`` never run and are not counted; neither is the implicit import of a
-module's parent package.
-"""
-
-from __future__ import annotations
+Every import that runs counts, at the top of a module or deferred into a function: a deferred import hides a
+cycle from Python's import machinery, not from a reader (two modules that need each other are one concern in two
+files). Imports under ``if TYPE_CHECKING:`` never run (annotations name a class, e.g. a resource's client) and
+are not counted. A package's `__init__` is not counted as imported by its submodules (Python runs it first, but
+that is not a dependency of the submodule's code)."""
 
 import ast
 from pathlib import Path
 
-import pytest
-
-PACKAGE = Path(__file__).resolve().parents[1] / "ow_prefect"
-
-# Cycles through function-level imports outside ow_prefect.client, being removed on another branch (issue 21):
-# each is the set of modules of one strongly connected component. A cycle among other modules fails the test;
-# one of these that shrinks or goes away passes it (then drop it here).
-KNOWN_FUNCTION_LEVEL = [
-    {"ow_prefect.chat.routing", "ow_prefect.jobs.inference", "ow_prefect.jobs.api"},
-    {"ow_prefect.jobs.base", "ow_prefect.jobs.custom"},
-]
-CLEAN = ("ow_prefect.client",)  # packages with no cycle at all, function-level imports included
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("ow_prefect", "flows")
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
 
 
-MODULES = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The modules of ours that the module `name` imports anywhere in its source."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = set()
+    for node in _running(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names}
+    return {target for target in targets if target in known and target != name}
+
+
+def _running(tree: ast.AST):
+    """Every node of `tree` but what is under ``if TYPE_CHECKING:`` (its ``else:`` runs)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            for child in node.orelse:
+                yield child
+                yield from _running(child)
+            continue
+        yield node
+        yield from _running(node)
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -40,135 +56,89 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _targets(node: ast.Import | ast.ImportFrom, module: str) -> set[str]:
-    """The ow_prefect modules an import statement in `module` loads (``from pkg import sub`` loads pkg.sub)."""
-    if isinstance(node, ast.Import):
-        names = [alias.name for alias in node.names]
-    else:
-        assert not node.level, f"{module}: a relative import (ow_prefect imports absolutely; this test reads them so)"
-        base = node.module or ""
-        names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base for alias in node.names]
-    return {name for name in names if name in MODULES and name != module}
-
-
-def imports(module: str) -> tuple[set[str], set[str]]:
-    """(modules imported at module level, modules imported inside functions) by `module`."""
-    top: set[str] = set()
-    inner: set[str] = set()
-
-    def visit(node: ast.AST, in_function: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child.test):
-                for orelse in child.orelse:
-                    visit(orelse, in_function)
-                continue
-            if isinstance(child, ast.Import | ast.ImportFrom):
-                (inner if in_function else top).update(_targets(child, module))
-            visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda))
-
-    visit(ast.parse(MODULES[module].read_text()), in_function=False)
-    return top, inner - top
-
-
-def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
-    """The strongly connected components of more than one module (each holds at least one cycle)."""
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
-    found: list[set[str]] = []
-
-    def connect(node: str) -> None:  # Tarjan's algorithm
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        for succ in graph.get(node, ()):
-            if succ not in index:
-                connect(succ)
-                low[node] = min(low[node], low[succ])
-            elif succ in stack:
-                low[node] = min(low[node], index[succ])
-        if low[node] == index[node]:
-            component = set()
-            while (member := stack.pop()) != node:
-                component.add(member)
-            component.add(node)
-            if len(component) > 1:
-                found.append(component)
-
-    for node in sorted(graph):
-        if node not in index:
-            connect(node)
+    on_stack: set[str] = set()
+    found = []
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
     return found
 
 
-def pair_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
-    """Within each component, the shortest cycle through each module, as a set (what a person would fix)."""
-    result: list[set[str]] = []
-    for component in cycles(graph):
-        for start in sorted(component):
-            path = _shortest_back(graph, start, component)
-            if path and set(path) not in result:
-                result.append(set(path))
-    return result
+def import_graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported(name, path, known) for name, path in known.items()}
 
 
-def _shortest_back(graph: dict[str, set[str]], start: str, within: set[str]) -> list[str] | None:
-    frontier, seen = [[start]], {start}
-    while frontier:
-        nxt = []
-        for path in frontier:
-            for succ in sorted(graph.get(path[-1], ())):
-                if succ == start:
-                    return path
-                if succ in within and succ not in seen:
-                    seen.add(succ)
-                    nxt.append([*path, succ])
-        frontier = nxt
-    return None
+def test_no_import_cycles():
+    graph = import_graph()
+    unknown = cycles(graph)
+    described = ["\n".join(f"  {m} -> {sorted(graph[m] & set(c))}" for m in c) for c in unknown]
+    assert unknown == [], "import cycles (move what both sides need into a leaf module):\n" + "\n\n".join(described)
 
 
-GRAPHS = {module: imports(module) for module in MODULES}
-TOP_LEVEL = {module: top for module, (top, _) in GRAPHS.items()}
-ALL = {module: top | inner for module, (top, inner) in GRAPHS.items()}
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"f"}, "f": {"e"}, "g": set()}
+    assert sorted(cycles(graph)) == [["a", "b", "c"], ["e", "f"]]
 
 
-def test_the_analysis_sees_module_level_function_level_and_type_checking_imports():
-    top, inner = GRAPHS["ow_prefect.client._client"]
-    assert {"ow_prefect.client.jobs", "ow_prefect.jobs.custom", "ow_prefect.errors"} <= top
-    assert "ow_prefect.chat" in inner and "ow_prefect.chat" not in top, "imported inside a function"
-    assert "ow_prefect.chat" in _type_checking_only("ow_prefect.client._client"), "also under TYPE_CHECKING"
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+def test_deferred_imports_count(tmp_path):
+    known = {"pkg.one": tmp_path / "one.py", "pkg.two": tmp_path / "two.py"}
+    known["pkg.one"].write_text("def f():\n    from pkg.two import g\n")
+    known["pkg.two"].write_text("from pkg import one\n")
+    graph = {name: imported(name, path, known) for name, path in known.items()}
+    assert cycles(graph) == [["pkg.one", "pkg.two"]]
 
 
-def _type_checking_only(module: str) -> set[str]:
-    tree = ast.parse(MODULES[module].read_text())
-    blocks = [node for node in tree.body if isinstance(node, ast.If) and _is_type_checking(node.test)]
-    return {
-        t
-        for block in blocks
-        for node in ast.walk(block)
-        if isinstance(node, ast.ImportFrom)
-        for t in _targets(node, module)
-    }
-
-
-def test_no_module_level_import_cycles():
-    found = [sorted(cycle) for cycle in pair_cycles(TOP_LEVEL)]
-    assert not found, f"module-level import cycles: {found}; move what they share into a leaf module"
-
-
-def test_cycles_through_function_level_imports_are_only_the_known_ones():
-    unexpected = [
-        sorted(component) for component in cycles(ALL) if not any(component <= known for known in KNOWN_FUNCTION_LEVEL)
-    ]
-    assert not unexpected, (
-        f"import cycles (through imports inside functions): {unexpected}; move what the modules share into a leaf "
-        "module instead of importing it late"
+def test_type_checking_imports_do_not_count(tmp_path):
+    known = {"pkg.one": tmp_path / "one.py", "pkg.two": tmp_path / "two.py"}
+    known["pkg.one"].write_text(
+        "import typing\nif typing.TYPE_CHECKING:\n    from pkg.two import g\nelse:\n    g = 1\n"
     )
+    known["pkg.two"].write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    pass\nelse:\n    import pkg.one\n"
+    )
+    graph = {name: imported(name, path, known) for name, path in known.items()}
+    assert graph == {"pkg.one": set(), "pkg.two": {"pkg.one"}}
 
 
-@pytest.mark.parametrize("package", CLEAN)
-def test_no_import_cycles_at_all_in(package):
-    inside = {m: {t for t in targets if t.startswith(package)} for m, targets in ALL.items() if m.startswith(package)}
-    found = [sorted(cycle) for cycle in pair_cycles(inside)]
-    assert not found, f"import cycles in {package} (function-level imports included): {found}"
-    assert not [c for c in cycles(ALL) if any(m.startswith(package) for m in c)], "nor through other packages"
+def test_the_client_resources_and_run_log_import_no_client_module_above_them():
+    """ow_prefect/client/: `_client` builds the resources, the resources use the leaf modules (`_loop`,
+    `_queries`, `_logs`), never `_client` (their annotations name it under TYPE_CHECKING only)."""
+    graph = import_graph()
+    for resource in ("api", "files", "jobs", "runs", "_loop", "_queries", "_logs"):
+        assert "ow_prefect.client._client" not in graph[f"ow_prefect.client.{resource}"], resource
+    assert {"ow_prefect.client.jobs", "ow_prefect.client.api"} <= graph["ow_prefect.client._client"]

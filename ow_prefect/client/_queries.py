@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ow_prefect.jobs.base import JobStatus, job_types
+from ow_prefect.jobs.base import JobStatus
+from ow_prefect.jobs.registry import job_types
 from ow_prefect.jobs.submit import STATE_STATUS, STATUS_STATES, job_tag
 
 RUNS_PAGE = 200  # the server's largest page of flow runs
