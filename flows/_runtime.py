@@ -39,6 +39,7 @@ from ow_prefect.jobs.submit import (
     run_outputs_key,
     type_tag,
 )
+from ow_prefect.settings import get_settings
 from ow_prefect.storage import Storage
 
 RESULT_PURPOSE = "result"  # files a job produces for the user (outputs, completions, logs)
@@ -158,7 +159,7 @@ def finished_without_work(job: JobRun, outputs: dict[str, Any], message: str) ->
 
 def hf_token_secret() -> str:
     """Name of the Secret block holding the team's Hugging Face token (`OW_HF_TOKEN_SECRET`, default 'hf-token')."""
-    return os.environ.get("OW_HF_TOKEN_SECRET", "hf-token")
+    return get_settings().hf_token_secret
 
 
 def hf_token() -> str | None:

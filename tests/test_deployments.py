@@ -6,7 +6,7 @@ import yaml
 
 from deployments.register import load_deployments, load_flow, pull_steps
 from ow_prefect.jobs.api import SERVE_PORT
-from ow_prefect.jobs.base import job_types
+from ow_prefect.jobs.registry import job_types
 from ow_prefect.settings import OWSettings
 from tests.conftest import ROOT
 

@@ -62,6 +62,21 @@ def test_the_pod_env_holds_only_what_the_run_needs(monkeypatch):
     assert config.command == "prefect flow-run execute"
 
 
+def test_the_worker_passes_on_the_ow_settings_of_its_dotenv(monkeypatch, tmp_path):
+    """OW_HF_ORG / OW_HF_TOKEN_SECRET / OW_STORAGE_RETRY_SECONDS from the worker's `.env` reach the pod, as from its
+    environment; settings it does not set are not passed (the pod keeps its own defaults)."""
+    from prefect.client.schemas.objects import WorkPool
+
+    for name in ("OW_STORAGE_BLOCK", "OW_HF_ORG", "OW_HF_TOKEN_SECRET", "OW_STORAGE_RETRY_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("OW_HF_ORG=my-lab\nOW_STORAGE_RETRY_SECONDS=600\n")
+    config = RunPodJobConfiguration()
+    config.prepare_for_flow_run(flow_run(), work_pool=WorkPool(id=uuid4(), name="gpu", type="runpod"))
+    passed = {name: value for name, value in config.env.items() if name.startswith("OW_") and name != "OW_WORK_POOL_ID"}
+    assert passed == {"OW_HF_ORG": "my-lab", "OW_STORAGE_RETRY_SECONDS": "600.0"}
+
+
 def test_the_create_body_is_what_runpods_spec_accepts():
     config = RunPodJobConfiguration(
         image="ghcr.io/me/train:1",

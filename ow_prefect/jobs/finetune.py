@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, JobIdSuffix, parameter_error, register
+from ow_prefect.jobs.base import Job, JobIdSuffix, parameter_error
+from ow_prefect.jobs.registry import register
+from ow_prefect.settings import get_settings
 from ow_prefect.storage import ID_RE
 
 Loss = Literal["sft", "dpo", "orpo", "weighted_sft"]
@@ -82,7 +84,7 @@ class SamplingCallback(BaseModel):
 
 def client_hf_org() -> str | None:
     """The Hub organization known on this machine: ``OW_HF_ORG``, else OpenWeights' ``HF_ORG`` / ``HF_USER``."""
-    return os.environ.get("OW_HF_ORG") or os.environ.get("HF_ORG") or os.environ.get("HF_USER") or None
+    return get_settings().hf_org or os.environ.get("HF_ORG") or os.environ.get("HF_USER") or None
 
 
 class _KeepMissing(dict):
@@ -384,17 +386,16 @@ class FineTuneJob(Job):
 
     @classmethod
     def job_variables(cls, validated: FineTuningParams) -> dict[str, Any]:
-        from ow_prefect.jobs.vram import estimate_vram_gb
+        from ow_prefect.jobs.vram import estimate_vram_gb, vram_variables
 
-        vram = validated.requires_vram_gb
-        if vram is None:
-            vram = estimate_vram_gb(
-                validated.model,
-                load_in_4bit=validated.load_in_4bit,
-                max_seq_length=validated.max_seq_length,
-                batch_size=validated.per_device_train_batch_size,
-            )
-        return {"min_vram_gb": vram}
+        return vram_variables(
+            validated,
+            estimate_vram_gb,
+            validated.model,
+            load_in_4bit=validated.load_in_4bit,
+            max_seq_length=validated.max_seq_length,
+            batch_size=validated.per_device_train_batch_size,
+        )
 
 
 @register("weighted_sft")

@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator
 
-from ow_prefect.jobs.base import Job, register
+from ow_prefect.jobs.base import Job
 from ow_prefect.jobs.finetune import conversations_file
 from ow_prefect.jobs.inference import ServedModel
+from ow_prefect.jobs.registry import register
 
 
 class LogprobParams(ServedModel):
@@ -55,11 +56,14 @@ class LogprobJob(Job):
 
     @classmethod
     def job_variables(cls, validated: LogprobParams) -> dict[str, Any]:
-        from ow_prefect.jobs.vram import estimate_vram_gb
+        from ow_prefect.jobs.vram import estimate_vram_gb, vram_variables
 
-        vram = validated.requires_vram_gb
-        if vram is None:  # a forward pass without optimizer states: the training estimate is an upper bound
-            vram = estimate_vram_gb(
-                validated.base_model, load_in_4bit=False, max_seq_length=2048, batch_size=validated.batch_size
-            )
-        return {"min_vram_gb": vram}
+        # a forward pass without optimizer states: the training estimate is an upper bound
+        return vram_variables(
+            validated,
+            estimate_vram_gb,
+            validated.base_model,
+            load_in_4bit=False,
+            max_seq_length=2048,
+            batch_size=validated.batch_size,
+        )

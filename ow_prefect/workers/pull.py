@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ow_prefect.settings import get_settings
+
 IMAGE_CODE_DIR = "/opt/ow_prefect"  # where docker/Dockerfile puts the code
 
 
 def code_directory() -> dict[str, str]:
     """Change to the code's directory; fail naming both choices when it is not there."""
-    chosen = os.environ.get("OW_POD_CODE_DIR")
+    chosen = get_settings().pod_code_dir
     directory = Path(chosen or IMAGE_CODE_DIR)
     if not (directory / "flows").is_dir():
         where = f"OW_POD_CODE_DIR={chosen}" if chosen else f"the image's copy at {IMAGE_CODE_DIR}"

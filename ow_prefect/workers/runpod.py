@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -252,9 +251,7 @@ class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
         super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id)
         settings = self._base_environment()
         ow = get_settings()
-        ow_env = {"OW_STORAGE_BLOCK": ow.storage_block} | {
-            name: value for name in POD_OW_SETTINGS[1:] if (value := os.environ.get(name))
-        }
+        ow_env = {"OW_STORAGE_BLOCK": ow.storage_block} | ow.exported(POD_OW_SETTINGS[1:])
         env = {
             **{name: settings[name] for name in POD_PREFECT_SETTINGS if settings.get(name)},
             **self._base_flow_run_environment(flow_run),
