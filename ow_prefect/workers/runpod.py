@@ -20,6 +20,11 @@ mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.p
 `ow.pod.terminated` events related to its flow run, and its run gets a `runpod-cost-<flow run id>` table
 artifact (price × time from create to delete, one row per pod over every attempt).
 
+Like Prefect's own workers (prefect-aws's ECS worker), this module keeps the job variables, the job
+configuration and the worker side by side, one concern read whole; what those workers do not have lives in rooms
+of its own: the reconciler (`reconciler.py`), pod events and cost rows (`costs.py`) and the no-capacity message
+(`capacity.py`).
+
 The pod's environment holds only what the run needs: the Prefect API URL and its key or auth string, the flow
 run id, `PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule`, `OW_STORAGE_BLOCK` / `OW_HF_*` when set, the
 job's own `env`, and two non-secret markers (work pool id, deadline). It is never logged; pods are named
@@ -29,48 +34,42 @@ job's own `env`, and two non-secret markers (work pool id, deadline). It is neve
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
-import json
 import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlparse
 from uuid import UUID
 
 import anyio
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, get_current_settings, temporary_settings
 from prefect.states import Cancelled, Crashed, Failed
 from prefect.utilities.engine import propose_state
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ow_prefect.errors import ConfigurationError, ParameterError
 from ow_prefect.jobs.base import validation_problems
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
-from ow_prefect.runpod.errors import RunPodAuthError, RunPodError, RunPodNoCapacity, RunPodNotFound
+from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
 from ow_prefect.runpod.models import Pod
 from ow_prefect.runpod.offers import (
     CLOUDS,
     DEFAULT_VRAM_MARGIN,
     Candidate,
-    Ranking,
     create_on_first,
     find_offers,
     with_margin,
 )
 from ow_prefect.settings import get_settings
+from ow_prefect.workers.capacity import _no_capacity_message
+from ow_prefect.workers.costs import CostAccounting, PodRecord
+from ow_prefect.workers.reconciler import _GONE, DEADLINE_MARKER, POD_PREFIX, POOL_MARKER, PodReconciler
 
-POD_PREFIX = "ow-"
-POOL_MARKER = "OW_WORK_POOL_ID"  # env markers: how the reconciler knows a pod is this pool's (v2 has no labels)
-DEADLINE_MARKER = "OW_POD_DEADLINE"  # epoch seconds after which the pod is past its max_runtime
 INFRA_PREFIX = "runpod::"
 # Prefect settings a pod needs to reach the API; every other setting of the worker stays on the worker.
 POD_PREFECT_SETTINGS = (
@@ -92,15 +91,17 @@ DEFAULT_QUERY_SECONDS = 2.0  # GPU runs deserve a faster pick-up than Prefect's 
 CAPACITY_RETRY_SECONDS = (5.0, 60.0)  # first and longest pause between rounds while waiting for capacity
 CANCEL_GRACE_SECONDS = 5.0  # lets the supervisor in the pod finish a cancellation it already saw
 PREEMPT_GRACE_SECONDS = 60.0  # lets a pod that RunPod stopped reschedule its run through its SIGTERM handler
-STALE_CANCELLING_SECONDS = 60.0
 LOG_LINES_IN_MESSAGE = 15
 LOG_LINES_LOGGED = 40
 LOG_LINES_SEARCHED = 400  # for the first exception: a crash loop repeats it, Prefect's reactions follow it
 ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exit)\b.*: ")  # a Python exception's last line
 
 
-class RunPodVariables(BaseVariables):
-    """What a work pool, deployment or flow run may set (`job_variables`); shown as the pool's form."""
+class RunPodFields(BaseModel):
+    """The `runpod` job variables, each defined once (default, bounds, title, description): `RunPodVariables` (the
+    pool's form) and `RunPodJobConfiguration` (one run's resolved values) both inherit them, and Prefect derives
+    each `{{ field }}` template of the base job template from the field's name (`BaseJobConfiguration.json_template`).
+    """
 
     image: str = Field(
         default_factory=lambda: get_settings().train_image,
@@ -171,7 +172,11 @@ class RunPodVariables(BaseVariables):
         title="Network volume",
         description="Id of a RunPod network volume to mount at `volume_mount_path` (instead of a volume).",
     )
-    volume_mount_path: str = Field(default="/workspace", title="Volume mount path")
+    volume_mount_path: str = Field(
+        default="/workspace",
+        title="Volume mount path",
+        description="Where the volume (`volume_gb`) or network volume (`network_volume_id`) is mounted in the pod.",
+    )
     ports: list[str] = Field(
         default_factory=list,
         title="Ports",
@@ -206,29 +211,12 @@ class RunPodVariables(BaseVariables):
     )
 
 
-class RunPodJobConfiguration(BaseJobConfiguration):
-    """The resolved job variables of one flow run, and the pod request they make."""
+class RunPodVariables(RunPodFields, BaseVariables):
+    """What a work pool, deployment or flow run may set (`job_variables`); shown as the pool's form."""
 
-    image: str = Field(default_factory=lambda: get_settings().train_image)
-    gpu_types: list[str] = Field(default_factory=list)
-    min_vram_gb: float = Field(default=16, ge=0)
-    vram_margin: float = Field(default=DEFAULT_VRAM_MARGIN, ge=0, le=1)
-    gpu_count: int = Field(default=1, ge=1, le=8)
-    cloud: Literal["SECURE", "COMMUNITY", "ANY"] = "SECURE"
-    data_center_ids: list[str] = Field(default_factory=list)
-    max_price_per_hour: float | None = Field(default=None, gt=0)
-    min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
-    data_center_min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
-    container_disk_gb: int = Field(default=50, ge=1)
-    volume_gb: int | None = Field(default=None, ge=10)
-    network_volume_id: str | None = None
-    volume_mount_path: str = "/workspace"
-    ports: list[str] = Field(default_factory=list)
-    registry_auth_id: str | None = None
-    max_runtime: int = Field(default=86400, ge=1)
-    startup_timeout: int = Field(default=1200, ge=1)
-    capacity_wait: int = Field(default=0, ge=0)
-    credentials: RunPodCredentials | None = None
+
+class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
+    """The resolved job variables of one flow run, and the pod request they make."""
 
     @field_validator("ports")
     @classmethod
@@ -328,68 +316,6 @@ class RunPodWorkerResult(BaseWorkerResult):
 
 
 @dataclass
-class PodRecord:
-    """One pod of one attempt of a flow run: what its cost and events are computed from."""
-
-    pod: Pod
-    flow_run_id: UUID
-    flow_run_name: str
-    price_per_hour: float
-    created_at: float = field(default_factory=time.time)
-    gpu: str = ""
-    cloud: str = ""
-
-    @classmethod
-    def of(cls, pod: Pod, flow_run: FlowRun, candidate: Candidate) -> PodRecord:
-        price = pod.cost or candidate.price_per_hour
-        return cls(
-            pod,
-            flow_run.id,
-            flow_run.name,
-            price,
-            gpu=f"{candidate.count}x {candidate.gpu_id}",
-            cloud=pod.cloud or candidate.cloud,
-        )
-
-    @classmethod
-    def found(cls, pod: Pod, flow_run_id: UUID, flow_run_name: str) -> PodRecord:
-        """A pod the reconciler found: its creation time and price come from RunPod."""
-        created = _parse_time(pod.created_at) or time.time()
-        gpu = f"{pod.gpu.count}x {pod.gpu.id}" if pod.gpu else "CPU"
-        return cls(pod, flow_run_id, flow_run_name, pod.cost or 0.0, created_at=created, gpu=gpu, cloud=pod.cloud or "")
-
-    @property
-    def pod_id(self) -> str:
-        return self.pod.id
-
-    def event_resource(self) -> dict[str, str]:
-        return {
-            "prefect.resource.id": f"runpod.pod.{self.pod_id}",
-            "prefect.resource.name": self.pod.name,
-            "ow.pod.gpu": self.gpu,
-            "ow.pod.cloud": self.cloud,
-        }
-
-    def related(self) -> list[dict[str, str]]:
-        return [
-            {
-                "prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}",
-                "prefect.resource.role": "flow-run",
-                "prefect.resource.name": self.flow_run_name,
-            }
-        ]
-
-    def payload(self) -> dict[str, Any]:
-        return {
-            "pod_id": self.pod_id,
-            "gpu": self.gpu,
-            "cloud": self.cloud,
-            "data_center": self.pod.data_center_id,
-            "price_per_hour": self.price_per_hour,
-        }
-
-
-@dataclass
 class Outcome:
     """How a watch ended: the state to set before and after deleting the pod, and the worker's exit code."""
 
@@ -399,7 +325,9 @@ class Outcome:
     status_code: int = 0
 
 
-class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWorkerResult]):
+class RunPodWorker(
+    PodReconciler, CostAccounting, BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWorkerResult]
+):
     """Runs each flow run in its own RunPod GPU pod and deletes the pod when the run ends."""
 
     type = "runpod"
@@ -715,17 +643,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                     await anyio.sleep(1)
         return "deleted" if deleted else "gone"
 
-    async def _account(self, record: PodRecord, reason: str, logger: Any) -> None:
-        seconds = max(0.0, time.time() - record.created_at)
-        cost = record.price_per_hour * seconds / 3600
-        self._emit(
-            "ow.pod.terminated", record, billed_seconds=round(seconds, 1), cost_usd=round(cost, 6), reason=reason
-        )
-        try:
-            await _add_cost_row(self.client, record, seconds, cost, reason)
-        except Exception:
-            logger.warning("Could not write the cost artifact", exc_info=True)
-
     # ---- kill_infrastructure (cancellation of pending runs, by Prefect) --------------------------------
 
     async def kill_infrastructure(
@@ -738,81 +655,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             raise InfrastructureNotFound(f"{infrastructure_pid!r} is not a RunPod pod of this worker")
         async with configuration.runpod_credentials().get_client() as runpod:
             await runpod.delete_pod(infrastructure_pid.removeprefix(INFRA_PREFIX))
-
-    # ---- reconciler ----------------------------------------------------------------------------------
-
-    async def _reconcile_forever(self) -> None:
-        while True:
-            try:
-                await self.reconcile()
-            except RunPodAuthError as exc:  # said once, without a traceback every pass
-                self._warn_once(self._logger, "reconcile-auth", f"RunPod reconciler cannot list pods: {exc}")
-            except Exception:
-                self._logger.warning("RunPod reconciler pass failed; retrying later", exc_info=True)
-            await anyio.sleep(get_settings().runpod_reconcile_seconds)
-
-    async def reconcile(self) -> list[str]:
-        """Delete this pool's pods that no worker of this process watches and that should not exist: their
-        run is over, deleted, rescheduled, long cancelling or past `max_runtime`. Returns the deleted pod ids."""
-        if self._work_pool is None:
-            return []
-        if not self._credentials:
-            try:
-                self._remember(await self._pool_credentials())
-            except ConfigurationError as exc:  # said once at start: every run of this pool will fail the same way
-                self._warn_once(self._logger, "no-credentials", f"Work pool {self._work_pool.name!r}: {exc}")
-            except Exception:
-                pass
-        deleted = []
-        for credentials in list(self._credentials.values()):
-            async with credentials.get_client() as runpod:
-                for pod in await runpod.find_pods(POD_PREFIX):
-                    if pod.env.get(POOL_MARKER) != str(self._work_pool.id) or pod.id in self._watched:
-                        continue
-                    verdict = await self._orphan_verdict(pod)
-                    if verdict is None:
-                        continue
-                    reason, state = verdict
-                    flow_run_id = _flow_run_id(pod)
-                    self._logger.info(f"Reconciler: deleting pod {pod.id} ({reason})")
-                    if state is not None and flow_run_id:
-                        await self._force_state(flow_run_id, state, self._logger)
-                    if await self._delete(runpod, pod.id, self._logger) == "deleted":  # else another worker did
-                        deleted.append(pod.id)
-                        if flow_run_id:
-                            record = PodRecord.found(pod, flow_run_id, pod.name)
-                            await self._account(record, f"reconciler: {reason}", self._logger)
-        return deleted
-
-    async def _orphan_verdict(self, pod: Pod) -> tuple[str, Any] | None:
-        flow_run_id = _flow_run_id(pod)
-        if flow_run_id is None:
-            return "it names no flow run", None
-        state = await self._state(flow_run_id)
-        if state is None:  # the API did not answer: decide next time
-            return None
-        if state is _GONE:
-            return "its flow run no longer exists", None
-        if pod.ended:
-            return f"it is {pod.status}", None
-        if state.is_final():
-            return f"its flow run is {state.name}", None
-        if state.is_scheduled():
-            return "its flow run was rescheduled", None
-        deadline = _float(pod.env.get(DEADLINE_MARKER))
-        if deadline is not None and time.time() > deadline:
-            message = f"The run exceeded its max_runtime; the reconciler deleted pod {pod.id}."
-            return "past its max_runtime", Failed(name="TimedOut", message=message)
-        if state.is_cancelling() and state.timestamp and _age(state.timestamp) > STALE_CANCELLING_SECONDS:
-            return "its flow run has been cancelling for a minute", Cancelled(message="Cancelled; pod deleted.")
-        return None
-
-    async def _pool_credentials(self) -> RunPodCredentials:
-        """The credentials the work pool's defaults resolve to (block or the worker's RUNPOD_API_KEY)."""
-        configuration = await self.job_configuration.from_template_and_values(
-            self._work_pool.base_job_template, {}, client=self.client
-        )
-        return configuration.runpod_credentials()
 
     # ---- helpers -------------------------------------------------------------------------------------
 
@@ -841,14 +683,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             pass
         except Exception:
             logger.warning(f"Could not set flow run {flow_run_id} to {state.name}", exc_info=True)
-
-    def _emit(self, event: str, record: PodRecord, **payload: Any) -> None:
-        emit_event(
-            event=event,
-            resource=record.event_resource(),
-            related=record.related(),
-            payload={**record.payload(), **payload},
-        )
 
     def _warn_once(self, logger: Any, key: str, message: str) -> None:
         if key not in self._warned:
@@ -911,9 +745,6 @@ class ContainerTracker:
         return "up" if first else None
 
 
-_GONE = object()
-
-
 async def _last_log_lines(runpod: AsyncRunPodClient, pod_id: str, count: int, wait: float = 3.0) -> list[str]:
     """The pod's last log lines (container and system), read for at most `wait` seconds."""
     lines: list[str] = []
@@ -926,115 +757,6 @@ async def _last_log_lines(runpod: AsyncRunPodClient, pod_id: str, count: int, wa
     return lines[-count:]
 
 
-async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: float, reason: str) -> None:
-    """Append this pod to the run's cost table (key `runpod-cost-<flow run id>`), keeping earlier attempts."""
-    from prefect.client.schemas.actions import ArtifactCreate
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    key = f"runpod-cost-{record.flow_run_id}"
-    previous = await client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
-    )
-    rows: list[dict[str, Any]] = []
-    if previous and isinstance(previous[0].data, str):
-        with contextlib.suppress(Exception):
-            rows = [row for row in json.loads(previous[0].data) if row.get("pod") != record.pod_id]
-    # Column order is what the UI shows first: at 1400 px its table has room for about 850 px, so the cost, the GPU,
-    # the time and the price come before the longer text (`ended`) and the ids.
-    rows.append(
-        {
-            "cost_usd": round(cost, 6),
-            "gpu": record.gpu,  # RunPod's GPU type id, as gpu_types takes it
-            "billed_seconds": round(seconds, 1),
-            "usd_per_hour": round(record.price_per_hour, 4),
-            "cloud": record.cloud,
-            "data_center": record.pod.data_center_id or "",
-            "ended": reason,
-            "pod": record.pod_id,
-            "attempt": len(rows) + 1,
-        }
-    )
-    total = sum(row["cost_usd"] for row in rows)
-    description = (
-        f"**RunPod cost: ${total:.4f}** over {len(rows)} pod{'s' if len(rows) > 1 else ''} "
-        "(price per hour × time from create to delete)."
-    )
-    await client.create_artifact(
-        ArtifactCreate(
-            key=key, type="table", data=json.dumps(rows), description=description, flow_run_id=record.flow_run_id
-        )
-    )
-
-
-# Why offers were left out, and what to change: (reason, phrase with {n}, the fix).
-FILTER_REASONS = {
-    "cloud": ("{n} not offered in cloud {cloud}", "cloud: ANY adds the other cloud"),
-    "gpu_types": ("{n} not in gpu_types", "add types to gpu_types, or leave it empty"),
-    "vram": (
-        "{n} with less than {vram:g} GB over {count} GPU(s)",
-        "lower min_vram_gb (or requires_vram_gb) or vram_margin, or raise gpu_count",
-    ),
-    "stock": ("{n} sold out", "capacity_wait retries for a while"),
-    "data_centers": ("{n} not in data centers {data_centers}", "widen or empty data_center_ids"),
-    "cuda": (
-        "{n} without a free host at the CUDA floor ({cuda})",
-        "lower min_cuda_version / "
-        "data_center_min_cuda_version only for an image built for an older CUDA (docs/runpod.md, CUDA)",
-    ),
-    "price": ("{n} above ${price:g}/h", "raise max_price_per_hour"),
-}
-
-
-def _filter_summary(configuration: RunPodJobConfiguration, ranking: Ranking) -> tuple[str, str]:
-    """(what each filter removed, with counts; what to change), in filter order."""
-    cuda = f"host CUDA >= {configuration.min_cuda_version}" if configuration.min_cuda_version else ""
-    if configuration.data_center_min_cuda_version:
-        cuda = ", ".join(filter(None, [cuda, f">= {configuration.data_center_min_cuda_version} on data-center GPUs"]))
-    values = {
-        "cloud": configuration.cloud,
-        "vram": with_margin(configuration.min_vram_gb, configuration.vram_margin),  # what the filter compares
-        "count": configuration.gpu_count,
-        "data_centers": configuration.data_center_ids,
-        "cuda": cuda or "none",
-        "price": configuration.max_price_per_hour or 0,
-    }
-    removed = [(reason, n) for reason in FILTER_REASONS if (n := ranking.removed.get(reason))]
-    what = "; ".join(FILTER_REASONS[reason][0].format(n=n, **values) for reason, n in removed)
-    fixes = "; ".join(FILTER_REASONS[reason][1] for reason, _ in removed)
-    return what, fixes
-
-
-def _no_capacity_message(configuration: RunPodJobConfiguration, ranking: Ranking, tried: Sequence[str] = ()) -> str:
-    wanted = (
-        f"{configuration.gpu_count} GPU(s) with {configuration.min_vram_gb:g} GB in total "
-        f"(+{configuration.vram_margin:.0%} margin: "
-        f"{with_margin(configuration.min_vram_gb, configuration.vram_margin):g} GB), cloud "
-        f"{configuration.cloud}"
-        + (f", types {configuration.gpu_types}" if configuration.gpu_types else "")
-        + (f", data centers {configuration.data_center_ids}" if configuration.data_center_ids else "")
-        + (f", at most ${configuration.max_price_per_hour:g}/h" if configuration.max_price_per_hour else "")
-        + (f", host CUDA >= {configuration.min_cuda_version}" if configuration.min_cuda_version else "")
-        + (
-            f" (>= {configuration.data_center_min_cuda_version} on data-center GPUs)"
-            if configuration.data_center_min_cuda_version
-            else ""
-        )
-    )
-    what, fixes = _filter_summary(configuration, ranking)
-    filtered = f"Of {ranking.considered} offers (GPU type × cloud) in RunPod's catalog: {what}." if what else ""
-    if not ranking.candidates:
-        change = f" To change: {fixes}." if fixes else ""
-        return f"No RunPod GPU fits {wanted}. {filtered}{change}".strip()
-    waited = f" (waited {configuration.capacity_wait} s)" if configuration.capacity_wait else ""
-    return (
-        f"No capacity on any of {len(ranking.candidates)} candidates{waited} for {wanted}. Tried: "
-        + "; ".join(tried[-20:])
-        + (f". {filtered}" if filtered else "")
-        + " Set capacity_wait to keep trying, or widen the filters."
-    )
-
-
 def _is_loopback(url: str) -> bool:
     host = urlparse(url).hostname or ""
     if host == "localhost":
@@ -1043,35 +765,6 @@ def _is_loopback(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _flow_run_id(pod: Pod) -> UUID | None:
-    try:
-        return UUID(pod.env.get("PREFECT__FLOW_RUN_ID", ""))
-    except ValueError:
-        return None
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def _age(moment: datetime) -> float:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - moment).total_seconds()
 
 
 __all__ = ["RunPodJobConfiguration", "RunPodVariables", "RunPodWorker", "RunPodWorkerResult"]
