@@ -42,10 +42,12 @@ import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import string
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -65,6 +67,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from ow_prefect.testing.fake_gpus import FakeGpus
 from ow_prefect.testing.servers import free_port
 
 SPEC_FILE = Path(__file__).with_name("runpod-openapi-v2.json")
@@ -394,6 +397,14 @@ IMAGE_VARIABLES = (
 )
 
 
+def default_image_env() -> dict[str, str]:
+    """The environment of this machine playing the image: its `IMAGE_VARIABLES`, with this interpreter's directory
+    first on PATH (in the images, `python` and `prefect` are the ones that have ow_prefect)."""
+    env = {name: os.environ[name] for name in IMAGE_VARIABLES if name in os.environ}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+    return env
+
+
 class FakeRunPod:
     """RunPod's REST API v2 for pods and the GPU catalog, served on a free loopback port while entered.
 
@@ -402,7 +413,10 @@ class FakeRunPod:
     smaller ones: `boot_seconds` from create (or start) to a runtime, `restart_backoff` from a command's exit to
     its restart, `kill_grace` from SIGTERM to SIGKILL, `log_follow_seconds` for how long a log stream waits for
     new lines before it ends. `image_env` is the environment every container starts with (default: this
-    process's `IMAGE_VARIABLES`).
+    process's `IMAGE_VARIABLES`, this interpreter's directory first on PATH). `entrypoint` plays the image's
+    ENTRYPOINT: a script every container runs with the pod's `args` as its arguments (e.g. docker/entrypoint.sh;
+    None: `args` alone). `gpus` (ow_prefect/testing/fake_gpus.py) is what GPU pods see through `nvidia-smi`: a
+    test breaks a GPU type there.
 
     While entered, `url` is the API's base (".../v2"). For assertions: `pods` (id -> FakePod, deleted ones
     included), `stock` ((GPU id, cloud, data center) -> StockEntry) and `requests` ((method, path, JSON body or
@@ -420,11 +434,12 @@ class FakeRunPod:
         kill_grace: float = 3.0,
         log_follow_seconds: float = 1.0,
         image_env: dict[str, str] | None = None,
+        entrypoint: str | None = None,
     ) -> None:
         self.api_key = api_key
-        if image_env is None:
-            image_env = {name: os.environ[name] for name in IMAGE_VARIABLES if name in os.environ}
-        self.image_env = dict(image_env)
+        self.image_env = dict(default_image_env() if image_env is None else image_env)
+        self.entrypoint = entrypoint
+        self.gpus = FakeGpus({gpu_id: spec[1] for gpu_id, spec in GPU_TYPES.items()}, HOST_CUDA_VERSION)
         self.page_size = page_size
         self.boot_seconds = boot_seconds
         self.restart_backoff = restart_backoff
@@ -526,11 +541,12 @@ class FakeRunPod:
             self._faults.append(fault)
 
     def reset(self) -> None:
-        """Forget the faults injected and the boots stalled that no request has used up yet (for a fake shared by
-        tests one after another)."""
+        """Forget the faults injected, the boots stalled that no request has used up yet and the GPU types broken
+        (for a fake shared by tests one after another)."""
         with self._lock:
             self._faults.clear()
             self._stalled_boots = 0
+            self.gpus.clear()
 
     def stall_boots(self, times: int = 1) -> None:
         """Make the next `times` pods created hang in their image pull: they stay listed as RUNNING with no
@@ -812,11 +828,12 @@ class FakeRunPod:
 
     def _launch(self, pod: FakePod) -> tuple[subprocess.Popen | None, list[threading.Thread]]:
         pod.up_since = pod.started_at = _now()
-        if not pod.args.strip():
+        if not pod.args.strip() and not self.entrypoint:
             self._log(pod, "system", "container started with the image's default command (the fake runs nothing)")
             return None, []
+        command = f"exec {shlex.quote(self.entrypoint)} {pod.args}" if self.entrypoint else pod.args
         pod.process = subprocess.Popen(
-            ["bash", "-c", pod.args],
+            ["bash", "-c", command],
             cwd=pod.workdir,
             env=self._container_env(pod),
             stdin=subprocess.DEVNULL,
@@ -847,7 +864,8 @@ class FakeRunPod:
         injected |= {f"RUNPOD_TCP_PORT_{_private_port(spec)}": str(public) for spec, public in pod.port_map.items()}
         if pod.mounts.get("network"):
             injected["RUNPOD_VOLUME_ID"] = pod.mounts["network"][0]["volumeId"]
-        return {**self.image_env, "HOME": str(pod.workdir), **pod.env, **injected}
+        env = {**self.image_env, "HOME": str(pod.workdir), **pod.env, **injected}
+        return self.gpus.pod_env(pod.workdir, pod.gpu, pod.data_center_id, env)  # its simulated nvidia-smi
 
     def _pump_output(self, pod: FakePod, stream: Any) -> None:
         with stream:
