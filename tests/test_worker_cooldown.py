@@ -108,6 +108,6 @@ def test_a_week_without_failures_starts_the_ladder_again():
 
 def test_descriptions_say_how_long_and_why():
     state = Cooldown(A6000, TX, IMAGE, level=1, since=0, until=3600, failures=2, reason="no GPU")
-    assert "cooling down until 1970-01-01 01:00 UTC (52 min more, step 2/4 (1 h))" in state.describe(now=480)
-    assert "cooldown over since 1970-01-01 01:00 UTC (a new failure: 6 h)" in state.describe(now=4000)
-    assert state.describe(now=0).startswith(f"{A6000} in {TX} for {IMAGE}: ") and state.describe(0).endswith("no GPU")
+    assert state.state(now=480) == "cooling down until 1970-01-01 01:00 UTC (52 min more, step 2/4 (1 h)): no GPU"
+    assert state.state(now=4000) == "cooldown over since 1970-01-01 01:00 UTC (a new failure: 6 h): no GPU"
+    assert state.describe(now=0) == f"{A6000} in {TX} for {IMAGE}: {state.state(0)}; 2 failure(s)"

@@ -58,15 +58,16 @@ class Cooldown:
         return f"{self.level + 1}/{len(ladder)} ({_duration(ladder[min(self.level, len(ladder) - 1)])})"
 
     def describe(self, now: float, ladder: Sequence[int] = LADDER_SECONDS) -> str:
-        """'cooling down 52 min more (step 2/4: 1 h) after ...' or 'expired ...', for logs and `ow gpus`."""
-        where = f"{self.gpu_type} in {'any data center' if self.data_center == ANY_DATA_CENTER else self.data_center}"
+        """'... in US-TX-3 for <image>: cooling down until ... (52 min more, step 2/4 (1 h)); ...', for `ow gpus`."""
+        where = "any data center" if self.data_center == ANY_DATA_CENTER else self.data_center
+        return f"{self.gpu_type} in {where} for {self.image}: {self.state(now, ladder)}; {self.failures} failure(s)"
+
+    def state(self, now: float, ladder: Sequence[int] = LADDER_SECONDS) -> str:
         if self.active(now):
             left = _duration(self.until - now)
-            state = f"cooling down until {_clock(self.until)} ({left} more, step {self.step(ladder)})"
-        else:
-            following = min(self.level + 1, len(ladder) - 1)
-            state = f"cooldown over since {_clock(self.until)} (a new failure: {_duration(ladder[following])})"
-        return f"{where} for {self.image}: {state}; {self.failures} failure(s), last: {self.reason}"
+            return f"cooling down until {_clock(self.until)} ({left} more, step {self.step(ladder)}): {self.reason}"
+        following = _duration(ladder[min(self.level + 1, len(ladder) - 1)])
+        return f"cooldown over since {_clock(self.until)} (a new failure: {following}): {self.reason}"
 
 
 def variable_name(gpu_type: str, data_center: str, image: str) -> str:
