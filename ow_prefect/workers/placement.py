@@ -79,7 +79,7 @@ class Placement:
         self.verified_only = verified_only
         self.log = log
         self.attempts: list[Attempt] = []
-        self.skipped: dict[str, int] = {}  # why candidates were left out: "verified", "cooldown"
+        self.skipped: dict[str, int] = {}  # candidates left out, by why: "verified", "cooldown" (as Ranking.removed)
         self._data_centers: dict[tuple[str, str], list[str]] = {}
 
     async def candidates(
@@ -116,7 +116,7 @@ class Placement:
             gpu_type=candidate.gpu_id,
             gpu_count=candidate.count,
             memory_gb=candidate.memory_gb,
-            min_cuda=self.min_cuda,
+            min_cuda=candidate.min_cuda_version or self.min_cuda,  # the floor RunPod was asked for, per GPU
             min_free_disk_gb=self.min_free_disk_gb,
         )
         body = {**request, "env": {**request.get("env", {}), **expect.to_env()}}
@@ -153,18 +153,6 @@ class Placement:
         """What a run that gives up says: every pod that failed before its flow started, and why."""
         listed = "; ".join(str(attempt) for attempt in self.attempts)
         return f"{len(self.attempts)} pod(s) failed before the flow started: {listed}."
-
-    def skipped_note(self) -> str:
-        """Why candidates were left out, for the no-capacity message ('' when none was)."""
-        parts = []
-        if self.skipped.get("cooldown"):
-            parts.append(
-                f"{self.skipped['cooldown']} on cooldown after their pods failed (`ow gpus` lists them, "
-                "`ow gpus --clear TYPE` ends one)"
-            )
-        if self.skipped.get("verified"):
-            parts.append(f"{self.skipped['verified']} not verified (gpu_types: verified)")
-        return f" Left out: {'; '.join(parts)}." if parts else ""
 
     async def _blocked(self) -> dict[str, dict[str, str]]:
         """GPU type -> {data center: why}, from the shared cooldown and this run's own failures."""
