@@ -18,7 +18,8 @@ when a check failed. The RunPod worker reads that line from the pod's log (`pars
 `ow.pod.health` event, and on a failure deletes the pod and tries the run on another GPU type or data center
 (ow_prefect/workers/placement.py).
 
-Standard library only: it runs before anything else in the pod, on every pod.
+It imports next to nothing (the standard library; ow_prefect's settings only to find the vLLM environment): it
+runs before anything else in the pod, on every pod.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+# The pod's run context, set per pod (by the worker, and by FakeRunPod for its simulated GPUs), not settings:
 EXPECT_ENV = "OW_HEALTH_EXPECT"
 PROBES_ENV = "OW_HEALTH_PROBES"  # comma-separated sources to use; default every one (PROBES)
 PROBES = ("nvidia-smi", "torch")
@@ -203,9 +205,9 @@ def parse_nvidia_smi(xml_text: str) -> Reading:
     )
 
 
-def read_torch(env: Mapping[str, str]) -> Reading | None:
+def read_torch() -> Reading | None:
     """Run TORCH_PROBE in the image's torch; None when the image has none (or only a CPU build)."""
-    interpreter = _torch_interpreter(env)
+    interpreter = _torch_interpreter()
     if interpreter is None:
         return None
     try:
@@ -227,11 +229,14 @@ def read_torch(env: Mapping[str, str]) -> Reading | None:
     return reading
 
 
-def _torch_interpreter(env: Mapping[str, str]) -> str | None:
+def _torch_interpreter() -> str | None:
+    """This Python when it has torch (the train image), else the vLLM environment's (the serve image)."""
     if find_spec("torch") is not None:
         return sys.executable
-    vllm_python = env.get("OW_VLLM_PYTHON")
-    return vllm_python if vllm_python and Path(vllm_python).exists() else None
+    from ow_prefect.settings import get_settings
+
+    vllm_python = get_settings().vllm_interpreter
+    return str(vllm_python) if vllm_python.exists() else None
 
 
 def free_disk_gb(path: str | Path = ".") -> float:
@@ -303,7 +308,7 @@ def check(env: Mapping[str, str] | None = None) -> Report:
     expect = Expectation.from_env(env) or Expectation()
     probes = [name.strip() for name in env.get(PROBES_ENV, ",".join(PROBES)).split(",")]
     smi = read_nvidia_smi() if "nvidia-smi" in probes else None
-    torch = read_torch(env) if "torch" in probes else None
+    torch = read_torch() if "torch" in probes else None
     return evaluate(expect, smi, torch, free_disk_gb(), env)
 
 
