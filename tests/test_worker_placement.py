@@ -224,6 +224,20 @@ def test_when_every_pod_fails_the_run_crashes_naming_each(prefect_client, fake, 
     assert_clean(fake)
 
 
+def test_when_no_candidate_is_left_the_run_crashes_naming_the_pods_and_the_cooldown(prefect_client, fake, run):
+    for gpu in (A6000, RTX4090):
+        fake.gpus.break_type(gpu, "half_vram")
+    flow_run = run(gpu_types=[A6000, RTX4090])
+    done = wait_for(prefect_client, flow_run.id, finished, timeout=120)
+    assert done.state.is_crashed(), done.state
+    assert len(pods_of(fake, flow_run.id)) == 2
+    message = done.state.message
+    assert message.startswith("2 pod(s) failed before the flow started: 1) pod ")
+    assert "No other GPU type or data center is left to try" in message
+    assert "2 on cooldown after their pods failed" in message and "ow gpus --clear TYPE" in message
+    assert_clean(fake)
+
+
 def test_a_container_that_never_starts_costs_one_pod(prefect_client, prefect_api, fake, run):
     fake.stall_boots(1)  # the first pod's image pull never ends
     flow_run = run(startup_timeout=4)
@@ -255,4 +269,4 @@ def test_verified_keeps_the_run_to_the_verified_types(prefect_client, fake, run)
     capped = run(gpu_types="verified", max_price_per_hour=1.0)  # the A100 costs $1.64/h
     done = wait_for(prefect_client, capped.id, finished)
     assert done.state.is_failed() and done.state.name == "NoCapacity"
-    assert "Left out: 2 not verified (gpu_types: verified)" in done.state.message
+    assert "2 not verified" in done.state.message and "gpu_types: [] takes any type that fits" in done.state.message
