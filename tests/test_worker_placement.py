@@ -10,6 +10,7 @@ own image, so their cooldowns never steer another module's runs (which clear the
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -258,11 +259,26 @@ def test_a_pod_whose_check_passed_is_not_retried_when_its_command_dies(prefect_c
     assert_clean(fake)
 
 
-def test_verified_keeps_the_run_to_the_verified_types(prefect_client, fake, run):
-    flow_run = run(gpu_types="verified")
-    done = wait_for(prefect_client, flow_run.id, finished)
+def test_verified_keeps_the_run_to_the_verified_types(prefect_client, prefect_api, fake, run, runpod_pool):
+    """As docs/runpod.md writes it for one run: `prefect deployment run ... --job-variable gpu_types=verified`."""
+    deployment = prefect_client.read_deployment(
+        deploy(prefect_client, runpod_pool, "placement-verified", image=IMAGE, **HOST_CUDA)
+    )
+    flow = prefect_client.read_flow(deployment.flow_id)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    started = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", f"{flow.name}/{deployment.name}"]
+        + ["--param", "seconds=0.5", "--job-variable", "gpu_types=verified"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+    done = wait_for(prefect_client, flow_run_id, finished)
     assert done.state.is_completed(), done.state
-    (pod,) = pods_of(fake, flow_run.id)
+    (pod,) = pods_of(fake, flow_run_id)
     assert pod.gpu["id"] == A100  # the A6000 and the 4090 are cheaper, but not on the list
     assert_clean(fake)
 

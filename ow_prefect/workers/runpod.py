@@ -10,19 +10,25 @@ pod on the first one that has capacity, reports `runpod::<pod id>` as the run's 
 watches the run and the pod together until one of them ends:
 
 - run terminal, cancelling, rescheduled (a preempted pod's SIGTERM) or suspended → the pod is deleted;
+- the pod failing its GPU health check (ow_prefect/runpod/health.py), or dying before the flow started without
+  passing it (ERROR, a container exit, nothing within `startup_timeout`) → the pod is deleted, its GPU type in that
+  data center cools down (ow_prefect/workers/cooldown.py) and the run gets a pod on the next candidate, up to
+  `max_pod_attempts` (ow_prefect/workers/placement.py); then the run is Crashed naming every pod;
 - pod in ERROR, its container exiting before the run finished, or the run not started within
-  `startup_timeout` → the run is Crashed with the pod's last log lines, and the pod deleted;
+  `startup_timeout`, after its check passed → the run is Crashed with the pod's last log lines, and the pod
+  deleted;
 - `max_runtime` passed → the run is Failed (TimedOut) and the pod deleted.
 
 A reconciler (at start, then every `OW_RUNPOD_RECONCILE_SECONDS`) deletes pods of this work pool that no
 worker watches and whose run is over, gone, rescheduled or past its `max_runtime`: a worker that died
-mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running` and
-`ow.pod.terminated` events related to its flow run, and its run gets a `runpod-cost-<flow run id>` table
-artifact (price × time from create to delete, one row per pod over every attempt).
+mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running`, `ow.pod.healthy` or
+`ow.pod.unhealthy` and `ow.pod.terminated` events related to its flow run, and its run gets a
+`runpod-cost-<flow run id>` table artifact (price × time from create to delete, one row per pod over every attempt).
 
 The pod's environment holds only what the run needs: the Prefect API URL and its key or auth string, the flow
 run id, `PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule`, `OW_STORAGE_BLOCK` / `OW_HF_*` when set, the
-job's own `env`, and two non-secret markers (work pool id, deadline). It is never logged; pods are named
+job's own `env`, two non-secret markers (work pool id, deadline) and what its health check expects. It is never
+logged; pods are named
 `ow-<flow run id>`.
 """
 
@@ -195,7 +201,8 @@ class RunPodVariables(BaseVariables):
         default=1200,
         ge=1,
         title="Startup timeout (seconds)",
-        description="From pod creation until the flow run starts (image pull included); past it: Crashed.",
+        description="From pod creation until the flow run starts (image pull included); past it the pod is deleted: "
+        "replaced on the next candidate when it never passed its GPU health check (max_pod_attempts), else Crashed.",
     )
     capacity_wait: int = Field(
         default=0,
