@@ -223,3 +223,22 @@ async def test_pods_can_get_a_scoped_prefect_key_from_a_secret_block(use_server,
         config.prepare_for_flow_run(flow_run(), work_pool=WorkPool(id=uuid4(), name="gpu", type="runpod"))
     assert config.env["PREFECT_API_KEY"] == "pnu_scoped_pod_key"
     assert "pnu_the_workers_own_key" not in config.env.values()
+
+
+def test_gpu_types_verified_and_max_pod_attempts_are_job_variables():
+    from ow_prefect.errors import ParameterError
+    from ow_prefect.workers.runpod import runpod_job_variables
+
+    assert runpod_job_variables(gpu_types="verified", max_pod_attempts=1) == {
+        "gpu_types": "verified",
+        "max_pod_attempts": 1,
+    }
+    assert RunPodJobConfiguration(gpu_types="verified").preferred_gpu_types == []
+    assert RunPodJobConfiguration(gpu_types=["NVIDIA A40"]).preferred_gpu_types == ["NVIDIA A40"]
+    with pytest.raises(ParameterError, match="gpu_types"):
+        runpod_job_variables(gpu_types="cheapest")
+    with pytest.raises(ParameterError, match="max_pod_attempts"):
+        runpod_job_variables(max_pod_attempts=0)
+    template = RunPodWorker.base_job_template(gpu_types="verified")
+    assert template["variables"]["properties"]["gpu_types"]["default"] == "verified"
+    assert template["job_configuration"]["max_pod_attempts"] == "{{ max_pod_attempts }}"
