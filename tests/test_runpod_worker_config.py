@@ -129,7 +129,8 @@ async def test_the_pool_template_is_what_it_was_before_variables_and_configurati
     """`prefect work-pool create --type runpod` and `ow setup` build the pool from this template: since the
     variables and the configuration share one definition of each field (RunPodFields), it must be what it was
     (tests/data/runpod_base_job_template.json, saved from the two hand-kept copies), in the same order, but
-    for titles and descriptions, which every field now has."""
+    for titles and descriptions, which every field now has. A new job variable adds itself to that file (it is
+    the pool's contract: read its diff)."""
     import json
     from pathlib import Path
 
@@ -322,3 +323,22 @@ async def test_a_reconciler_whose_credentials_block_is_gone_says_so_once(use_ser
     said = [message for message in warnings if "reconciler" in message]
     assert len(said) == 1, warnings
     assert name in said[0] and "RunPod Credentials block" in said[0] and "RUNPOD_API_KEY" in said[0], said[0]
+
+
+def test_gpu_types_verified_and_max_pod_attempts_are_job_variables():
+    from ow_prefect.errors import ParameterError
+    from ow_prefect.workers.runpod import runpod_job_variables
+
+    assert runpod_job_variables(gpu_types="verified", max_pod_attempts=1) == {
+        "gpu_types": "verified",
+        "max_pod_attempts": 1,
+    }
+    assert RunPodJobConfiguration(gpu_types="verified").preferred_gpu_types == []
+    assert RunPodJobConfiguration(gpu_types=["NVIDIA A40"]).preferred_gpu_types == ["NVIDIA A40"]
+    with pytest.raises(ParameterError, match="gpu_types"):
+        runpod_job_variables(gpu_types="cheapest")
+    with pytest.raises(ParameterError, match="max_pod_attempts"):
+        runpod_job_variables(max_pod_attempts=0)
+    template = RunPodWorker.base_job_template(gpu_types="verified")
+    assert template["variables"]["properties"]["gpu_types"]["default"] == "verified"
+    assert template["job_configuration"]["max_pod_attempts"] == "{{ max_pod_attempts }}"

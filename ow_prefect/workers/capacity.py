@@ -31,6 +31,12 @@ FILTER_REASONS = {
         "data_center_min_cuda_version only for an image built for an older CUDA (docs/runpod.md, CUDA)",
     ),
     "price": ("{n} above ${price:g}/h", "raise max_price_per_hour"),
+    # left out by ow_prefect/workers/placement.py
+    "verified": ("{n} not verified", "gpu_types: [] takes any type that fits"),
+    "cooldown": (
+        "{n} on cooldown after their pods failed",
+        "wait, or end it with `ow gpus --clear TYPE` (docs/troubleshooting.md)",
+    ),
 }
 
 

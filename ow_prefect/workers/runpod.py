@@ -10,15 +10,20 @@ pod on the first one that has capacity, reports `runpod::<pod id>` as the run's 
 watches the run and the pod together until one of them ends:
 
 - run terminal, cancelling, rescheduled (a preempted pod's SIGTERM) or suspended → the pod is deleted;
+- the pod failing its GPU health check (ow_prefect/runpod/health.py), or dying before the flow started without
+  passing it (ERROR, a container exit, nothing within `startup_timeout`) → the pod is deleted, its GPU type in that
+  data center cools down (ow_prefect/workers/cooldown.py) and the run gets a pod on the next candidate, up to
+  `max_pod_attempts` (ow_prefect/workers/placement.py); then the run is Crashed naming every pod;
 - pod in ERROR, its container exiting before the run finished, or the run not started within
-  `startup_timeout` → the run is Crashed with the pod's last log lines, and the pod deleted;
+  `startup_timeout`, after its check passed → the run is Crashed with the pod's last log lines, and the pod
+  deleted;
 - `max_runtime` passed → the run is Failed (TimedOut) and the pod deleted.
 
 A reconciler (at start, then every `OW_RUNPOD_RECONCILE_SECONDS`) deletes pods of this work pool that no
 worker watches and whose run is over, gone, rescheduled or past its `max_runtime`: a worker that died
-mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running` and
-`ow.pod.terminated` events related to its flow run, and its run gets a `runpod-cost-<flow run id>` table
-artifact (price × time from create to delete, one row per pod over every attempt).
+mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running`, `ow.pod.healthy` or
+`ow.pod.unhealthy` and `ow.pod.terminated` events related to its flow run, and its run gets a
+`runpod-cost-<flow run id>` table artifact (price × time from create to delete, one row per pod over every attempt).
 
 Like Prefect's own workers (prefect-aws's ECS worker), this module keeps the job variables, the job
 configuration and the worker side by side, one concern read whole; what those workers do not have lives in rooms
@@ -27,7 +32,8 @@ of its own: the reconciler (`reconciler.py`), pod events and cost rows (`costs.p
 
 The pod's environment holds only what the run needs: the Prefect API URL and its key or auth string, the flow
 run id, `PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule`, `OW_STORAGE_BLOCK` / `OW_HF_*` when set, the
-job's own `env`, and two non-secret markers (work pool id, deadline). It is never logged; pods are named
+job's own `env`, two non-secret markers (work pool id, deadline) and what its health check expects. It is never
+logged; pods are named
 `ow-<flow run id>`.
 """
 
@@ -56,6 +62,7 @@ from ow_prefect.jobs.base import validation_problems
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
+from ow_prefect.runpod.health import Report, parse_report
 from ow_prefect.runpod.models import Pod
 from ow_prefect.runpod.offers import (
     CLOUDS,
@@ -67,7 +74,9 @@ from ow_prefect.runpod.offers import (
 )
 from ow_prefect.settings import get_settings
 from ow_prefect.workers.capacity import _no_capacity_message
+from ow_prefect.workers.cooldown import CooldownStore
 from ow_prefect.workers.costs import CostAccounting, PodRecord
+from ow_prefect.workers.placement import DEFAULT_MAX_POD_ATTEMPTS, HEALTH_LOG_LINES, VERIFIED, Placement
 from ow_prefect.workers.reconciler import _GONE, DEADLINE_MARKER, POD_PREFIX, POOL_MARKER, PodReconciler
 
 INFRA_PREFIX = "runpod::"
@@ -108,10 +117,11 @@ class RunPodFields(BaseModel):
         title="Image",
         description="Container image of the pod; it must have Prefect and the flow's code. ow_prefect jobs set it.",
     )
-    gpu_types: list[str] = Field(
+    gpu_types: list[str] | Literal["verified"] = Field(
         default_factory=list,
         title="GPU types",
-        description="RunPod GPU type ids to use, most preferred first (e.g. 'NVIDIA RTX A6000'). Empty: the "
+        description="RunPod GPU type ids to use, most preferred first (e.g. 'NVIDIA RTX A6000'), or 'verified': the "
+        "types the images were verified on (ow_prefect/runpod/verified_gpus.json), cheapest first. Empty: the "
         "cheapest type in stock with enough memory.",
     )
     min_vram_gb: float = Field(
@@ -196,13 +206,22 @@ class RunPodFields(BaseModel):
         default=1200,
         ge=1,
         title="Startup timeout (seconds)",
-        description="From pod creation until the flow run starts (image pull included); past it: Crashed.",
+        description="From pod creation until the flow run starts (image pull included); past it the pod is deleted: "
+        "replaced on the next candidate when it never passed its GPU health check (max_pod_attempts), else Crashed.",
     )
     capacity_wait: int = Field(
         default=0,
         ge=0,
         title="Wait for capacity (seconds)",
         description="When no candidate has capacity, keep retrying this long instead of failing at once.",
+    )
+    max_pod_attempts: int = Field(
+        default=DEFAULT_MAX_POD_ATTEMPTS,
+        ge=1,
+        le=10,
+        title="Pods per run",
+        description="A pod that fails its GPU health check, or dies before the flow starts, is deleted and the run "
+        "tried on the next GPU type or data center, up to this many pods; then the run crashes naming each.",
     )
     credentials: RunPodCredentials | None = Field(
         default=None,
@@ -235,6 +254,10 @@ class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
     @property
     def clouds(self) -> tuple[str, ...]:
         return CLOUDS if self.cloud == "ANY" else (self.cloud,)
+
+    @property
+    def preferred_gpu_types(self) -> list[str]:
+        return [] if self.gpu_types == VERIFIED else self.gpu_types
 
     def prepare_for_flow_run(
         self,
@@ -323,6 +346,8 @@ class Outcome:
     before_delete: Any = None  # a state proposed (forced) before the delete: final states block a reschedule
     after_delete: Any = None  # a state forced once the pod is gone (Crashed does not block a reschedule)
     status_code: int = 0
+    elsewhere: bool = False  # the pod failed before its flow started, not through its command: try another one
+    log_tail: str = ""
 
 
 class RunPodWorker(
@@ -398,34 +423,83 @@ class RunPodWorker(
         self._check_reachable(configuration, credentials, logger)
         deadline = time.time() + configuration.max_runtime
         request = configuration.pod_request(f"{POD_PREFIX}{flow_run.id}", deadline)
+        placement = self._placement(configuration, logger)
         async with credentials.get_client() as runpod:
-            try:
-                created = await self._create(runpod, flow_run, configuration, request, logger)
-            except RunPodNoCapacity as exc:  # expected: one line, not a traceback
-                return await self._refuse(flow_run, Failed(name="NoCapacity", message=str(exc)), logger, task_status)
-            if created is None:  # cancelled while waiting for capacity
-                if task_status:
-                    task_status.started("")
-                return RunPodWorkerResult(identifier="", status_code=0)
-            pod, candidate = created
-            record = PodRecord.of(pod, flow_run, candidate)
-            self._watched[pod.id] = flow_run.id
+            while True:  # one pod, or more while pods fail before their flow starts (ow_prefect/workers/placement.py)
+                try:
+                    created = await self._create(runpod, flow_run, configuration, request, logger, placement)
+                except RunPodNoCapacity as exc:  # expected: one line, not a traceback
+                    if not placement.attempts:
+                        state = Failed(name="NoCapacity", message=str(exc))
+                        return await self._refuse(flow_run, state, logger, task_status)
+                    message = f"{placement.failures()} No other GPU type or data center is left to try: {exc}"
+                    logger.error(message)
+                    await self._force_state(flow_run.id, Crashed(message=message), logger)
+                    return RunPodWorkerResult(identifier=placement.attempts[-1].pod, status_code=1)
+                if created is None:  # cancelled while waiting for capacity
+                    if task_status and not placement.attempts:
+                        task_status.started("")
+                    return RunPodWorkerResult(identifier="", status_code=0)
+                pod, candidate = created
+                record = PodRecord.of(pod, flow_run, candidate)
+                self._watched[pod.id] = flow_run.id
+                await self._report_infrastructure(flow_run, pod, task_status, placement, logger)
+                logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
+                pod_attempt = len(placement.attempts) + 1
+                self._emit("ow.pod.created", record, attempt=flow_run.run_count + 1, pod_attempt=pod_attempt)
+                try:
+                    outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger, placement)
+                except BaseException as exc:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        logger.warning(f"Worker stopping: pod {pod.id} keeps running; a restarted worker reconciles it")
+                        self._watched.pop(pod.id, None)
+                        raise
+                    logger.exception(f"Watching pod {pod.id} failed; deleting it")
+                    reason = f"the worker failed while watching it: {type(exc).__name__}: {exc}"
+                    outcome = Outcome(reason, after_delete=Crashed(message=f"Pod {pod.id}: {reason}"), status_code=1)
+                if outcome.elsewhere:
+                    await placement.failed(pod, record.gpu, record.cloud, outcome.reason, record.created_at)
+                    if len(placement.attempts) < configuration.max_pod_attempts:
+                        logger.warning(
+                            f"Pod {pod.id} failed before the flow started: {outcome.reason}. Deleting it; trying the "
+                            f"next candidate (pod {pod_attempt + 1} of at most {configuration.max_pod_attempts})"
+                        )
+                        retried = Outcome(f"{outcome.reason} (tried elsewhere)", elsewhere=True)
+                        await self._end(runpod, record, retried, logger)
+                        continue
+                    outcome = self._out_of_attempts(placement, configuration, outcome)
+                await self._end(runpod, record, outcome, logger)
+                return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
+
+    def _placement(self, configuration: RunPodJobConfiguration, logger: Any) -> Placement:
+        return Placement(
+            configuration.image,
+            store=CooldownStore(self.client),
+            min_cuda=configuration.min_cuda_version,
+            container_disk_gb=configuration.container_disk_gb,
+            verified_only=configuration.gpu_types == VERIFIED,
+            log=logger.info,
+        )
+
+    async def _report_infrastructure(
+        self, flow_run: FlowRun, pod: Pod, task_status: Any, placement: Placement, logger: Any
+    ) -> None:
+        """The run's infrastructure is its pod: said once with `started`, then updated for each new pod."""
+        if not placement.attempts:
             if task_status:
                 task_status.started(f"{INFRA_PREFIX}{pod.id}")
-            logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
-            self._emit("ow.pod.created", record, attempt=flow_run.run_count + 1)
-            try:
-                outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger)
-            except BaseException as exc:
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
-                    logger.warning(f"Worker stopping: pod {pod.id} keeps running; a restarted worker reconciles it")
-                    self._watched.pop(pod.id, None)
-                    raise
-                logger.exception(f"Watching pod {pod.id} failed; deleting it")
-                reason = f"the worker failed while watching it: {type(exc).__name__}: {exc}"
-                outcome = Outcome(reason, after_delete=Crashed(message=f"Pod {pod.id}: {reason}"), status_code=1)
-            await self._end(runpod, record, outcome, logger)
-            return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
+            return
+        try:
+            await self.client.update_flow_run(flow_run.id, infrastructure_pid=f"{INFRA_PREFIX}{pod.id}")
+        except Exception as exc:  # the watch deletes the pod all the same; only the UI shows the old id
+            logger.warning(f"Could not record pod {pod.id} as the run's infrastructure ({exc})")
+
+    def _out_of_attempts(self, placement: Placement, configuration: RunPodJobConfiguration, last: Outcome) -> Outcome:
+        message = (
+            f"{placement.failures()} max_pod_attempts ({configuration.max_pod_attempts}) reached. Last lines of the "
+            f"last pod's log:\n{last.log_tail}"
+        )
+        return Outcome(last.reason, after_delete=Crashed(message=message), status_code=1)
 
     async def _refuse(
         self, flow_run: FlowRun, state: Any, logger: Any, task_status: anyio.abc.TaskStatus | None
@@ -444,8 +518,10 @@ class RunPodWorker(
         configuration: RunPodJobConfiguration,
         request: dict[str, Any],
         logger: Any,
+        placement: Placement,
     ) -> tuple[Pod, Candidate] | None:
-        """Walk the candidates, cheapest first, until one has capacity; wait for capacity if configured."""
+        """Walk the candidates, cheapest first, until one has capacity; wait for capacity if configured. The
+        placement leaves out the types and data centers that failed (and unverified types when asked)."""
         give_up = time.monotonic() + configuration.capacity_wait
         fresh = False
         pause = CAPACITY_RETRY_SECONDS[0]
@@ -454,7 +530,7 @@ class RunPodWorker(
                 runpod,
                 min_vram_gb=with_margin(configuration.min_vram_gb, configuration.vram_margin),
                 gpu_count=configuration.gpu_count,
-                preferred=configuration.gpu_types,
+                preferred=configuration.preferred_gpu_types,
                 clouds=configuration.clouds,
                 max_price_per_hour=configuration.max_price_per_hour,
                 data_centers=configuration.data_center_ids,
@@ -462,8 +538,12 @@ class RunPodWorker(
                 data_center_min_cuda_version=configuration.data_center_min_cuda_version,
                 fresh=fresh,
             )
+            ranking.candidates = await placement.candidates(runpod, ranking.candidates, configuration.data_center_ids)
+            ranking.removed |= placement.skipped
             try:
-                return await create_on_first(runpod, request, ranking.candidates, log=logger.info)
+                return await create_on_first(
+                    runpod, request, ranking.candidates, log=logger.info, request_for=placement.request_for
+                )
             except RunPodNoCapacity as exc:
                 tried = exc.tried
             if time.monotonic() >= give_up:
@@ -495,6 +575,7 @@ class RunPodWorker(
         record: PodRecord,
         deadline: float,
         logger: Any,
+        placement: Placement,
     ) -> Outcome:
         pod = record.pod
         created = time.monotonic()
@@ -516,7 +597,9 @@ class RunPodWorker(
                     return Outcome("the flow run was rescheduled")
                 if state.is_paused() and state.name == "Suspended":
                     return Outcome("the flow run was suspended")
-                flow_started = flow_started or state.type not in (StateType.PENDING, StateType.SCHEDULED)
+                if not flow_started and state.type not in (StateType.PENDING, StateType.SCHEDULED):
+                    flow_started = True
+                    await self._flow_started(runpod, record, placement, logger)
             if time.time() >= deadline:
                 message = f"The run exceeded max_runtime ({configuration.max_runtime} s); pod {pod.id} deleted."
                 return Outcome(
@@ -524,7 +607,7 @@ class RunPodWorker(
                 )
             if not flow_started and time.monotonic() - created >= configuration.startup_timeout:
                 reason = f"the flow run did not start within startup_timeout ({configuration.startup_timeout} s)"
-                return await self._crash(runpod, flow_run, pod, reason, logger)
+                return await self._before_start(runpod, flow_run, record, reason, logger)
             if time.monotonic() >= next_pod_check:
                 next_pod_check = time.monotonic() + self._poll
                 try:
@@ -535,6 +618,8 @@ class RunPodWorker(
                     self._warn_once(logger, f"get-{pod.id}", f"Cannot read pod {pod.id} now ({exc}); still watching")
                 else:
                     record.pod = pod
+                    if pod.status == "ERROR" and not flow_started:
+                        return await self._before_start(runpod, flow_run, record, "the pod is in ERROR", logger)
                     if pod.status == "ERROR":
                         return await self._crash(runpod, flow_run, pod, "the pod is in ERROR", logger)
                     if pod.status in ("EXITED", "TERMINATED"):
@@ -554,7 +639,9 @@ class RunPodWorker(
                             and not state.is_scheduled()
                         ):
                             reason = "the container exited before the flow run finished"
-                            return await self._crash(runpod, flow_run, pod, reason, logger)
+                            if flow_started or state.type not in (StateType.PENDING, StateType.SCHEDULED):
+                                return await self._crash(runpod, flow_run, pod, reason, logger)
+                            return await self._before_start(runpod, flow_run, record, reason, logger)
                         continue  # the run just finished or moved on: the top of the loop handles it
             await anyio.sleep(self._poll)
 
@@ -594,6 +681,46 @@ class RunPodWorker(
             await anyio.sleep(min(self._poll, 1.0))
         return await self._crash(runpod, flow_run, pod, reason, logger)
 
+    # ---- before the flow starts: the GPU health check (ow_prefect/runpod/health.py, workers/placement.py) -------
+
+    async def _flow_started(
+        self, runpod: AsyncRunPodClient, record: PodRecord, placement: Placement, logger: Any
+    ) -> None:
+        """The pod works: its health report becomes an event, and its (type, data center, image) leaves the
+        cooldown."""
+        report = parse_report(await _last_log_lines(runpod, record.pod_id, HEALTH_LOG_LINES))
+        if report is not None:
+            self._emit_health(record, report, logger)
+        await placement.started(record.pod, record.created_at)
+
+    async def _before_start(
+        self, runpod: AsyncRunPodClient, flow_run: FlowRun, record: PodRecord, reason: str, logger: Any
+    ) -> Outcome:
+        """A pod that failed before its flow started. Its health check passed: the command or the image is at
+        fault, the run crashes as always. Else (the check failed, or never reported): try another pod."""
+        lines = await _last_log_lines(runpod, record.pod_id, HEALTH_LOG_LINES)
+        report = parse_report(lines)
+        if report is not None:
+            self._emit_health(record, report, logger)
+            if report.ok:
+                return await self._crash(runpod, flow_run, record.pod, reason, logger)
+            reason = f"its GPU health check failed: {'; '.join(report.problems)}"
+        tail = "\n".join(lines[-LOG_LINES_IN_MESSAGE:]) or "(the pod wrote no log lines)"
+        return Outcome(reason, status_code=1, elsewhere=True, log_tail=tail)
+
+    def _emit_health(self, record: PodRecord, report: Report, logger: Any) -> None:
+        (logger.info if report.ok else logger.error)(f"Pod {record.pod_id}: {report.summary()}")
+        payload = {
+            "ok": report.ok,
+            "problems": report.problems,
+            "gpus_seen": report.gpus,
+            "driver": report.driver,
+            "cuda": report.cuda,
+            "torch": report.torch,
+            "disk_free_gb": report.disk_free_gb,
+        }
+        self._emit("ow.pod.healthy" if report.ok else "ow.pod.unhealthy", record, **payload)
+
     async def _crash(self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any) -> Outcome:
         lines = await _last_log_lines(runpod, pod.id, LOG_LINES_SEARCHED)
         if lines:
@@ -614,7 +741,8 @@ class RunPodWorker(
         try:
             if outcome.before_delete is not None:
                 await self._force_state(flow_run_id, outcome.before_delete, logger)
-            deleted = await self._delete(runpod, record.pod_id, logger, wait=outcome.after_delete is not None)
+            wait = outcome.after_delete is not None or outcome.elsewhere  # no SIGTERM handler may touch the run after
+            deleted = await self._delete(runpod, record.pod_id, logger, wait=wait)
             if outcome.after_delete is not None:
                 await self._force_state(flow_run_id, outcome.after_delete, logger)
         finally:

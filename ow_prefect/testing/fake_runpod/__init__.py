@@ -58,7 +58,7 @@ from ow_prefect.testing.fake_runpod.catalog import (
 )
 from ow_prefect.testing.fake_runpod.fake import PATCHABLE_FIELDS, FakeRunPod, Fault, fake_runpod, main
 from ow_prefect.testing.fake_runpod.logs import LOG_LINES_KEPT, LogLine
-from ow_prefect.testing.fake_runpod.pods import IMAGE_VARIABLES, VCPUS_PER_GPU, FakePod
+from ow_prefect.testing.fake_runpod.pods import IMAGE_VARIABLES, VCPUS_PER_GPU, FakePod, default_image_env
 from ow_prefect.testing.fake_runpod.spec import PORT_PATTERN, SPEC_FILE, SPEC_URI, Problem, SpecSchemas, spec_schemas
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "GPU_TYPES",
     "HOST_CUDA_VERSION",
     "IMAGE_VARIABLES",
+    "default_image_env",
     "LOG_LINES_KEPT",
     "MAX_GPUS_PER_POD",
     "PATCHABLE_FIELDS",

@@ -4,7 +4,6 @@ package's docstring)."""
 
 import contextlib
 import json
-import os
 import re
 import secrets
 import signal
@@ -23,6 +22,7 @@ from typing import Any
 
 import uvicorn
 
+from ow_prefect.testing.fake_gpus import FakeGpus
 from ow_prefect.testing.fake_runpod.app import Routes, _Gateway
 from ow_prefect.testing.fake_runpod.catalog import (
     CLOUDS,
@@ -36,7 +36,6 @@ from ow_prefect.testing.fake_runpod.catalog import (
 )
 from ow_prefect.testing.fake_runpod.logs import LogStreams
 from ow_prefect.testing.fake_runpod.pods import (
-    IMAGE_VARIABLES,
     FakePod,
     PodSupervisor,
     _alive,
@@ -44,6 +43,7 @@ from ow_prefect.testing.fake_runpod.pods import (
     _now,
     _private_port,
     _terminate_process_groups,
+    default_image_env,
 )
 from ow_prefect.testing.fake_runpod.spec import Problem, _check_create_rules, _check_ports, spec_schemas
 
@@ -87,7 +87,10 @@ class FakeRunPod(Catalog, LogStreams, PodSupervisor, Routes):
     smaller ones: `boot_seconds` from create (or start) to a runtime, `restart_backoff` from a command's exit to
     its restart, `kill_grace` from SIGTERM to SIGKILL, `log_follow_seconds` for how long a log stream waits for
     new lines before it ends. `image_env` is the environment every container starts with (default: this
-    process's `IMAGE_VARIABLES`).
+    process's `IMAGE_VARIABLES`, this interpreter's directory first on PATH). `entrypoint` plays the image's
+    ENTRYPOINT: a script every container runs with the pod's `args` as its arguments (e.g. docker/entrypoint.sh;
+    None: `args` alone). `gpus` (ow_prefect/testing/fake_gpus.py) is what GPU pods see through `nvidia-smi`: a
+    test breaks a GPU type there.
 
     While entered, `url` is the API's base (".../v2"). For assertions: `pods` (id -> FakePod, deleted ones
     included), `stock` ((GPU id, cloud, data center) -> StockEntry) and `requests` ((method, path, JSON body or
@@ -106,12 +109,13 @@ class FakeRunPod(Catalog, LogStreams, PodSupervisor, Routes):
         log_follow_seconds: float = 1.0,
         port: int = 0,
         image_env: dict[str, str] | None = None,
+        entrypoint: str | None = None,
     ) -> None:
         self.api_key = api_key
         self.port = port
-        if image_env is None:
-            image_env = {name: os.environ[name] for name in IMAGE_VARIABLES if name in os.environ}
-        self.image_env = dict(image_env)
+        self.image_env = dict(default_image_env() if image_env is None else image_env)
+        self.entrypoint = entrypoint
+        self.gpus = FakeGpus({gpu_id: spec[1] for gpu_id, spec in GPU_TYPES.items()}, HOST_CUDA_VERSION)
         self.page_size = page_size
         self.boot_seconds = boot_seconds
         self.restart_backoff = restart_backoff
@@ -213,11 +217,12 @@ class FakeRunPod(Catalog, LogStreams, PodSupervisor, Routes):
             self._faults.append(fault)
 
     def reset(self) -> None:
-        """Forget the faults injected and the boots stalled that no request has used up yet (for a fake shared by
-        tests one after another)."""
+        """Forget the faults injected, the boots stalled that no request has used up yet and the GPU types broken
+        (for a fake shared by tests one after another)."""
         with self._lock:
             self._faults.clear()
             self._stalled_boots = 0
+            self.gpus.clear()
 
     def stall_boots(self, times: int = 1) -> None:
         """Make the next `times` pods created hang in their image pull: they stay listed as RUNNING with no

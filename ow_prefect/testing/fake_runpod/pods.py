@@ -5,8 +5,10 @@ kills its process group (SIGTERM, then SIGKILL after `kill_grace`) when the pod 
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +37,14 @@ IMAGE_VARIABLES = (
     "TOKENIZERS_PARALLELISM",
     "OW_TRAIN_BACKEND",
 )
+
+
+def default_image_env() -> dict[str, str]:
+    """The environment of this machine playing the image: its `IMAGE_VARIABLES`, with this interpreter's directory
+    first on PATH (in the images, `python` and `prefect` are the ones that have ow_prefect)."""
+    env = {name: os.environ[name] for name in IMAGE_VARIABLES if name in os.environ}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", os.defpath)])
+    return env
 
 
 @dataclass
@@ -127,11 +137,12 @@ class PodSupervisor:
 
     def _launch(self, pod: FakePod) -> tuple[subprocess.Popen | None, list[threading.Thread]]:
         pod.up_since = pod.started_at = _now()
-        if not pod.args.strip():
+        if not pod.args.strip() and not self.entrypoint:
             self._log(pod, "system", "container started with the image's default command (the fake runs nothing)")
             return None, []
+        command = f"exec {shlex.quote(self.entrypoint)} {pod.args}" if self.entrypoint else pod.args
         pod.process = subprocess.Popen(
-            ["bash", "-c", pod.args],
+            ["bash", "-c", command],
             cwd=pod.workdir,
             env=self._container_env(pod),
             stdin=subprocess.DEVNULL,
@@ -162,7 +173,8 @@ class PodSupervisor:
         injected |= {f"RUNPOD_TCP_PORT_{_private_port(spec)}": str(public) for spec, public in pod.port_map.items()}
         if pod.mounts.get("network"):
             injected["RUNPOD_VOLUME_ID"] = pod.mounts["network"][0]["volumeId"]
-        return {**self.image_env, "HOME": str(pod.workdir), **pod.env, **injected}
+        env = {**self.image_env, "HOME": str(pod.workdir), **pod.env, **injected}
+        return self.gpus.pod_env(pod.workdir, pod.gpu, pod.data_center_id, env)  # its simulated nvidia-smi
 
     def _pump_output(self, pod: FakePod, stream: Any) -> None:
         with stream:
