@@ -37,11 +37,13 @@ def start_pod(fake: FakeRunPod, data_center: str = "US-TX-3") -> str:
 
 
 def container_lines(fake: FakeRunPod, pod_id: str, until: str) -> list[str]:
-    lines = eventually(
-        lambda: any(until in line.line for line in fake.pods[pod_id].logs) and fake.pods[pod_id].logs, timeout=30
-    )
-    assert lines, [line.line for line in fake.pods[pod_id].logs]
-    return [line.line for line in lines if line.source == "container"]
+    def seen() -> bool:  # the fake's "container started: <command>" quotes the command, and `until` with it
+        return any(
+            until in line.line for line in fake.pods[pod_id].logs if not line.line.startswith("container started")
+        )
+
+    assert eventually(seen, timeout=30), [line.line for line in fake.pods[pod_id].logs]
+    return [line.line for line in fake.pods[pod_id].logs if line.source == "container"]
 
 
 def test_a_healthy_type_passes_and_the_command_runs(fake):
