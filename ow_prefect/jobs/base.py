@@ -126,6 +126,14 @@ class Job:
         return {}
 
     @classmethod
+    def work(cls, validated: BaseModel, storage: Any) -> Any:
+        """What a run computes, in tokens (an `ow_prefect.costs.work.Work`): what its cost estimate is made of. The
+        default knows nothing of the runtime (the estimate is then a price per hour, bounded by ``max_runtime``)."""
+        from ow_prefect.costs.work import Work
+
+        return Work(open_ended=f"{cls.name or cls.__name__} jobs do not say how much work they are")
+
+    @classmethod
     def image(cls) -> str:
         from ow_prefect.settings import get_settings
 
