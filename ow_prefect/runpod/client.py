@@ -26,7 +26,7 @@ from ow_prefect.runpod.errors import (
     RunPodUnreachable,
     translate,
 )
-from ow_prefect.runpod.models import GpuType, LogLine, Pod
+from ow_prefect.runpod.models import GpuType, LogLine, NetworkVolume, Pod
 
 DEFAULT_BASE_URL = "https://api.runpod.io/v2"
 CATALOG_TTL_S = 30.0
@@ -103,6 +103,12 @@ class AsyncRunPodClient:
                 if not (retry and error.retryable) or attempt >= self.max_attempts:
                     raise
                 await asyncio.sleep(self._delay(attempt - 1, error))
+
+    # ---- network volumes ---------------------------------------------------------------------------
+
+    async def get_network_volume(self, volume_id: str) -> NetworkVolume:
+        response = await self._send("GET", f"/network-volumes/{quote(volume_id, safe='')}")
+        return NetworkVolume.model_validate(response.json())
 
     # ---- pods ----------------------------------------------------------------------------------------
 

@@ -31,7 +31,10 @@ Where the fake departs from the spec, and why:
   cope with a pod that ends under it anyway.
 - `GET /v2/pods` pages with `?cursor=` and `pagination.nextCursor` only when built with `page_size`: the spec
   has no pagination yet, RunPod's notes say to follow `nextCursor` when present.
-- There are no templates, clusters or network volumes: a `templateId` is a 404, other spec routes are a 501.
+- There are no templates or clusters: a `templateId` is a 404, other spec routes are a 501. Network volumes are
+  read-only (`add_network_volume()` makes one; GET lists and reads them) and a pod mounting one is placed in its
+  data center. A mount path does not exist on this machine: the pod's env values that start with it point into the
+  volume's local folder instead, which every pod mounting the volume shares.
 - Every host reports CUDA 12.8; the catalog's `countryCodes` filter is a 501.
 - A PATCH of container settings takes effect at the container's next start (restart action or exit).
 """
@@ -297,6 +300,20 @@ class FakePod:
 
 
 @dataclass
+class FakeVolume:
+    """A network volume: a folder on this machine shared by every pod that mounts it."""
+
+    id: str
+    name: str
+    size: int
+    data_center: str
+    folder: Path
+
+    def json(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "size": self.size, "dataCenter": self.data_center, "type": "STANDARD"}
+
+
+@dataclass
 class Fault:
     method: str
     path_pattern: re.Pattern[str]
@@ -432,6 +449,7 @@ class FakeRunPod:
         self.log_follow_seconds = log_follow_seconds
         self.url = ""
         self.pods: dict[str, FakePod] = {}
+        self.volumes: dict[str, FakeVolume] = {}
         self.stock: dict[tuple[str, str, str], StockEntry] = {}
         self.requests: list[tuple[str, str, Any]] = []
         self.request_times: list[float] = []  # time.monotonic() of each entry in `requests`
@@ -506,6 +524,14 @@ class FakeRunPod:
             if price_per_hour is None:
                 price_per_hour = current.price_per_hour if current else _list_price(gpu_id, cloud)
             self.stock[(gpu_id, cloud, data_center)] = StockEntry(count, price_per_hour)
+
+    def add_network_volume(self, volume_id: str, data_center: str = DEFAULT_DATA_CENTER, size: int = 50) -> Path:
+        """A network volume in `data_center` (while entered); returns the local folder that stands in for it."""
+        folder = Path(self._workdir.name) / "volumes" / volume_id
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self.volumes[volume_id] = FakeVolume(volume_id, f"volume-{volume_id}", size, data_center, folder)
+        return folder
 
     def inject(
         self,
@@ -629,6 +655,7 @@ class FakeRunPod:
         preferred = body.get("dataCenterIds") or []
         if "cpu" in body:
             return (preferred or [DEFAULT_DATA_CENTER])[0], CPU_PRICE_PER_VCPU * body["cpu"]["vcpuCount"], None
+        preferred = self._volume_data_center(body, preferred)
         gpu = body["gpu"]
         gpu_id, count, cloud = gpu["id"], gpu.get("count", 1), body.get("cloud", "SECURE")
         if gpu_id not in GPU_TYPES:
@@ -644,6 +671,20 @@ class FakeRunPod:
                 self.stock[key].count -= count
                 return key[2], round(self.stock[key].price_per_hour * count, 4), key
         raise Problem(400, CAPACITY_DETAIL)
+
+    def _volume_data_center(self, body: dict[str, Any], preferred: list[str]) -> list[str]:
+        """A pod mounting a network volume runs in the volume's data center."""
+        network = body.get("mounts", {}).get("network") or []
+        if not network:
+            return preferred
+        volume = self.volumes.get(network[0]["volumeId"])
+        if volume is None:
+            raise Problem(400, f"network volume {network[0]['volumeId']!r} not found")
+        if preferred and volume.data_center not in preferred:
+            raise Problem(
+                400, f"network volume {volume.id} is in {volume.data_center}, not in dataCenterIds {preferred}"
+            )
+        return [volume.data_center]
 
     def _list_pods(self, cursor: str | None) -> dict[str, Any]:
         with self._lock:
@@ -845,9 +886,18 @@ class FakeRunPod:
             "RUNPOD_PUBLIC_IP": "127.0.0.1",
         }
         injected |= {f"RUNPOD_TCP_PORT_{_private_port(spec)}": str(public) for spec, public in pod.port_map.items()}
+        env = {**self.image_env, "HOME": str(pod.workdir), **pod.env}
         if pod.mounts.get("network"):
-            injected["RUNPOD_VOLUME_ID"] = pod.mounts["network"][0]["volumeId"]
-        return {**self.image_env, "HOME": str(pod.workdir), **pod.env, **injected}
+            mount = pod.mounts["network"][0]
+            injected["RUNPOD_VOLUME_ID"] = mount["volumeId"]
+            volume = self.volumes.get(mount["volumeId"])
+            path = mount["path"].rstrip("/")
+            if volume is not None:  # the mount path does not exist here: its values point into the volume's folder
+                env = {
+                    k: str(volume.folder) + v[len(path) :] if v == path or v.startswith(path + "/") else v
+                    for k, v in env.items()
+                }
+        return {**env, **injected}
 
     def _pump_output(self, pod: FakePod, stream: Any) -> None:
         with stream:
@@ -1013,6 +1063,18 @@ class FakeRunPod:
             last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
         ):
             return self._open_log_stream(pod_id, source, tail, _as_utc(since), last_event_id)
+
+        @app.get("/v2/network-volumes")
+        def list_network_volumes():
+            with self._lock:
+                return {"networkVolumes": [volume.json() for volume in self.volumes.values()]}
+
+        @app.get("/v2/network-volumes/{volume_id}")
+        def get_network_volume(volume_id: str):
+            with self._lock:
+                if volume_id not in self.volumes:
+                    raise Problem(404, f"network volume {volume_id} not found")
+                return self.volumes[volume_id].json()
 
         @app.get("/v2/catalog/gpus")
         def list_gpu_types(filters: CatalogFilters):
