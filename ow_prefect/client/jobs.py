@@ -36,11 +36,11 @@ from ow_prefect.jobs.base import (
     raise_for_failure,
 )
 from ow_prefect.jobs.submit import (
-    FLOW_ONLY_PARAMETERS,
     JOB_TAG,
     STATE_STATUS,
     STATUS_STATES,
     SubmissionOptions,
+    accepting,
     history_key,
     idempotency_key,
     job_from_run,
@@ -277,6 +277,29 @@ class _JobsBase:
         deployment = job_cls.deployment_for(validated) + get_settings().deployment_suffix
         return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment, options)
 
+    def _estimate_parts(self, job_cls: type[Job], kwargs: dict[str, Any]) -> tuple[Submission, Any, dict[str, Any]]:
+        """What an estimate needs from this side: the submission (validated, its id and deployment), its work in
+        tokens (reads the data files' sizes and the model's config) and the job variables a run would get."""
+        sub = self._prepare(job_cls, kwargs)
+        with self._client.prefect_settings():
+            work = job_cls.work(sub.validated, self._client.storage)
+        return sub, work, _job_variables(job_cls, sub)
+
+    def _estimate_here(self, job_cls: type[Job], sub: Submission, work: Any, pool: Any = None) -> Any:
+        """The estimate of a run that rents nothing: embedded mode, or a pool of another type than runpod."""
+        from ow_prefect.costs.estimate import local_estimate
+
+        where = f"pool {pool.name!r} ({pool.type})" if pool else "embedded mode: this process"
+        return local_estimate(
+            work,
+            job_type=job_cls.name,
+            job_id=sub.job_id,
+            deployment=sub.deployment,
+            pool=pool.name if pool else "(embedded)",
+            pool_type=pool.type if pool else "embedded",
+            notes=[f"runs on {where}; its runtime there is not estimated"],
+        )
+
     def _outputs(self, run: Any, job_id: str | None = None) -> dict[str, Any] | None:
         job_id = job_id or tag_value(run.tags, JOB_TAG)
         if status_of(run) != "completed" or job_id is None:
@@ -301,18 +324,12 @@ class _JobsBase:
         envelope = (run.parameters or {}).get("ow_job") or {}
         if envelope.get("id") and envelope.get("type"):
             return envelope["id"], envelope["type"]
-        candidates = [cls for cls in job_types().values() if cls.entrypoint == entrypoint]
-        if not candidates:
-            return None
-        params = {k: v for k, v in (run.parameters or {}).items() if k not in FLOW_ONLY_PARAMETERS}
-        for cls in candidates:
-            try:
-                with self._client.prefect_settings():
-                    validated = cls.validate_params(**params)
-                return cls.compute_id(cls.flow_parameters(validated)), cls.name
-            except Exception:  # noqa: BLE001 - invalid for this type (or for all: then the run id names it)
-                continue
-        return str(run.id), candidates[0].name
+        with self._client.prefect_settings():
+            candidates, found = accepting(run.parameters or {}, entrypoint)
+        if found:
+            cls, validated = found
+            return cls.compute_id(cls.flow_parameters(validated)), cls.name
+        return (str(run.id), candidates[0].name) if candidates else None
 
     def _untagged(self, runs: list[Any], entrypoints: dict[Any, str]) -> list[tuple[str, str, Any]]:
         found = []
@@ -392,11 +409,32 @@ class Jobs(_JobsBase):
 
     def _deployment_id(self, client, name: str):
         if name not in self._deployment_ids:
-            try:
-                self._deployment_ids[name] = client.read_deployment_by_name(name).id
-            except Exception as exc:
-                raise _missing_deployment(name, exc) from exc
+            self._deployment_ids[name] = self._deployment(client, name).id
         return self._deployment_ids[name]
+
+    def _deployment(self, client, name: str):
+        try:
+            return client.read_deployment_by_name(name)
+        except Exception as exc:
+            raise _missing_deployment(name, exc) from exc
+
+    def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
+        """What a job would cost if submitted now, submitting nothing: the GPU the RunPod worker would choose, its
+        price, the expected runtime and the cost range (an `ow_prefect.costs.estimate.Estimate`; print it)."""
+        from ow_prefect.costs.plan import estimate_on_pool, run_sync
+
+        sub, work, variables = self._estimate_parts(job_cls, kwargs)
+        if self._client.embedded:
+            return self._estimate_here(job_cls, sub, work)
+        with self._prefect() as client:
+            deployment = self._deployment(client, sub.deployment)
+            pool = client.read_work_pool(deployment.work_pool_name)
+        if pool.type != "runpod":
+            return self._estimate_here(job_cls, sub, work, pool)
+        values = {**(deployment.job_variables or {}), **variables}
+        fields = {"job_type": job_cls.name, "job_id": sub.job_id, "deployment": sub.deployment, "pool": pool.name}
+        with self._client.prefect_settings():
+            return run_sync(estimate_on_pool(pool.base_job_template, values, work, pool_type=pool.type, **fields))
 
     def submit(self, job_cls: type[Job], **kwargs: Any) -> Job:
         sub = self._prepare(job_cls, kwargs)
@@ -566,11 +604,32 @@ class AsyncJobs(_JobsBase):
 
     async def _deployment_id(self, client, name: str):
         if name not in self._deployment_ids:
-            try:
-                self._deployment_ids[name] = (await client.read_deployment_by_name(name)).id
-            except Exception as exc:
-                raise _missing_deployment(name, exc) from exc
+            self._deployment_ids[name] = (await self._deployment(client, name)).id
         return self._deployment_ids[name]
+
+    async def _deployment(self, client, name: str):
+        try:
+            return await client.read_deployment_by_name(name)
+        except Exception as exc:
+            raise _missing_deployment(name, exc) from exc
+
+    async def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
+        """What a job would cost if submitted now, submitting nothing: the GPU the RunPod worker would choose, its
+        price, the expected runtime and the cost range (an `ow_prefect.costs.estimate.Estimate`; print it)."""
+        from ow_prefect.costs.plan import estimate_on_pool
+
+        sub, work, variables = await anyio.to_thread.run_sync(self._estimate_parts, job_cls, kwargs)
+        if self._client.embedded:
+            return self._estimate_here(job_cls, sub, work)
+        async with self._prefect() as client:
+            deployment = await self._deployment(client, sub.deployment)
+            pool = await client.read_work_pool(deployment.work_pool_name)
+        if pool.type != "runpod":
+            return self._estimate_here(job_cls, sub, work, pool)
+        values = {**(deployment.job_variables or {}), **variables}
+        fields = {"job_type": job_cls.name, "job_id": sub.job_id, "deployment": sub.deployment, "pool": pool.name}
+        with self._client.prefect_settings():
+            return await estimate_on_pool(pool.base_job_template, values, work, pool_type=pool.type, **fields)
 
     async def _job_async(self, run: Any) -> Job:
         return await anyio.to_thread.run_sync(self._job, run)
@@ -756,6 +815,12 @@ class JobTypeResource:
     def create(self, **params: Any):
         """Submit a job (or get the existing one with the same id). Awaitable on the async client."""
         return self._jobs.submit(self.job_cls, **params)
+
+    def estimate(self, **params: Any):
+        """What `create(**params)` would cost now, creating nothing: the GPU the RunPod worker would choose, its
+        price, the expected runtime and cost range (``print(ow.fine_tuning.estimate(...))``). Awaitable on the
+        async client."""
+        return self._jobs.estimate(self.job_cls, **params)
 
     def list(self, status: JobStatus | list[JobStatus] | None = None, limit: int = 100):
         return self._jobs.list(status=status, type=self.job_cls.name, limit=limit)

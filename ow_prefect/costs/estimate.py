@@ -142,7 +142,8 @@ def estimate_on(
     **fields: Any,
 ) -> Estimate:
     """The estimate of `work` on an offer (`ow_prefect.runpod.offers.Candidate`, or None when none fits)."""
-    found = Estimate(job_type, work, max_cost=max_cost, max_runtime=max_runtime, pool_type="runpod", **fields)
+    fields.setdefault("pool_type", "runpod")
+    found = Estimate(job_type, work, max_cost=max_cost, max_runtime=max_runtime, **fields)
     if candidate is None:
         found.cost_usd = None
         return found

@@ -97,6 +97,9 @@ class Job:
     id_prefix: ClassVar[str | None] = None
     base_image: ClassVar[str | None] = None
     image_setting: ClassVar[str] = "train_image"  # the OW_* setting naming the default image (or "serve_image")
+    # Its flow saves a checkpoint and stops when asked (ow_prefect/costs/stop.py), so that a rerun resumes: the
+    # RunPod worker asks before it stops a run for max_cost or max_runtime.
+    stops_at_checkpoint: ClassVar[bool] = False
 
     # ---- the job type -------------------------------------------------------------------------------
 

@@ -345,6 +345,7 @@ class FineTuneJob(Job):
     code = ("flows/finetune", "flows/_runtime.py")
     id_prefix = "ftjob"
     losses: tuple[str, ...] = ("sft", "dpo", "orpo")
+    stops_at_checkpoint = True
 
     @classmethod
     def validate_params(cls, **kwargs: Any) -> BaseModel:

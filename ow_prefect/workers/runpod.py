@@ -12,7 +12,14 @@ watches the run and the pod together until one of them ends:
 - run terminal, cancelling, rescheduled (a preempted pod's SIGTERM) or suspended → the pod is deleted;
 - pod in ERROR, its container exiting before the run finished, or the run not started within
   `startup_timeout` → the run is Crashed with the pod's last log lines, and the pod deleted;
-- `max_runtime` passed → the run is Failed (TimedOut) and the pod deleted.
+- `max_runtime` passed → the run is Failed (TimedOut) and the pod deleted;
+- `max_cost` reached (price × time) → the run is Failed (CostCapped) and the pod deleted. Before either, a fine-tune
+  is asked to save a checkpoint (ow_prefect/costs/stop.py), so that a rerun resumes.
+
+Before any pod, the worker estimates the run (ow_prefect/costs: the GPU it would take, runtime from the job's tokens,
+cost range) into a `runpod-estimate-<flow run id>` artifact, refuses a run whose expected cost is above `max_cost`,
+and refuses every run of a pool whose `daily_budget` is spent. A network volume holds the Hugging Face cache
+(`HF_HOME`); `cache_volume_ids` makes the worker prefer the data centers that hold one (ow_prefect/runpod/volumes.py).
 
 A reconciler (at start, then every `OW_RUNPOD_RECONCILE_SECONDS`) deletes pods of this work pool that no
 worker watches and whose run is over, gone, rescheduled or past its `max_runtime`: a worker that died
@@ -52,8 +59,11 @@ from prefect.utilities.engine import propose_state
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from ow_prefect.costs.budget import pool_resource
+from ow_prefect.costs.guard import RunCosts
+from ow_prefect.costs.stop import clear_stop, request_stop
 from ow_prefect.errors import ParameterError
-from ow_prefect.jobs.base import validation_problems
+from ow_prefect.jobs.base import get_job_type, validation_problems
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodAuthError, RunPodError, RunPodNoCapacity, RunPodNotFound
@@ -62,10 +72,10 @@ from ow_prefect.runpod.offers import (
     CLOUDS,
     DEFAULT_VRAM_MARGIN,
     Candidate,
-    create_on_first,
     find_candidates,
     with_margin,
 )
+from ow_prefect.runpod.volumes import create_placed, hf_home, placements
 from ow_prefect.settings import get_settings
 
 POD_PREFIX = "ow-"
@@ -81,6 +91,9 @@ POD_PREFECT_SETTINGS = (
     "PREFECT_CLOUD_API_URL",
 )
 POD_OW_SETTINGS = ("OW_STORAGE_BLOCK", "OW_HF_TOKEN_SECRET", "OW_HF_ORG", "OW_STORAGE_RETRY_SECONDS")
+MAX_COST_MARKER = "OW_POD_MAX_COST"  # USD: the reconciler stops a pod whose price × age reaches it
+CHECKPOINT_GRACE_SECONDS = 180.0  # how long a fine-tune asked to stop may take to store its checkpoint
+ESTIMATE_TIMEOUT_SECONDS = 60.0  # the estimate reads the data files' sizes and the model's config: never wait longer
 PORT_SPEC = re.compile(r"^\d{1,5}/(http|tcp)$")
 DEFAULT_QUERY_SECONDS = 2.0  # GPU runs deserve a faster pick-up than Prefect's 10 s; PREFECT_WORKER_QUERY_SECONDS wins
 CAPACITY_RETRY_SECONDS = (5.0, 60.0)  # first and longest pause between rounds while waiting for capacity
@@ -152,7 +165,16 @@ class RunPodVariables(BaseVariables):
     network_volume_id: str | None = Field(
         default=None,
         title="Network volume",
-        description="Id of a RunPod network volume to mount at `volume_mount_path` (instead of a volume).",
+        description="Id of a RunPod network volume to mount at `volume_mount_path` (instead of a volume); the pod "
+        "runs in its data center, and the Hugging Face cache (HF_HOME) lives on it.",
+    )
+    cache_volume_ids: list[str] = Field(
+        default_factory=list,
+        title="Model cache volumes",
+        description="RunPod network volumes (one per data center) that hold the Hugging Face cache: offers in their "
+        "data centers are tried first, with the volume at `volume_mount_path` and HF_HOME on it, so a model an "
+        "earlier pod downloaded there is not downloaded again; with no capacity there, the pod runs elsewhere "
+        "without a cache.",
     )
     volume_mount_path: str = Field(default="/workspace", title="Volume mount path")
     ports: list[str] = Field(
@@ -169,6 +191,20 @@ class RunPodVariables(BaseVariables):
         ge=1,
         title="Max runtime (seconds)",
         description="Hard cap from pod creation: past it the run fails (TimedOut) and the pod is deleted.",
+    )
+    max_cost: float | None = Field(
+        default=None,
+        gt=0,
+        title="Max cost (USD)",
+        description="A run whose estimated cost is above this is refused before any pod exists; a pod whose price "
+        "× time reaches it is stopped (the run fails, CostCapped; a fine-tune stores a checkpoint first).",
+    )
+    daily_budget: float | None = Field(
+        default=None,
+        gt=0,
+        title="Daily budget (USD)",
+        description="Set on the pool: once its pods cost this much today (UTC), no new pod is created until "
+        "tomorrow. Values on deployments or runs are ignored.",
     )
     startup_timeout: int = Field(
         default=1200,
@@ -204,10 +240,12 @@ class RunPodJobConfiguration(BaseJobConfiguration):
     container_disk_gb: int = Field(default=50, ge=1)
     volume_gb: int | None = Field(default=None, ge=10)
     network_volume_id: str | None = None
+    cache_volume_ids: list[str] = Field(default_factory=list)
     volume_mount_path: str = "/workspace"
     ports: list[str] = Field(default_factory=list)
     registry_auth_id: str | None = None
     max_runtime: int = Field(default=86400, ge=1)
+    max_cost: float | None = Field(default=None, gt=0)
     startup_timeout: int = Field(default=1200, ge=1)
     capacity_wait: int = Field(default=0, ge=0)
     credentials: RunPodCredentials | None = None
@@ -222,13 +260,29 @@ class RunPodJobConfiguration(BaseJobConfiguration):
 
     @model_validator(mode="after")
     def _one_volume(self) -> RunPodJobConfiguration:
-        if self.volume_gb and self.network_volume_id:
-            raise ValueError("set volume_gb or network_volume_id, not both (RunPod mounts one volume per pod)")
+        volumes = [name for name in ("volume_gb", "network_volume_id", "cache_volume_ids") if getattr(self, name)]
+        if len(volumes) > 1:
+            raise ValueError(f"set one of {' and '.join(volumes)}, not both (RunPod mounts one volume per pod)")
         return self
 
     @property
     def clouds(self) -> tuple[str, ...]:
         return CLOUDS if self.cloud == "ANY" else (self.cloud,)
+
+    async def find_candidates(
+        self, runpod: AsyncRunPodClient, *, fresh: bool = False, data_centers: Sequence[str] | None = None
+    ) -> list[Candidate]:
+        """The offers this run may take, in the order the worker tries them (`data_centers`: only those)."""
+        return await find_candidates(
+            runpod,
+            min_vram_gb=with_margin(self.min_vram_gb, self.vram_margin),
+            gpu_count=self.gpu_count,
+            preferred=self.gpu_types,
+            clouds=self.clouds,
+            max_price_per_hour=self.max_price_per_hour,
+            data_centers=self.data_center_ids if data_centers is None else data_centers,
+            fresh=fresh,
+        )
 
     def prepare_for_flow_run(
         self,
@@ -261,11 +315,16 @@ class RunPodJobConfiguration(BaseJobConfiguration):
 
     def pod_request(self, name: str, deadline: float) -> dict[str, Any]:
         """The create body, without the GPU and cloud (filled per candidate)."""
+        env = {**self.env, DEADLINE_MARKER: str(int(deadline))}
+        if self.max_cost:
+            env[MAX_COST_MARKER] = str(self.max_cost)
+        if self.network_volume_id:  # the model cache on the volume; a job's own HF_HOME wins
+            env.setdefault("HF_HOME", hf_home(self.volume_mount_path))
         body: dict[str, Any] = {
             "name": name,
             "image": self.image,
             "args": self.command or "prefect flow-run execute",
-            "env": {**self.env, DEADLINE_MARKER: str(int(deadline))},
+            "env": env,
             "disk": self.container_disk_gb,
             "ports": list(self.ports),
         }
@@ -346,6 +405,9 @@ class PodRecord:
     def pod_id(self) -> str:
         return self.pod.id
 
+    def cost_so_far(self) -> float:
+        return self.price_per_hour * max(0.0, time.time() - self.created_at) / 3600
+
     def event_resource(self) -> dict[str, str]:
         return {
             "prefect.resource.id": f"runpod.pod.{self.pod_id}",
@@ -401,6 +463,7 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         self._credentials: dict[tuple[str, str], RunPodCredentials] = {}
         self._reconciler: asyncio.Task | None = None
         self._warned: set[str] = set()
+        self._stopping: set[UUID] = set()  # runs asked to stop at a checkpoint (ow_prefect/costs/stop.py)
 
     @classmethod
     def base_job_template(cls, credentials_block_id: UUID | str | None = None, **defaults: Any) -> dict[str, Any]:
@@ -452,18 +515,22 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         deadline = time.time() + configuration.max_runtime
         request = configuration.pod_request(f"{POD_PREFIX}{flow_run.id}", deadline)
         async with credentials.get_client() as runpod:
+            costs = RunCosts(self.client, self._work_pool, flow_run, configuration, logger)
+            if (refused := await costs.refusal(runpod, ESTIMATE_TIMEOUT_SECONDS)) is not None:
+                return await self._refuse(flow_run, refused, logger, task_status)
             created = await self._create(runpod, flow_run, configuration, request, logger)
             if created is None:  # cancelled while waiting for capacity
                 if task_status:
                     task_status.started("")
                 return RunPodWorkerResult(identifier="", status_code=0)
-            pod, candidate = created
+            pod, candidate, placement = created
             record = PodRecord.of(pod, flow_run, candidate)
             self._watched[pod.id] = flow_run.id
             if task_status:
                 task_status.started(f"{INFRA_PREFIX}{pod.id}")
             logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
             self._emit("ow.pod.created", record, attempt=flow_run.run_count + 1)
+            await costs.publish(candidate, placement.cached)
             try:
                 outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger)
             except BaseException as exc:
@@ -477,6 +544,16 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             await self._end(runpod, record, outcome, logger)
             return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
 
+    async def _refuse(
+        self, flow_run: FlowRun, state: Any, logger: Any, task_status: anyio.abc.TaskStatus | None
+    ) -> RunPodWorkerResult:
+        """End a run that gets no pod: its state says why, the log one line."""
+        logger.error(f"{state.name}: {state.message}")
+        await propose_state(self.client, state, flow_run_id=flow_run.id)
+        if task_status:
+            task_status.started("")
+        return RunPodWorkerResult(identifier="", status_code=0)
+
     async def _create(
         self,
         runpod: AsyncRunPodClient,
@@ -484,25 +561,22 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         configuration: RunPodJobConfiguration,
         request: dict[str, Any],
         logger: Any,
-    ) -> tuple[Pod, Candidate] | None:
-        """Walk the candidates, cheapest first, until one has capacity; wait for capacity if configured."""
+    ) -> tuple[Pod, Candidate, Any] | None:
+        """Walk the candidates, cheapest first (in the data centers of the run's volumes first), until one has
+        capacity; wait for capacity if configured."""
         give_up = time.monotonic() + configuration.capacity_wait
         fresh = False
         pause = CAPACITY_RETRY_SECONDS[0]
         while True:
-            candidates = await find_candidates(
-                runpod,
-                min_vram_gb=with_margin(configuration.min_vram_gb, configuration.vram_margin),
-                gpu_count=configuration.gpu_count,
-                preferred=configuration.gpu_types,
-                clouds=configuration.clouds,
-                max_price_per_hour=configuration.max_price_per_hour,
-                data_centers=configuration.data_center_ids,
-                fresh=fresh,
-            )
+            candidates = await configuration.find_candidates(runpod, fresh=fresh)
+
+            async def in_data_centers(data_centers: Sequence[str], fresh: bool = fresh) -> list[Candidate]:
+                return await configuration.find_candidates(runpod, fresh=fresh, data_centers=data_centers)
+
+            ways = await placements(runpod, configuration, request, candidates, in_data_centers)
             try:
-                return await create_on_first(
-                    runpod, request, candidates, min_cuda_version=configuration.min_cuda_version, log=logger.info
+                return await create_placed(
+                    runpod, ways, min_cuda_version=configuration.min_cuda_version, log=logger.info
                 )
             except RunPodNoCapacity as exc:
                 tried = exc.tried
@@ -559,9 +633,15 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                 flow_started = flow_started or state.type not in (StateType.PENDING, StateType.SCHEDULED)
             if time.time() >= deadline:
                 message = f"The run exceeded max_runtime ({configuration.max_runtime} s); pod {pod.id} deleted."
-                return Outcome(
-                    "max_runtime passed", before_delete=Failed(name="TimedOut", message=message), status_code=1
+                timed_out = Failed(name="TimedOut", message=message)
+                return await self._stop(flow_run, "max_runtime passed", timed_out, flow_started, logger)
+            if configuration.max_cost and record.cost_so_far() >= configuration.max_cost:
+                message = (
+                    f"The run reached max_cost (${configuration.max_cost:g}): ${record.cost_so_far():.4f} at "
+                    f"${record.price_per_hour:.2f}/h since pod {pod.id} was created; pod deleted."
                 )
+                capped = Failed(name="CostCapped", message=message)
+                return await self._stop(flow_run, "max_cost reached", capped, flow_started, logger)
             if not flow_started and time.monotonic() - created >= configuration.startup_timeout:
                 reason = f"the flow run did not start within startup_timeout ({configuration.startup_timeout} s)"
                 return await self._crash(runpod, flow_run, pod, reason, logger)
@@ -614,6 +694,32 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             before_delete=Cancelled(message="Cancelled; the RunPod worker deleted the pod."),
         )
 
+    async def _stop(self, flow_run: FlowRun, reason: str, state: Any, flow_started: bool, logger: Any) -> Outcome:
+        """Stop a run that passed max_runtime or max_cost: a running fine-tune is first asked to store a checkpoint
+        (for up to CHECKPOINT_GRACE_SECONDS), so that a rerun resumes; then `state` and the pod is deleted."""
+        if flow_started and await self._stops_at_checkpoint(flow_run.id):
+            logger.info(f"{reason}: asking the run to store a checkpoint before its pod is deleted")
+            self._stopping.add(flow_run.id)
+            await request_stop(flow_run.id, state.message)
+            end = time.monotonic() + CHECKPOINT_GRACE_SECONDS
+            while time.monotonic() < end:
+                current = await self._state(flow_run.id, logger)
+                if current is _GONE or (current is not None and current.is_final()):
+                    if current is not _GONE and current.message:
+                        state = Failed(name=state.name, message=f"{state.message} {current.message}")
+                    break
+                await anyio.sleep(self._poll)
+        return Outcome(reason, before_delete=state, status_code=1)
+
+    async def _stops_at_checkpoint(self, flow_run_id: UUID) -> bool:
+        """Whether the run's job type saves a checkpoint when asked (its `ow-type:` tag names the type)."""
+        try:
+            tags = (await self.client.read_flow_run(flow_run_id)).tags
+            types = [tag.partition(":")[2] for tag in tags if tag.startswith("ow-type:")]
+            return any(get_job_type(name).stops_at_checkpoint for name in types)
+        except Exception:  # noqa: BLE001 - an unknown type or an unreachable API: stop it without waiting
+            return False
+
     async def _pod_gone(
         self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any
     ) -> Outcome:
@@ -654,6 +760,10 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                 await self._force_state(flow_run_id, outcome.after_delete, logger)
         finally:
             self._watched.pop(record.pod_id, None)
+            if flow_run_id in self._stopping:
+                self._stopping.discard(flow_run_id)
+                with contextlib.suppress(Exception):
+                    await clear_stop(flow_run_id)
         if deleted != "failed":  # "gone": deleted by kill_infrastructure (a cancellation) or by hand; still ours
             logger.info(f"Pod {record.pod_id} deleted: {outcome.reason}")
             await self._account(record, outcome.reason, logger)
@@ -762,6 +872,11 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         if deadline is not None and time.time() > deadline:
             message = f"The run exceeded its max_runtime; the reconciler deleted pod {pod.id}."
             return "past its max_runtime", Failed(name="TimedOut", message=message)
+        max_cost = _float(pod.env.get(MAX_COST_MARKER))
+        spent = (pod.cost or 0.0) * max(0.0, time.time() - (_parse_time(pod.created_at) or time.time())) / 3600
+        if max_cost is not None and spent >= max_cost:
+            message = f"The run reached its max_cost (${max_cost:g}); the reconciler deleted pod {pod.id}."
+            return "past its max_cost", Failed(name="CostCapped", message=message)
         if state.is_cancelling() and state.timestamp and _age(state.timestamp) > STALE_CANCELLING_SECONDS:
             return "its flow run has been cancelling for a minute", Cancelled(message="Cancelled; pod deleted.")
         return None
@@ -802,10 +917,11 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             logger.warning(f"Could not set flow run {flow_run_id} to {state.name}", exc_info=True)
 
     def _emit(self, event: str, record: PodRecord, **payload: Any) -> None:
+        pool = [pool_resource(self._work_pool.id)] if self._work_pool is not None else []  # the daily budget's ledger
         emit_event(
             event=event,
             resource=record.event_resource(),
-            related=record.related(),
+            related=[*record.related(), *pool],
             payload={**record.payload(), **payload},
         )
 
