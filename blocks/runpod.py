@@ -31,8 +31,11 @@ def upsert_runpod_credentials(name: str, api_key: str, api_url: str | None = Non
     return upsert(RunPodCredentials(api_key=api_key, api_url=api_url or DEFAULT_BASE_URL), name)
 
 
-def ensure_runpod_pool(pool: str, block_id: Any, **defaults: Any) -> str:
-    """Create the pool with the block as default credentials, or point an existing pool's default at it."""
+def ensure_runpod_pool(pool: str, block_id: Any = None, **defaults: Any) -> str:
+    """Create the pool with the block as default credentials, or point an existing pool's default at it.
+
+    Without a block (no RunPod key yet) the pool is created without credentials, so that deployments can be
+    registered on it (`prefect --no-prompt deploy --all`); an existing pool is then left as it is."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectNotFound
@@ -48,6 +51,8 @@ def ensure_runpod_pool(pool: str, block_id: Any, **defaults: Any) -> str:
             return "created"
         if existing.type != "runpod":
             raise SystemExit(f"work pool {pool!r} has type {existing.type!r}, not 'runpod'; pick another name")
+        if block_id is None:
+            return "unchanged"
         template = existing.base_job_template
         properties = template["variables"]["properties"]
         properties["credentials"]["default"] = {"$ref": {"block_document_id": str(block_id)}}

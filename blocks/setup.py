@@ -3,7 +3,8 @@
     python -m blocks [--env-file .env] [--pool gpu] [--local-pool local]      (or: ow setup)
 
 - `RUNPOD_API_KEY` (+ `RUNPOD_API_URL`) → `runpod-credentials/runpod` (`OW_RUNPOD_BLOCK` renames it); `--pool`
-  makes it the default credentials of that `runpod` work pool (created if missing);
+  makes it the default credentials of that `runpod` work pool (created if missing; without a key the pool is
+  created without credentials, so that `prefect --no-prompt deploy --all` can register every deployment);
 - `HF_TOKEN` → `secret/hf-token` (`OW_HF_TOKEN_SECRET` renames it): fine-tuned models are pushed with it;
 - `OPENAI_API_KEY` → `secret/openai-api-key` (`OW_OPENAI_KEY_SECRET` renames it): the chat client's OpenAI key;
 - the `process` work pool `local` (`--local-pool`), for runs on this machine;
@@ -79,7 +80,11 @@ def register_blocks(
             pool_outcome = ensure_runpod_pool(runpod_pool, block._block_document_id)
             say(f"work pool {runpod_pool!r} (type runpod): {pool_outcome}, default credentials {name!r}")
     elif runpod_pool:
-        say(f"work pool {runpod_pool!r} (type runpod): skipped, set RUNPOD_API_KEY (RunPod → Settings → API Keys)")
+        outcome = ensure_runpod_pool(runpod_pool)
+        say(
+            f"work pool {runpod_pool!r} (type runpod): {outcome}, no credentials: its deployments register, but its "
+            "worker runs nothing until RUNPOD_API_KEY is set (RunPod → Settings → API Keys) and `ow setup` runs again"
+        )
     for variable, name_variable, default in (
         ("HF_TOKEN", "OW_HF_TOKEN_SECRET", "hf-token"),
         ("OPENAI_API_KEY", "OW_OPENAI_KEY_SECRET", "openai-api-key"),

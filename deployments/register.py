@@ -5,8 +5,9 @@
     python -m deployments.register --pool mine --create-pool process   # all, on any one pool
 
 Equivalent to `prefect --no-prompt deploy --all` from the repository root, but usable from Python (tests,
-notebooks, `ow setup`) and for any pool. Where flow runs start follows the pool's type: in the image's copy of
-the code on a `runpod` pool (/opt/ow_prefect, see docker/), in this checkout on any other. Job variables the
+notebooks, `ow setup`) and for any pool. Where flow runs start follows the pool's type: on a `runpod` pool where
+`ow_prefect.workers.pull.code_directory` says (the image's copy, /opt/ow_prefect, or `OW_POD_CODE_DIR`), in this
+checkout on any other. Job variables the
 pool does not know (a RunPod preset on a process pool) are left out.
 """
 
@@ -20,7 +21,6 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-IMAGE_WORKDIR = "/opt/ow_prefect"  # where docker/Dockerfile puts the code
 
 
 def load_deployments(root: Path = ROOT) -> list[dict[str, Any]]:
@@ -55,8 +55,9 @@ def ensure_pool(client: Any, pool: str, pool_type: str | None) -> Any:
 
 
 def pull_steps(pool_type: str, root: Path) -> list[dict[str, Any]]:
-    directory = IMAGE_WORKDIR if pool_type == "runpod" else str(root)
-    return [{"prefect.deployments.steps.set_working_directory": {"directory": directory}}]
+    if pool_type == "runpod":  # the image's copy, or OW_POD_CODE_DIR (as prefect.yaml's `pull_in_image`)
+        return [{"ow_prefect.workers.pull.code_directory": {}}]
+    return [{"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}]
 
 
 def known_job_variables(job_variables: dict[str, Any], work_pool: Any) -> dict[str, Any]:

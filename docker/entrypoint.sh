@@ -18,6 +18,20 @@ if [[ -n "${PUBLIC_KEY:-}" ]] && command -v sshd >/dev/null; then
   /usr/sbin/sshd
 fi
 
+# CUDA forward compatibility (docs/runpod.md, "CUDA"): on a host driver older than 580 (no native CUDA 13), use the
+# image's cuda-compat libcuda; never on a newer driver, where it would shadow the host's and break CUDA.
+compat_dir="${OW_CUDA_COMPAT_DIR:-}"
+if [[ -n "${compat_dir}" && -d "${compat_dir}" ]]; then
+  driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1 || true)"
+  if [[ -z "${driver}" && -r /proc/driver/nvidia/version ]]; then
+    driver="$(sed -n 's/.*Kernel Module *\([0-9][0-9.]*\).*/\1/p' /proc/driver/nvidia/version | head -n 1)"
+  fi
+  if [[ "${driver%%.*}" =~ ^[0-9]+$ ]] && ((${driver%%.*} < 580)); then
+    export LD_LIBRARY_PATH="${compat_dir}${LD_LIBRARY_PATH:+:${LD_LIBRARY_PATH}}"
+    echo "host driver ${driver} < 580: using CUDA forward compatibility from ${compat_dir}"
+  fi
+fi
+
 if [[ $# -gt 0 ]]; then
   exec "$@"
 fi

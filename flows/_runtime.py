@@ -39,6 +39,7 @@ from ow_prefect.jobs.submit import (
     run_outputs_key,
     type_tag,
 )
+from ow_prefect.settings import get_settings
 from ow_prefect.storage import Storage
 
 RESULT_PURPOSE = "result"  # files a job produces for the user (outputs, completions, logs)
@@ -90,6 +91,13 @@ def start_job(job_cls: type[Job], parameters: dict[str, Any], ow_job: dict[str, 
         _set_tags(flow_run, add=[JOB_TAG, job_tag(computed), type_tag(job_cls.name)])
     get_run_logger().info("job %s (%s)", computed, job_cls.name)
     return JobRun(job_cls, computed, flow_parameters, Storage.from_settings(), flow_run)
+
+
+OW_JOB_TITLE = "ow_job (set by the ow_prefect SDK)"
+OW_JOB_DESCRIPTION = "Job id, code hash and image, set by the ow_prefect SDK; leave it empty in the UI and the CLI."
+# Prefect titles every parameter by its name; a "title" in the annotation's json_schema_extra wins (Prefect merges
+# it into the field it builds), so the UI form labels the envelope as the SDK's.
+OwJobEnvelope = Annotated[dict[str, Any] | None, Field(json_schema_extra={"title": OW_JOB_TITLE})]
 
 
 def run_job(job_cls: type[Job], parameters: dict[str, Any], work: Callable[[JobRun], dict[str, Any]]) -> Any:
@@ -151,7 +159,7 @@ def finished_without_work(job: JobRun, outputs: dict[str, Any], message: str) ->
 
 def hf_token_secret() -> str:
     """Name of the Secret block holding the team's Hugging Face token (`OW_HF_TOKEN_SECRET`, default 'hf-token')."""
-    return os.environ.get("OW_HF_TOKEN_SECRET", "hf-token")
+    return get_settings().hf_token_secret
 
 
 def hf_token() -> str | None:
@@ -202,9 +210,9 @@ def with_params_signature(
         )
         described.append(f"    force_rerun: {FORCE_RERUN_HELP}")
     parameters.append(
-        inspect.Parameter("ow_job", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=dict[str, Any] | None)
+        inspect.Parameter("ow_job", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=OwJobEnvelope)
     )
-    described.append("    ow_job: set by the ow_prefect SDK: job id, code hash, image.")
+    described.append(f"    ow_job: {OW_JOB_DESCRIPTION}")
     fn.__signature__ = inspect.Signature(parameters, return_annotation=dict[str, Any])
     # Prefect reads parameter descriptions (the UI form's help text) from a Google-style docstring.
     fn.__doc__ = f"{fn.__doc__ or ''}\n\nArgs:\n" + "\n".join(described) + "\n"

@@ -29,8 +29,10 @@ from prefect.events import emit_event
 
 from flows._runtime import (
     FORCE_RERUN_HELP,
+    OW_JOB_DESCRIPTION,
     RESULT_PURPOSE,
     JobRun,
+    OwJobEnvelope,
     flow_run_related,
     job_resource,
     run_job,
@@ -228,7 +230,7 @@ def custom_run(
     env: dict[str, str] | None = None,
     secrets: dict[str, str] | None = None,
     force_rerun: bool = False,
-    ow_job: dict[str, Any] | None = None,
+    ow_job: OwJobEnvelope = None,
 ) -> dict[str, Any]:
     """Run `entrypoint` in a work dir holding `mounts`; files under uploads/ become result files. The command
     gets `env`, and `secrets` loaded from their blocks, but no credential of the machine that runs it.
@@ -241,7 +243,7 @@ def custom_run(
         env: Environment variables of the command (plain values; part of the job id).
         secrets: Environment variable -> name of a Prefect Secret block whose value the command gets.
         force_rerun: {force_rerun}
-        ow_job: set by the ow_prefect SDK: job id, code hash, image.
+        ow_job: {ow_job}
     """
     parameters = {"entrypoint": entrypoint, "mounts": mounts or {}, "requires_vram_gb": requires_vram_gb}
     parameters |= {"params": params or {}, "env": env or {}, "secrets": secrets or {}}
@@ -249,5 +251,5 @@ def custom_run(
     return run_job(_job_type(ow_job), parameters, _run_command)
 
 
-custom_run.__doc__ = custom_run.__doc__.format(force_rerun=FORCE_RERUN_HELP)
+custom_run.__doc__ = custom_run.__doc__.format(force_rerun=FORCE_RERUN_HELP, ow_job=OW_JOB_DESCRIPTION)
 custom_run = flow(name="custom", log_prints=True)(custom_run)

@@ -22,7 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ow_prefect.jobs.base import Job, job_types, project_root
+from ow_prefect.jobs.base import Job, project_root
+from ow_prefect.jobs.registry import job_types
 
 OUTPUT = Path("docs") / "reference.md"
 HEADER = """# Reference: job parameters, RunPod job variables, settings

@@ -5,6 +5,11 @@ Inside a job's command (``custom/run``), ``ow.run.log({"accuracy": 0.9})`` appen
 the logged values into ``job.outputs`` when it ends (the latest value of each key, as OpenWeights' outputs are).
 A file passed with ``file=`` is stored first (purpose ``event``) and its id travels with the event. Nothing here
 imports Prefect: the command's environment may not have it.
+
+``$OW_RUN_LOG``, ``$OW_FLOW_RUN_ID`` and ``$OW_JOB_ID`` are read from the environment, not from `OWSettings`, on
+purpose: they are not settings but this process's run context, set by the flow (flows/custom.py) for the one
+command it starts. A setting can come from a ``.env`` file, and a ``.env`` in the command's working directory
+(a mounted project may carry one) must never make a process claim to be another run, or a job's command.
 """
 
 from __future__ import annotations

@@ -1,23 +1,22 @@
-"""Settings read from the environment (prefix ``OW_``) or a ``.env`` file in the working directory.
+"""`OWSettings`: every ``OW_*`` setting, read from the environment or a ``.env`` file in the working directory.
 
-- ``OW_HOME``: where local state lives (storage, the vLLM environment); default ``~/.ow_prefect``.
-- ``OW_STORAGE_BLOCK``: slug of a saved Prefect filesystem block, e.g. ``s3-bucket/ow-storage``; default: local
-  disk at ``OW_STORAGE_DIR`` (default ``OW_HOME/storage``).
-- ``OW_STORAGE_RETRY_SECONDS``: how long storage calls retry while S3 is unreachable or failing (default 300).
-- ``OW_MAX_FILE_MB``: largest file ``ow.files`` accepts (default 2048).
-- ``OW_VLLM_PYTHON``: interpreter of the separate vLLM environment; default ``OW_HOME/envs/vllm/bin/python``.
-- ``OW_MODE``: ``auto`` (server when a Prefect API URL is set, else embedded), ``server`` or ``embedded``.
-- ``OW_TRAIN_IMAGE`` / ``OW_SERVE_IMAGE``: images of training/custom and vLLM jobs (part of every job id).
-- ``OW_DEPLOYMENT_SUFFIX``: appended to every built-in deployment's name when the SDK submits, e.g. ``-local``
-  for prefect.yaml's local variants (``finetune/sft-local`` on the ``local`` process pool); default none.
-- ``OW_CHAT_CACHE_DIR`` / ``OW_CHAT_CACHE_GB``: the chat client's disk cache (default ``OW_HOME/chat-cache``, 10).
-- ``OW_OPENAI_BATCH_POLL_SECONDS``: how often batch inference asks OpenAI how its batches are doing (default 30).
-- ``OW_RUNPOD_POLL_SECONDS``: how often the RunPod worker looks at each run and its pod (default 2).
-- ``OW_RUNPOD_RECONCILE_SECONDS``: how often the RunPod worker looks for orphaned pods (default 60).
+The one table of them is docs/reference.md ("Settings"), generated from the fields below
+(`python -m ow_prefect.reference`): a new setting is a field here, with its description, and nowhere else.
+
+`get_settings()` reads them once per process: the ``.env`` file is read again only when the process's own
+``OW_*`` environment or working directory changed since (tests and notebooks that set a variable see it at
+once), or after `refresh_settings()` — for a long-running process that must see an edited ``.env``.
+
+Not settings: the variables a custom job's command receives from its flow run (``OW_JOB_ID``,
+``OW_FLOW_RUN_ID``, ``OW_WORK_DIR``, ``OW_PARAMS``, ``OW_OUTPUTS``, ``OW_RUN_LOG``; see `ow_prefect.run_log`):
+they describe one run, are set by the flow for its child process only, and must never come from a ``.env``.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class OWSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OW_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="OW_", env_file=".env", extra="ignore", frozen=True)
 
     home: Path = Field(default=Path("~/.ow_prefect"), description="Where local state lives.")
     storage_block: str | None = Field(
@@ -34,7 +33,10 @@ class OWSettings(BaseSettings):
     )
     storage_dir: Path | None = Field(default=None, description="Local storage directory (no block set).")
     storage_retry_seconds: float = Field(
-        default=300, ge=0, description="How long storage calls keep retrying while S3 is unreachable or failing."
+        default=300,
+        ge=0,
+        description="About how long S3 calls keep retrying while the store is unreachable or failing (botocore's "
+        "retries get as many attempts as make this much back-off).",
     )
     max_file_mb: float = Field(default=2048, gt=0, description="Largest file ow.files accepts, in MiB.")
     vllm_python: Path | None = Field(default=None, description="Interpreter of the vLLM environment.")
@@ -51,6 +53,33 @@ class OWSettings(BaseSettings):
     )
     runpod_poll_seconds: float = Field(default=2.0, gt=0, description="RunPod worker: run and pod poll interval.")
     runpod_reconcile_seconds: float = Field(default=60.0, gt=0, description="RunPod worker: orphan sweep interval.")
+    pod_code_dir: str | None = Field(
+        default=None,
+        description="Where RunPod pods find the project's code (set on the worker, passed to its pods); default "
+        "the image's copy, /opt/ow_prefect. A checkout the pods see: a network volume, or this one for FakeRunPod.",
+    )
+    openai_key_secret: str = Field(
+        default="openai-api-key",
+        description="Prefect Secret block with the OpenAI key, used when OPENAI_API_KEY is not set.",
+    )
+    openai_concurrency: int = Field(default=64, gt=0, description="Chat client: requests in flight to OpenAI.")
+    hf_token_secret: str = Field(
+        default="hf-token", description="Prefect Secret block with the team's Hugging Face token (runs read it)."
+    )
+    hf_org: str | None = Field(
+        default=None,
+        description="Hub organization that fills {org} in finetuned_model_id (else HF_ORG / HF_USER where the job "
+        "is created, else the token's user).",
+    )
+    train_backend: Literal["auto", "unsloth", "transformers"] = Field(
+        default="auto", description="How training loads the model: unsloth where installed (auto), or forced."
+    )
+    api_heartbeat_seconds: float = Field(
+        default=2.0, gt=0, description="Temporary API run: how often it checks its keep-alive deadline."
+    )
+    api_startup_timeout_seconds: float = Field(
+        default=1800.0, gt=0, description="Temporary API run: how long vLLM may take to become healthy."
+    )
 
     @property
     def home_dir(self) -> Path:
@@ -68,7 +97,30 @@ class OWSettings(BaseSettings):
     def max_file_bytes(self) -> int:
         return int(self.max_file_mb * 1024 * 1024)
 
+    def exported(self, names: Iterable[str]) -> dict[str, str]:
+        """The settings among `names` (``OW_...``) that were set (environment or ``.env``), as environment
+        variables for another process."""
+        fields = {name: name.removeprefix("OW_").lower() for name in names}
+        return {name: str(getattr(self, field)) for name, field in fields.items() if field in self.model_fields_set}
+
+
+@functools.lru_cache(maxsize=4)
+def _read(working_directory: str, environment: tuple[tuple[str, str], ...]) -> OWSettings:
+    return OWSettings()
+
 
 def get_settings() -> OWSettings:
-    """Fresh settings on every call, so a changed environment (tests, notebooks) is always seen."""
-    return OWSettings()
+    """The settings of this process, read once (see the module docstring); the same object until the ``OW_*``
+    environment or the working directory changes."""
+    environment = tuple(sorted((k, v) for k, v in os.environ.items() if k[:3].upper() == "OW_"))
+    try:
+        working_directory = os.getcwd()
+    except FileNotFoundError:  # it was removed under us: no .env there either
+        working_directory = ""
+    return _read(working_directory, environment)
+
+
+def refresh_settings() -> OWSettings:
+    """Read the settings (and ``.env``) again."""
+    _read.cache_clear()
+    return get_settings()

@@ -11,6 +11,7 @@ Blobs are written before records, so a record that exists always points at compl
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -203,10 +204,12 @@ class LocalBackend:
 TRANSIENT_S3_CODES = frozenset(
     {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"}
 )
+BOTOCORE_MAX_BACKOFF_S = 20.0  # botocore's standard retry mode waits rand() x min(2**(n-1), 20) s before retry n
 
 
 def _transient(exc: Exception) -> bool:
-    """An S3 error that the same request may not meet again: no connection, a timeout, 5xx, throttling."""
+    """An S3 error that the same request may not meet again: no connection, a timeout, 5xx, throttling (what
+    botocore's standard mode retries); used to word the error once botocore has given up."""
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
@@ -222,6 +225,16 @@ def _transient(exc: Exception) -> bool:
     return False
 
 
+def attempts_for(seconds: float) -> int:
+    """botocore attempts whose expected back-off adds up to `seconds` (retry n waits rand() x min(2**(n-1),
+    20) s: 0.5, 1, 2, 4, 8, then 10 s on average); 300 s -> 35 attempts."""
+    waited, attempts = 0.0, 1
+    while waited < seconds:
+        waited += min(2 ** (attempts - 1), BOTOCORE_MAX_BACKOFF_S) / 2
+        attempts += 1
+    return attempts
+
+
 def _storage_logger() -> Any:
     """The flow run's logger inside a run (the warning belongs in its logs), else this module's."""
     import logging
@@ -234,19 +247,61 @@ def _storage_logger() -> Any:
         return logging.getLogger("ow_prefect.storage")
 
 
+def _failure(caught_exception: Exception | None, response: Any) -> str:
+    if caught_exception is not None:
+        return f"{type(caught_exception).__name__}: {caught_exception}"
+    http, parsed = response
+    return f"{http.status_code} {(parsed or {}).get('Error', {}).get('Code', '')}".strip()
+
+
+@functools.lru_cache(maxsize=8)
+def s3_client(credentials: Any, attempts: int) -> Any:
+    """An S3 client for a prefect-aws credentials block (its endpoint, region and botocore config), whose retries
+    are botocore's standard mode with `attempts` attempts, unless the block's own config sets `retries` (then
+    that wins). Each retry is a warning in the run's logs."""
+    from botocore.config import Config
+
+    params = credentials.aws_client_parameters.get_params_override()
+    if credentials.region_name:
+        params["region_name"] = credentials.region_name
+    config = Config(retries={"mode": "standard", "total_max_attempts": attempts})
+    if "config" in params:
+        config = config.merge(params.pop("config"))
+    client = credentials.get_boto3_session().client("s3", config=config, **params)
+    max_attempts = client.meta.config.retries.get("total_max_attempts", attempts)
+    where = client.meta.endpoint_url
+
+    def remember_failure(request_dict: dict, caught_exception: Exception | None, response: Any, **_: Any) -> None:
+        request_dict["context"]["ow_failure"] = _failure(caught_exception, response)  # why the next try, if any
+
+    def warn_on_retry(request: Any, operation_name: str, **_: Any) -> None:
+        attempt = request.context.get("retries", {}).get("attempt", 1)
+        if attempt > 1:  # botocore has waited and asks again
+            _storage_logger().warning(
+                f"Storage S3 at {where} unavailable during {operation_name} ({request.context.get('ow_failure')}); "
+                f"retrying, attempt {attempt} of {max_attempts}"
+            )
+
+    client.meta.events.register_first("needs-retry.s3", remember_failure)
+    client.meta.events.register("request-created.s3", warn_on_retry)
+    return client
+
+
 class S3Backend:
     """A prefect-aws `S3Bucket` block (S3, R2, MinIO: the endpoint comes from its `AwsCredentials`).
 
-    Every call is retried while the store is unreachable or answers 5xx/throttling, with back-off (1 s doubling
-    to 30 s) for up to `OW_STORAGE_RETRY_SECONDS` (300 s by default), so that a storage outage delays a job's
-    uploads instead of losing what it computed. Errors that retrying cannot fix (403, a missing bucket) raise at
-    once."""
+    Calls are retried by botocore itself (standard mode: connection errors, timeouts, 5xx, throttling, with
+    jittered back-off up to 20 s), with as many attempts as make about `OW_STORAGE_RETRY_SECONDS` (300 s by
+    default) of waiting, so that a storage outage delays a job's uploads instead of losing what it computed.
+    Errors that retrying cannot fix (403, a missing bucket) raise at once. (botocore's retry quota also stops
+    retries once a client has spent 100 of them without a success in between: a long outage during a multipart
+    upload, whose parts retry side by side, can end sooner than the setting says.)"""
 
     def __init__(self, bucket: Any, retry_seconds: float | None = None):
         self.bucket = bucket
-        self.client = bucket.credentials.get_s3_client()
-        self.prefix = (bucket.bucket_folder or "").strip("/")
         self.retry_seconds = get_settings().storage_retry_seconds if retry_seconds is None else retry_seconds
+        self.client = s3_client(bucket.credentials, attempts_for(self.retry_seconds))
+        self.prefix = (bucket.bucket_folder or "").strip("/")
 
     def __repr__(self) -> str:
         return f"S3Backend(bucket={self.bucket.bucket_name!r}, folder={self.prefix!r})"
@@ -260,25 +315,16 @@ class S3Backend:
         return code in ("404", "NoSuchKey", "NotFound")
 
     def _call(self, what: str, operation: Any, *args: Any, **kwargs: Any) -> Any:
-        give_up = time.monotonic() + self.retry_seconds
-        pause = 1.0
-        while True:
-            try:
-                return operation(*args, **kwargs)
-            except Exception as exc:
-                if not _transient(exc):
-                    raise
-                if time.monotonic() + pause > give_up:
-                    raise StorageError(
-                        f"{self!r} was unavailable for {self.retry_seconds:.0f} s during {what} ({exc}); check the "
-                        "endpoint and credentials of the storage block, or raise OW_STORAGE_RETRY_SECONDS"
-                    ) from exc
-                _storage_logger().warning(
-                    f"Storage {self!r} unavailable during {what} ({type(exc).__name__}: {exc}); "
-                    f"retrying in {pause:.0f} s"
-                )
-                time.sleep(pause)
-                pause = min(pause * 2, 30.0)
+        started = time.monotonic()
+        try:
+            return operation(*args, **kwargs)
+        except Exception as exc:
+            if not _transient(exc):
+                raise
+            raise StorageError(
+                f"{self!r} was unavailable for {time.monotonic() - started:.0f} s during {what} ({exc}); check the "
+                "endpoint and credentials of the storage block, or raise OW_STORAGE_RETRY_SECONDS"
+            ) from exc
 
     def exists(self, key: str) -> bool:
         try:
@@ -288,7 +334,7 @@ class S3Backend:
         except Exception as exc:
             if self._is_missing(exc):
                 return False
-            raise StorageError(f"cannot reach {self!r}: {exc}") from exc
+            raise StorageError(f"cannot tell whether {key} is in {self!r}: {exc}") from exc
         return True
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -333,8 +379,8 @@ class BlockBackend:
 
     def exists(self, key: str) -> bool:
         try:
-            self._call("read_path", key)
-        except Exception:
+            self.get_bytes(key)
+        except NotFoundError:
             return False
         return True
 
@@ -342,18 +388,34 @@ class BlockBackend:
         self._call("write_path", key, data)
 
     def get_bytes(self, key: str) -> bytes:
+        """The bytes at `key`; NotFoundError only when the block says the path is not there, a StorageError
+        naming the block's own error for anything else (an outage, a refused permission)."""
         try:
             return self._call("read_path", key)
         except StorageError:
             raise
         except Exception as exc:
-            raise NotFoundError(f"{key} is not in {self!r}: {exc}") from None
+            if _means_missing(exc):
+                raise NotFoundError(f"{key} is not in {self!r}") from None
+            why = exc.__cause__ or exc  # fsspec wraps a refused connection in a FileNotFoundError
+            raise StorageError(f"cannot read {key} from {self!r}: {type(why).__name__}: {why}") from exc
 
     def put_file(self, key: str, path: Path) -> None:
         self.put_bytes(key, Path(path).read_bytes())
 
     def get_file(self, key: str, path: Path) -> None:
         Path(path).write_bytes(self.get_bytes(key))
+
+
+def _means_missing(exc: Exception) -> bool:
+    """Whether a filesystem block's error says "no such path": a FileNotFoundError (unless raised from another
+    error: fsspec's HTTP filesystem turns a refused connection into one), or a cloud SDK's not-found error (GCS
+    `NotFound`, Azure `ResourceNotFoundError`, S3 `NoSuchKey`), or a 404."""
+    if isinstance(exc, FileNotFoundError):
+        return exc.__cause__ is None or _means_missing(exc.__cause__)
+    name = type(exc).__name__
+    status = getattr(exc, "code", None) or getattr(exc, "status_code", None)
+    return name in ("NotFound", "ResourceNotFoundError", "NoSuchKey") or status == 404
 
 
 def backend_for_block(block: Any) -> Backend:

@@ -133,6 +133,21 @@ def test_a_missing_openai_key_says_how_to_set_it(monkeypatch, ow):
         ow.chat.completions.create(model="gpt-4o", messages=HELLO)
 
 
+def test_a_prefect_outage_is_not_reported_as_a_missing_openai_key(monkeypatch):
+    """The key's Secret block cannot be read because the Prefect API is down (nothing listens at its URL): the
+    error says so, instead of "there is no key"."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ow_prefect import ConfigurationError, OWError
+    from ow_prefect.chat.routing import openai_endpoint
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    down = temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"})
+    with down, pytest.raises(OWError, match="reading the Secret block 'openai-api-key' failed .*Prefect API") as raised:
+        openai_endpoint("gpt-4o")
+    assert not isinstance(raised.value, ConfigurationError) and "no key" not in str(raised.value)
+
+
 def test_batch_can_hand_answers_over_as_they_come(fake, ow):
     seen = {}
     count = ow.chat.completions.batch(
@@ -141,3 +156,102 @@ def test_batch_can_hand_answers_over_as_they_come(fake, ow):
         on_result=lambda index, answer: seen.__setitem__(index, answer.choices[0].message.content),
     )
     assert count == 50 and seen == {i: str(i)[::-1] for i in range(50)}
+
+
+class SlowDeploy:
+    """`ow.api` for deploy-on-demand whose `deploy` blocks like the real one (it submits a job through Prefect's
+    API) and whose server is the fake: a stand-in, because a real TemporaryApi needs vLLM (test_chat_vllm.py
+    deploys one for real)."""
+
+    def __init__(self, fake, seconds: float, error: BaseException | None = None):
+        self.fake, self.seconds, self.error = fake, seconds, error
+        self.deployed: list[str] = []
+
+    def deploy(self, base, adapters, **params):
+        import time
+        from types import SimpleNamespace
+
+        time.sleep(self.seconds)
+        if self.error is not None:
+            raise self.error
+        self.deployed.append(base)
+        return SimpleNamespace(
+            up=lambda: None,
+            down=lambda: None,
+            base_url=self.fake.url,
+            api_key=self.fake.api_key,
+            validated=SimpleNamespace(max_num_seqs=4),
+        )
+
+
+def engine_with(api: SlowDeploy, window_s: float = 0.05):
+    from types import SimpleNamespace
+
+    from ow_prefect.chat.engine import ChatEngine, ChatSettings
+
+    return ChatEngine(SimpleNamespace(api=api, storage=None), None, ChatSettings(deploy_window_s=window_s))
+
+
+async def test_a_slow_deploy_does_not_stop_other_requests(fake):
+    import asyncio
+    import time
+
+    engine = engine_with(SlowDeploy(fake, seconds=3))
+    deploying = asyncio.create_task(engine.create(model="slow-base", messages=HELLO))
+    await asyncio.sleep(0.3)  # the window closed: deploy() is running
+    latencies = []
+    for i in range(5):
+        started = time.monotonic()
+        reply = await engine.create(model="gpt-4o", messages=[{"role": "user", "content": f"m{i}"}], max_tokens=3)
+        latencies.append(time.monotonic() - started)
+        assert reply.choices[0].message.content == f"m{i}"[::-1]
+    assert not deploying.done(), "the deploy was still going on while the other requests were answered"
+    assert max(latencies) < 1.5, latencies  # with deploy() on the loop, the first waited for all 3 s of it
+    assert (await deploying).choices[0].message.content == "ereht olleh"
+    await engine.aclose()
+
+
+async def test_closing_during_a_deploy_window_tells_its_requests_and_leaves_no_task(fake):
+    import asyncio
+
+    from ow_prefect import OWError
+
+    engine = engine_with(SlowDeploy(fake, seconds=0), window_s=30)
+    waiting = asyncio.create_task(engine.create(model="slow-base", messages=HELLO))
+    await asyncio.sleep(0.2)
+    assert len(engine._flushes) == 1
+    await engine.aclose()
+    with pytest.raises(OWError, match="deploying slow-base was stopped: the chat client was closed"):
+        await waiting
+    assert engine._flushes == set() and engine.settings.deploy_window_s == 30
+
+
+def test_an_interrupt_during_a_deploy_is_not_swallowed(fake):
+    """KeyboardInterrupt (or SystemExit) in deploy() ends the loop, as everywhere else, instead of becoming one
+    more failed request."""
+    import asyncio
+
+    async def scenario():
+        engine = engine_with(SlowDeploy(fake, seconds=0, error=KeyboardInterrupt()))
+        await engine.create(model="slow-base", messages=HELLO)
+
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(scenario())
+
+
+def test_a_failed_deploy_names_its_cause_and_the_next_request_tries_again(fake):
+    import asyncio
+
+    from ow_prefect import OWError
+
+    async def scenario():
+        api = SlowDeploy(fake, seconds=0, error=RuntimeError("no GPU today"))
+        engine = engine_with(api)
+        with pytest.raises(OWError, match="deploying slow-base failed: RuntimeError: no GPU today"):
+            await engine.create(model="slow-base", messages=HELLO)
+        api.error = None
+        assert (await engine.create(model="slow-base", messages=HELLO)).choices[0].message.content == "ereht olleh"
+        assert api.deployed == ["slow-base"]
+        await engine.aclose()
+
+    asyncio.run(scenario())

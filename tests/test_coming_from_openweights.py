@@ -17,8 +17,8 @@ from ow_prefect.client.api import Api, TemporaryApi
 from ow_prefect.client.files import AsyncFiles, Files
 from ow_prefect.client.jobs import AsyncJobs, Jobs, JobTypeResource
 from ow_prefect.client.runs import AsyncEvents, AsyncRuns, Events, Run, Runs
-from ow_prefect.jobs.base import job_types
 from ow_prefect.jobs.custom import CustomJob
+from ow_prefect.jobs.registry import job_types
 from ow_prefect.run_log import CurrentRun
 from tests.conftest import ROOT
 

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from deployments.register import IMAGE_WORKDIR, register
+from deployments.register import register
 from ow_prefect.workers.runpod import RunPodWorker
 from tests.conftest import POOL, ROOT
 
@@ -33,11 +33,12 @@ def test_prefect_deploy_all(prefect_api, deployed):
         assert result.returncode == 0, result.stdout + result.stderr
         on_runpod = client.read_deployment_by_name("custom/run")
         assert on_runpod.work_pool_name == "gpu" and on_runpod.entrypoint == "flows/custom.py:custom_run"
-        assert workdir(on_runpod) == IMAGE_WORKDIR  # the image's copy of the code
+        assert on_runpod.pull_steps == [{"ow_prefect.workers.pull.code_directory": {}}]  # image or OW_POD_CODE_DIR
         assert on_runpod.job_variables == {
             "image": "ow-prefect-train:0.1",
             "min_vram_gb": 16,
             "min_cuda_version": "13.0",
+            "data_center_min_cuda_version": "12.2",
         }
         assert client.read_deployment_by_name("vllm-api/serve").job_variables["ports"] == ["8000/http"]
         local = client.read_deployment_by_name("custom/run-local")

@@ -4,9 +4,9 @@ job type hashes, the image its id names, serving ports, and an entrypoint that r
 import pytest
 import yaml
 
-from deployments.register import IMAGE_WORKDIR, load_deployments, load_flow
+from deployments.register import load_deployments, load_flow, pull_steps
 from ow_prefect.jobs.api import SERVE_PORT
-from ow_prefect.jobs.base import job_types
+from ow_prefect.jobs.registry import job_types
 from ow_prefect.settings import OWSettings
 from tests.conftest import ROOT
 
@@ -38,8 +38,17 @@ def test_every_job_type_has_a_gpu_and_a_local_deployment(job_cls, deployment):
     assert variables["image"] == OWSettings.model_fields[job_cls.image_setting].default
     assert variables["min_vram_gb"] > 0
     assert (f"{SERVE_PORT}/http" in variables.get("ports", [])) == (job_cls.name == "vllm_api")
-    assert gpu["pull"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == IMAGE_WORKDIR
+    assert gpu["pull"] == pull_steps("runpod", ROOT)  # the image's copy, or OW_POD_CODE_DIR
     assert "pull" not in local  # the project's pull step: this checkout
+
+
+def test_each_scheduled_deployment_states_its_cron_and_timezone():
+    scheduled = {name: spec for name, spec in SPECS.items() if spec.get("schedules")}
+    assert len(scheduled) == 4
+    for name, spec in scheduled.items():
+        for schedule in spec["schedules"]:
+            assert f"cron `{schedule['cron']}`" in spec["description"], name
+            assert f"timezone {schedule['timezone']}" in spec["description"], name
 
 
 CPU_ONLY = {"openai"}  # deployments that need no GPU: on the local pool under both names
@@ -82,6 +91,19 @@ def test_every_deployment_but_the_api_offers_force_rerun_in_its_form(entrypoint)
     force_rerun = properties["force_rerun"]
     assert force_rerun["type"] == "boolean" and force_rerun["default"] is False
     assert "already completed" in force_rerun["description"] and "history" in force_rerun["description"]
+
+
+@pytest.mark.parametrize("entrypoint", sorted({spec["entrypoint"] for spec in SPECS.values()}))
+def test_the_ui_form_lists_the_job_fields_first_and_the_sdk_envelope_last_with_its_title(entrypoint):
+    from flows._runtime import OW_JOB_DESCRIPTION, OW_JOB_TITLE
+
+    properties = load_flow(entrypoint).parameters.model_dump()["properties"]
+    envelope = properties.pop("ow_job")
+    assert envelope["title"] == OW_JOB_TITLE and envelope["default"] is None
+    assert envelope["position"] > max(p["position"] for p in properties.values())
+    assert all(p["title"] == name for name, p in properties.items())
+    assert envelope["description"] == OW_JOB_DESCRIPTION
+    assert all(p.get("description") for p in properties.values()), properties  # every field described
 
 
 def test_prefect_yaml_is_plain_yaml_with_anchors_resolved():

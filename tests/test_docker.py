@@ -93,6 +93,18 @@ def test_entrypoint_without_a_command_or_flow_run_stays_up_for_a_dev_pod(tmp_pat
         process.wait(timeout=10)
 
 
+@pytest.mark.parametrize(("driver", "compat"), [("535.161.08", True), ("570.86.10", True), ("580.65.06", False)])
+def test_entrypoint_uses_cuda_compat_only_below_driver_580(tmp_path, driver, compat):
+    (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\necho {driver}\n")  # the host's driver, as nvidia-smi says
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    (tmp_path / "compat").mkdir()
+    process = entrypoint(
+        tmp_path, "sh", "-c", 'echo "LD=$LD_LIBRARY_PATH"', OW_CUDA_COMPAT_DIR=str(tmp_path / "compat")
+    )
+    out, _ = process.communicate(timeout=30)
+    assert (f"LD={tmp_path / 'compat'}" in out) == compat, out
+
+
 def linux_platforms() -> list[str]:
     tags = [f"manylinux_2_{minor}_x86_64" for minor in range(5, IMAGE_GLIBC_MINOR + 1)]
     return tags + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]

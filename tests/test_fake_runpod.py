@@ -65,13 +65,10 @@ def assert_follows_spec(schema_name: str, instance: dict) -> None:
 
 
 def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:
-    events, event_id = [], None
-    for line in response.iter_lines():
-        if line.startswith("id: "):
-            event_id = line.removeprefix("id: ")
-        elif line.startswith("data: "):
-            events.append((event_id, json.loads(line.removeprefix("data: "))))
-    return events
+    """(id, data) of every server-sent event, read with httpx-sse (the parser the RunPod client uses)."""
+    from httpx_sse import EventSource
+
+    return [(event.id, event.json()) for event in EventSource(response).iter_sse()]
 
 
 def test_requests_without_the_api_key_are_refused(fake):

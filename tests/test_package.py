@@ -14,6 +14,7 @@ from ow_prefect.jobs.finetune import FineTuneJob
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "transformers", "trl", "vllm", "peft", "prefect", "boto3"]
+HEAVY += ["tenacity", "httpx_sse"]  # light, but only the calls that retry or stream need them
 
 
 def test_import_is_fast_and_light():

@@ -1,7 +1,7 @@
 """docs/reference.md is generated from the pydantic models; a stale committed copy fails here."""
 
 from ow_prefect import reference
-from ow_prefect.jobs.base import job_types
+from ow_prefect.jobs.registry import job_types
 
 
 def test_committed_reference_is_up_to_date(monkeypatch):

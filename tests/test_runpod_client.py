@@ -168,3 +168,17 @@ async def test_gpu_catalog_with_prices_and_availability(runpod, fake):
     requests_before = len(fake.requests)
     await runpod.gpu_types(count=1)
     assert len(fake.requests) == requests_before, "the catalog is cached briefly"
+
+
+async def test_a_broken_log_stream_is_a_typed_error():
+    async with AsyncRunPodClient("test-key", base_url="http://127.0.0.1:9") as runpod:  # nothing listens there
+        with pytest.raises(RunPodUnreachable, match="log stream of pod p1 broke"):
+            [line async for line in runpod.stream_logs("p1")]
+
+
+async def test_retry_after_is_honoured_for_a_create_too(runpod, fake):
+    fake.inject("POST", r"/pods$", status=429, times=1, retry_after=1)
+    started = asyncio.get_running_loop().time()
+    pod = await runpod.create_pod(pod_body(name="ow-after-429"))
+    assert asyncio.get_running_loop().time() - started >= 1.0
+    assert [p.id for p in await runpod.list_pods()] == [pod.id]

@@ -1,5 +1,5 @@
-from ow_prefect.runpod.models import GpuType
-from ow_prefect.runpod.offers import DEFAULT_VRAM_MARGIN, rank_candidates, with_margin
+from ow_prefect.runpod.models import CudaVersionAvailability, DataCenterAvailability, GpuType
+from ow_prefect.runpod.offers import DEFAULT_VRAM_MARGIN, is_data_center_gpu, rank_candidates, rank_offers, with_margin
 
 
 def gpu(gpu_id, memory, secure, community, availability="HIGH"):
@@ -107,3 +107,70 @@ async def test_create_on_first_walks_candidates_against_the_fake():
             assert len(raised.value.tried) == 2 and "A100 80GB PCIe" in str(raised.value)
             with pytest.raises(ValueError, match="not RunPod GPU type ids"):
                 await find_candidates(runpod, min_vram_gb=1, preferred=["NVIDIA RTX 9999"])
+
+
+def with_cuda(gpu_type, *versions, available=True):
+    return gpu_type.model_copy(
+        update={"cuda_versions": [CudaVersionAvailability(version=v, available=available) for v in versions]}
+    )
+
+
+CUDA_CATALOG = [
+    with_cuda(gpu("NVIDIA GeForce RTX 4090", 24, 0.59, None), "12.8", "13.0"),
+    with_cuda(gpu("NVIDIA RTX A6000", 48, 0.49, None), "12.4", "12.8"),
+    with_cuda(gpu("NVIDIA A100 80GB PCIe", 80, 1.64, None), "12.2"),
+    with_cuda(gpu("NVIDIA H100 80GB HBM3", 80, 2.69, None), "13.0", available=False),
+    with_cuda(gpu("Tesla V100-SXM2-32GB", 32, 0.2, None), "13.0"),
+]
+
+
+def test_the_cuda_floor_needs_a_free_host_at_or_above_it():
+    ranking = rank_offers(CUDA_CATALOG, min_vram_gb=20, clouds=("SECURE",), min_cuda_version="13.0")
+    # A6000 and A100 hosts are too old, the H100's 13.0 hosts are taken, CUDA 13 cannot run on a V100 at all
+    assert names(ranking.candidates) == [("4090", "SECURE")] and ranking.candidates[0].min_cuda_version == "13.0"
+    assert ranking.removed == {"cuda": 4} and ranking.considered == 5
+
+
+def test_data_center_gpus_get_the_forward_compatible_floor_and_consumer_cards_do_not():
+    assert is_data_center_gpu("NVIDIA A100 80GB PCIe") and is_data_center_gpu("NVIDIA L40S")
+    assert not is_data_center_gpu("NVIDIA GeForce RTX 4090") and not is_data_center_gpu("NVIDIA RTX A6000")
+    ranking = rank_offers(
+        CUDA_CATALOG, min_vram_gb=20, clouds=("SECURE",), min_cuda_version="13.0", data_center_min_cuda_version="12.2"
+    )
+    floors = {c.gpu_id.split()[-1]: c.min_cuda_version for c in ranking.candidates}
+    assert floors == {"4090": "13.0", "PCIe": "12.2"}  # the A6000 is a workstation card: no forward compatibility
+
+
+def test_every_filter_counts_what_it_removed():
+    a40 = gpu("NVIDIA A40", 48, 0.35, None).model_copy(
+        update={"data_centers": [DataCenterAvailability(id="EU-RO-1", availability="HIGH")]}
+    )
+    secure = [
+        with_cuda(gpu("NVIDIA GeForce RTX 4090", 24, 0.59, None), "13.0"),  # vram
+        with_cuda(gpu("NVIDIA L40S", 48, 0.86, None, availability="NONE"), "13.0"),  # stock
+        with_cuda(a40, "13.0"),  # data_centers
+        with_cuda(gpu("NVIDIA RTX A6000", 48, 0.49, None), "12.8"),  # the one left
+        with_cuda(gpu("NVIDIA A100 80GB PCIe", 80, 1.64, None), "12.2"),  # cuda
+        with_cuda(gpu("NVIDIA H100 80GB HBM3", 80, 2.69, None), "13.0"),  # price
+        with_cuda(gpu("NVIDIA H200", 141, 3.59, None), "13.0"),  # gpu_types
+    ]
+    community = [gpu("NVIDIA RTX A6000", 48, 0.49, None)]  # cloud: only offered in SECURE
+    ranking = rank_offers(
+        {"SECURE": secure, "COMMUNITY": community},
+        min_vram_gb=40,
+        preferred=[g.id for g in secure[:-1]],
+        data_centers=["US-TX-3"],
+        min_cuda_version="12.8",
+        max_price_per_hour=2.0,
+    )
+    assert names(ranking.candidates) == [("A6000", "SECURE")]
+    assert ranking.considered == 8
+    assert ranking.removed == {
+        "vram": 1,
+        "stock": 1,
+        "data_centers": 1,
+        "cuda": 1,
+        "price": 1,
+        "gpu_types": 1,
+        "cloud": 1,
+    }

@@ -71,6 +71,8 @@ def test_a_run_gets_its_own_pod_which_is_deleted_when_it_completes(prefect_clien
     (row,) = eventually(cost)
     assert row["pod"] == pod.id and row["usd_per_hour"] == 0.49 and row["cost_usd"] > 0
     assert row["gpu"] == "1x NVIDIA RTX A6000"
+    # the UI's table shows the columns in this order and, at 1400 px, about 850 px of them: the cost first
+    assert list(row)[:4] == ["cost_usd", "gpu", "billed_seconds", "usd_per_hour"], list(row)
 
     events = eventually(lambda: _pod_events(prefect_client, pod.id, 3), timeout=30)
     assert [e.event for e in events] == ["ow.pod.created", "ow.pod.running", "ow.pod.terminated"]
@@ -128,3 +130,50 @@ def test_bad_job_variables_crash_the_run_before_any_pod_exists(prefect_client, f
     done = wait_for(prefect_client, flow_run.id, finished, timeout=60)
     assert done.state.is_crashed() and message in done.state.message, done.state
     assert not pods_of(fake, flow_run.id)
+
+
+def test_a_cuda_floor_that_removes_every_candidate_says_so(prefect_client, fake, start_run, runpod_worker_log):
+    # every host of the fake reports CUDA 12.8; the pool asks for >= 20 GB in SECURE, which four types have
+    log_before = runpod_worker_log.read_text() if runpod_worker_log.exists() else ""  # the module's worker
+    flow_run = start_run(min_cuda_version="13.0")
+    done = wait_for(prefect_client, flow_run.id, finished, timeout=60)
+    assert done.state.is_failed() and done.state.name == "NoCapacity", done.state
+    message = done.state.message
+    assert "4 without a free host at the CUDA floor (host CUDA >= 13.0)" in message, message
+    assert "lower min_cuda_version" in message and not pods_of(fake, flow_run.id)
+
+    def this_runs_log() -> str:  # what the worker logged since this test started (earlier tests' lines left out)
+        text = runpod_worker_log.read_text()[len(log_before) :]
+        return "NoCapacity" in text and text
+
+    worker_log = eventually(this_runs_log)
+    assert "NoCapacity: No RunPod GPU fits" in worker_log and "Traceback" not in worker_log, worker_log[-3000:]
+
+
+def test_a_pod_without_the_code_crashes_the_run_with_the_pull_steps_error(
+    prefect_client, fake, runpod_pool, runpod_worker
+):
+    """The pull step fails in the pod (no /opt/ow_prefect and no OW_POD_CODE_DIR, as on an image without the
+    code): the run's state message and logs carry the pod's last lines, the pull step's error among them."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(str(ROOT / "tests/runpod_flows.py:sleeper"))
+    deployment_id = prefect_client.create_deployment(
+        flow_id=prefect_client.create_flow_from_name(flow.name),
+        name="no-code-in-the-pod",
+        entrypoint="tests/runpod_flows.py:sleeper",
+        work_pool_name=runpod_pool,
+        parameter_openapi_schema=flow.parameters.model_dump(mode="json"),
+        pull_steps=[{"ow_prefect.workers.pull.code_directory": {}}],
+        job_variables={"command": POD_COMMAND},  # a real `prefect flow-run execute`, which runs the pull steps
+    )
+    flow_run = prefect_client.create_flow_run_from_deployment(deployment_id, parameters={"seconds": 1})
+    wait_for(prefect_client, flow_run.id, finished, timeout=120)
+    assert all_deleted(fake, flow_run.id, timeout=60)
+    # Prefect's own crash says only "Process exited with status code: 1"; the worker then adds the pod's log
+    done = wait_for(prefect_client, flow_run.id, lambda run: "code is not in this pod" in (run.state.message or ""), 60)
+    assert done.state.is_crashed(), done.state
+    assert "The error: FileNotFoundError: ow_prefect's code is not in this pod" in done.state.message, done.state
+    assert "OW_POD_CODE_DIR" in done.state.message
+    logs = eventually(lambda: "code is not in this pod" in run_logs(prefect_client, flow_run.id), timeout=30)
+    assert logs, run_logs(prefect_client, flow_run.id)[-3000:]  # the worker's log lines reach the API in batches

@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from ow_prefect.runpod.models import Pod
-from ow_prefect.runpod.offers import Candidate
+from ow_prefect.runpod.offers import Candidate, Ranking
 from ow_prefect.testing.fake_runpod import spec_schemas
 from ow_prefect.workers.runpod import (
     ContainerTracker,
@@ -57,6 +57,21 @@ def test_the_pod_env_holds_only_what_the_run_needs(monkeypatch):
         "PREFECT_LOGGING_LEVEL": "INFO",  # the job's own env, and nothing else of the worker's settings
     }
     assert config.command == "prefect flow-run execute"
+
+
+def test_the_worker_passes_on_the_ow_settings_of_its_dotenv(monkeypatch, tmp_path):
+    """OW_HF_ORG / OW_HF_TOKEN_SECRET / OW_STORAGE_RETRY_SECONDS from the worker's `.env` reach the pod, as from its
+    environment; settings it does not set are not passed (the pod keeps its own defaults)."""
+    from prefect.client.schemas.objects import WorkPool
+
+    for name in ("OW_STORAGE_BLOCK", "OW_HF_ORG", "OW_HF_TOKEN_SECRET", "OW_STORAGE_RETRY_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("OW_HF_ORG=my-lab\nOW_STORAGE_RETRY_SECONDS=600\n")
+    config = RunPodJobConfiguration()
+    config.prepare_for_flow_run(flow_run(), work_pool=WorkPool(id=uuid4(), name="gpu", type="runpod"))
+    passed = {name: value for name, value in config.env.items() if name.startswith("OW_") and name != "OW_WORK_POOL_ID"}
+    assert passed == {"OW_HF_ORG": "my-lab", "OW_STORAGE_RETRY_SECONDS": "600.0"}
 
 
 def test_the_create_body_is_what_runpods_spec_accepts():
@@ -134,11 +149,31 @@ def test_container_tracker_sees_starts_and_exits():
 def test_the_no_capacity_message_names_what_was_asked_and_tried():
     config = RunPodJobConfiguration(min_vram_gb=80, gpu_types=["NVIDIA H100 80GB HBM3"], max_price_per_hour=3)
     candidate = Candidate("NVIDIA H100 80GB HBM3", "SECURE", 2.69, 80, 1, "LOW")
-    message = _no_capacity_message(config, [candidate], [f"{candidate}: no capacity"])
+    ranking = Ranking([candidate], considered=3, removed={"gpu_types": 2})
+    message = _no_capacity_message(config, ranking, [f"{candidate}: no capacity"])
     assert "1 GPU(s) with 80 GB" in message and "at most $3/h" in message
     assert "(+15% margin: 92 GB)" in message  # what the worker asked the catalog for
     assert "1x NVIDIA H100 80GB HBM3 (80 GB) in SECURE at $2.69/h: no capacity" in message
-    assert "No RunPod GPU fits" in _no_capacity_message(config, [], [])
+    assert "Of 3 offers (GPU type × cloud) in RunPod's catalog: 2 not in gpu_types." in message
+    assert "No RunPod GPU fits" in _no_capacity_message(config, Ranking([]), [])
+
+
+def test_the_no_capacity_message_says_what_each_filter_removed_and_what_to_change():
+    config = RunPodJobConfiguration(
+        min_vram_gb=24, min_cuda_version="13.0", data_center_min_cuda_version="12.2", max_price_per_hour=1
+    )
+    ranking = Ranking([], considered=40, removed={"cloud": 20, "vram": 8, "stock": 5, "cuda": 4, "price": 3})
+    message = _no_capacity_message(config, ranking)
+    assert message.startswith(
+        "No RunPod GPU fits 1 GPU(s) with 24 GB in total (+15% margin: 27.6 GB), cloud SECURE, at most $1/h"
+    )
+    assert (
+        "Of 40 offers (GPU type × cloud) in RunPod's catalog: 20 not offered in cloud SECURE; 8 with less than 27.6 GB "
+        "over 1 GPU(s); 5 sold out; 4 without a free host at the CUDA floor (host CUDA >= 13.0, >= 12.2 on "
+        "data-center GPUs); 3 above $1/h." in message
+    ), message
+    for fix in ("cloud: ANY", "lower min_vram_gb", "capacity_wait", "min_cuda_version", "raise max_price_per_hour"):
+        assert fix in message, fix
 
 
 async def test_kill_infrastructure_deletes_the_pod_and_a_gone_pod_counts_as_done():

@@ -292,3 +292,44 @@ def test_job_ids_and_result_paths_read_back_from_prefect_and_storage_are_checked
     with pytest.raises(StorageError, match=r"result file '../escaped.txt' is not a relative path.*nothing was written"):
         ow.jobs.download(good_id, tmp_path / "results")
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_filesystem_block_tells_missing_from_unreachable():
+    """Any other filesystem block (Prefect's RemoteFileSystem on fsspec: in memory, then over HTTP to a port where
+    nothing listens): a missing path is NotFoundError, an outage a StorageError that names it, never "not in"."""
+    from prefect.filesystems import RemoteFileSystem
+
+    store = Storage(backend_for_block(RemoteFileSystem(basepath=f"memory://ow-{uuid.uuid4().hex[:8]}")))
+    record = store.put_bytes(b"hello", "result")
+    assert store.get_bytes(record.id) == b"hello" and store.exists(record.id)
+    assert not store.exists("result:file-0123456789ab")
+    with pytest.raises(NotFoundError):
+        store.info("result:file-0123456789ab")
+
+    down = Storage(backend_for_block(RemoteFileSystem(basepath="http://127.0.0.1:9/store")))
+    with pytest.raises(StorageError, match="cannot read .*: ClientConnectorError: .*Connect call failed"):
+        down.exists(record.id)
+    with pytest.raises(StorageError, match="cannot read") as raised:
+        down.info(record.id)
+    assert not isinstance(raised.value, NotFoundError)
+
+
+def test_s3_retries_are_botocores_own_sized_by_the_setting(s3_endpoint, monkeypatch):
+    from prefect_aws import AwsCredentials, S3Bucket
+    from prefect_aws.client_parameters import AwsClientParameters
+
+    from ow_prefect.storage import attempts_for
+
+    def backend(config=None):
+        parameters = AwsClientParameters(endpoint_url=s3_endpoint, config=config)
+        credentials = AwsCredentials(aws_access_key_id="t", aws_secret_access_key="t", aws_client_parameters=parameters)
+        return backend_for_block(S3Bucket(bucket_name="ow-any", credentials=credentials))
+
+    assert backend().client.meta.config.retries == {"mode": "standard", "total_max_attempts": 35}
+    monkeypatch.setenv("OW_STORAGE_RETRY_SECONDS", "10")
+    assert backend().client.meta.config.retries["total_max_attempts"] == attempts_for(10) == 6
+    # a block that sets botocore's retries itself keeps them
+    assert backend({"retries": {"mode": "adaptive", "total_max_attempts": 2}}).client.meta.config.retries == {
+        "mode": "adaptive",
+        "total_max_attempts": 2,
+    }

@@ -1,7 +1,7 @@
 """Loading the base model with LoRA: unsloth where it is installed (GPU kernels on CUDA, its CPU fallback
 elsewhere), transformers + PEFT otherwise. Both hand a PEFT model to the same TRL trainers.
 
-``OW_TRAIN_BACKEND`` = auto (default) | unsloth | transformers.
+The ``OW_TRAIN_BACKEND`` setting = auto (default) | unsloth | transformers.
 """
 
 from __future__ import annotations
@@ -21,8 +21,18 @@ class Loaded:
     backend: str
 
 
+def backend_setting() -> str:
+    """``OW_TRAIN_BACKEND`` from ow_prefect's settings (``.env`` included); where ow_prefect's dependencies are
+    not installed (the GPU kit runs this code with torch, transformers, trl and peft only), the variable itself."""
+    try:
+        from ow_prefect.settings import get_settings
+    except ImportError:
+        return os.environ.get("OW_TRAIN_BACKEND", "auto")
+    return get_settings().train_backend
+
+
 def choose_backend() -> str:
-    wanted = os.environ.get("OW_TRAIN_BACKEND", "auto")
+    wanted = backend_setting()
     if wanted not in ("auto", "unsloth", "transformers"):
         raise ValueError(f"OW_TRAIN_BACKEND={wanted!r}: use auto, unsloth or transformers")
     if wanted == "auto":

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ow_prefect.settings import get_settings
 
 
 def repo_id(template: str, *, job_id: str, model: str, org: str) -> str:
@@ -21,7 +22,7 @@ def push(folder: Path, template: str, *, job_id: str, model: str, private: bool,
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    org = os.environ.get("OW_HF_ORG") or api.whoami()["name"]
+    org = get_settings().hf_org or api.whoami()["name"]
     target = repo_id(template, job_id=job_id, model=model, org=org)
     api.create_repo(target, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=target, folder_path=str(folder), commit_message=f"ow_prefect job {job_id}")

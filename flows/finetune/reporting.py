@@ -141,40 +141,89 @@ class CheckpointSync(TrainerCallback):
 
 
 def metrics_table(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per logged step; floats to 4 significant digits (the UI shows every digit it gets)."""
     keys = ["step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm"]
-    return [{k: h.get(k) for k in keys if k in h} for h in history if "loss" in h or "eval_loss" in h]
-
-
-def loss_curve_svg(history: list[dict[str, Any]], width: int = 480, height: int = 240) -> str:
-    """A dependency-free SVG line chart of training (and evaluation) loss against step."""
-    series = {name: [(h["step"], h[name]) for h in history if _number(h.get(name))] for name in ("loss", "eval_loss")}
-    points = [p for values in series.values() for p in values]
-    if not points:
-        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}"/>'
-    pad = 36
-    steps, losses = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-    y0, y1 = min(losses), max(losses) if max(losses) > min(losses) else min(losses) + 1
-
-    def xy(step: float, loss: float) -> str:
-        x = pad + (step - x0) / (x1 - x0) * (width - 2 * pad)
-        y = height - pad - (loss - y0) / (y1 - y0) * (height - 2 * pad)
-        return f"{x:.1f},{y:.1f}"
-
-    colors = {"loss": "#2563eb", "eval_loss": "#dc2626"}
-    lines = [
-        f'<polyline fill="none" stroke="{colors[name]}" stroke-width="2" points="{" ".join(xy(*p) for p in values)}"/>'
-        for name, values in series.items()
-        if values
+    return [
+        {k: float(f"{h[k]:.4g}") if isinstance(h[k], float) else h[k] for k in keys if k in h}
+        for h in history
+        if "loss" in h or "eval_loss" in h
     ]
-    labels = (
-        f'<text x="{pad}" y="16" font-size="12">loss {y0:.3g}–{y1:.3g} (blue: train, red: eval)</text>'
-        f'<text x="{pad}" y="{height - 8}" font-size="12">step {x0}–{x1}</text>'
+
+
+def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    if high <= low:
+        high = low + 1
+    raw = (high - low) / max(count - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = math.floor(low / step) * step
+    ticks, value = [], first
+    while value < high + step * 0.999:
+        ticks.append(round(value, 10))
+        value += step
+    return ticks
+
+
+SERIES = {"loss": ("train", "#2563eb"), "eval_loss": ("eval", "#dc2626")}
+
+
+def loss_curve_svg(history: list[dict[str, Any]], width: int = 640, height: int = 320) -> str:
+    """A dependency-free SVG line chart of the training and evaluation loss against the step: axes with round
+    ticks and grid lines, axis titles, and a legend naming each series."""
+    series = {name: [(h["step"], h[name]) for h in history if _number(h.get(name))] for name in SERIES}
+    points = [p for values in series.values() for p in values]
+    head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+    if not points:
+        return f'{head}<text x="20" y="30" font-size="13">no loss was logged</text></svg>'
+    left, right, top, bottom = 56, 16, 32, 44
+    x_ticks = nice_ticks(min(p[0] for p in points), max(p[0] for p in points))
+    y_ticks = nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    (x0, x1), (y0, y1) = (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1])
+
+    def x_of(step: float) -> float:
+        return left + (step - x0) / (x1 - x0) * (width - left - right)
+
+    def y_of(loss: float) -> float:
+        return height - bottom - (loss - y0) / (y1 - y0) * (height - top - bottom)
+
+    parts = [head, '<rect width="100%" height="100%" fill="white"/>']
+    for tick in x_ticks:
+        x = x_of(tick)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - bottom}" stroke="#e5e7eb"/>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{height - bottom + 16}" font-size="11" text-anchor="middle">{tick:g}</text>'
+        )
+    for tick in y_ticks:
+        y = y_of(tick)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#e5e7eb"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{tick:g}</text>')
+    parts.append(
+        f'<polyline fill="none" stroke="#374151" points="{left},{top} {left},{height - bottom} '
+        f'{width - right},{height - bottom}"/>'
     )
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">'
-        f'<rect width="100%" height="100%" fill="white"/>{labels}{"".join(lines)}</svg>'
+    parts.append(
+        f'<text x="{(left + width - right) / 2:.0f}" y="{height - 8}" font-size="12" text-anchor="middle">step</text>'
     )
+    parts.append(
+        f'<text x="14" y="{(top + height - bottom) / 2:.0f}" font-size="12" text-anchor="middle" '
+        f'transform="rotate(-90 14 {(top + height - bottom) / 2:.0f})">loss</text>'
+    )
+    legend_x = left + 8
+    for name, values in series.items():
+        if not values:
+            continue
+        label, color = SERIES[name]
+        coordinates = " ".join(f"{x_of(step):.1f},{y_of(loss):.1f}" for step, loss in values)
+        parts.append(
+            f'<polyline class="{label}" fill="none" stroke="{color}" stroke-width="2" points="{coordinates}"/>'
+        )
+        parts += [f'<circle cx="{x_of(st):.1f}" cy="{y_of(lo):.1f}" r="2.5" fill="{color}"/>' for st, lo in values]
+        parts.append(f'<line x1="{legend_x}" y1="16" x2="{legend_x + 18}" y2="16" stroke="{color}" stroke-width="2"/>')
+        parts.append(f'<text x="{legend_x + 24}" y="20" font-size="12">{label} loss</text>')
+        legend_x += 110
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def publish_results(job_id: str, history: list[dict[str, Any]], storage: Storage) -> str:

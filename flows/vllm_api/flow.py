@@ -52,9 +52,8 @@ from ow_prefect.jobs.api import (
     endpoint_variable,
     key_secret,
 )
+from ow_prefect.settings import get_settings
 
-HEARTBEAT_SECONDS = float(os.environ.get("OW_API_HEARTBEAT_SECONDS", "2"))
-STARTUP_TIMEOUT_SECONDS = float(os.environ.get("OW_API_STARTUP_TIMEOUT_SECONDS", "1800"))
 IN_FLIGHT_GRACE_SECONDS = 120  # after the deadline, requests already running may finish for this long
 
 
@@ -114,7 +113,7 @@ def heartbeat(job_id: str, proc: Any, gateway: Gateway, tail: Any) -> str:
         elif now - last_logged > 300:
             logger.info("alive until %s UTC", time.strftime("%H:%M:%S", time.gmtime(deadline)))
             last_logged = now
-        time.sleep(HEARTBEAT_SECONDS)
+        time.sleep(get_settings().api_heartbeat_seconds)
 
 
 def vllm_api(**params: Any) -> Any:
@@ -180,7 +179,7 @@ def _serve(job: Any, cfg: ApiParams, key: str) -> str:
         proc = start_server(spec, vllm_port, key)
         pump_logs(proc, tail)
         try:
-            seconds = wait_healthy(proc, vllm_port, tail, STARTUP_TIMEOUT_SECONDS)
+            seconds = wait_healthy(proc, vllm_port, tail, get_settings().api_startup_timeout_seconds)
             with running_gateway(f"http://127.0.0.1:{vllm_port}", key, host, port) as gateway:
                 logger.info(
                     "vLLM healthy after %.0f s, serving %s at %s", seconds, ", ".join(cfg.served_names), base_url

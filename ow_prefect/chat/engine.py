@@ -5,8 +5,8 @@ background event loop). What it guarantees:
 - a seeded request that was answered before is answered from disk: no network, no semaphore;
 - at most `concurrency` requests in flight per endpoint (a vLLM server's `max_num_seqs`), each attempt
   holding a slot only while it talks to the server (not while it waits to retry);
-- 429, 5xx, timeouts and dropped connections are retried with exponential back-off and full jitter, honouring
-  `Retry-After`; anything else (400, 401, 404) is raised at once;
+- 429, 5xx, timeouts and dropped connections are retried (`ow_prefect.retry`: exponential back-off with full
+  jitter, `Retry-After` honoured up to two minutes); anything else (400, 401, 404) is raised at once;
 - a timeout that grows with `max_tokens`;
 - a model with no server is deployed on demand: requests that arrive within `deploy_window` seconds are
   grouped, so adapters of one base model share one server; a failed deployment fails its requests with the
@@ -16,14 +16,15 @@ background event loop). What it guarantees:
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ow_prefect.chat.cache import ChatCache, cache_key
-from ow_prefect.chat.routing import LIVE_APIS, Endpoint, is_openai, openai_endpoint, weights_identity
+from ow_prefect.chat.routing import LIVE_APIS, Endpoint, openai_endpoint, weights_identity
 from ow_prefect.errors import OWError
+from ow_prefect.openai_names import is_openai
+from ow_prefect.retry import RetryRules, retry_after_seconds
 
 RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
@@ -63,6 +64,7 @@ class ChatEngine:
         self._deploying: dict[str, asyncio.Future] = {}  # model -> future endpoint
         self._groups: dict[str, list[tuple]] = {}  # base -> (name, ref, served name, future) waiting for the window
         self._deployed: list[Any] = []  # TemporaryApi objects this engine started
+        self._flushes: set[asyncio.Task] = set()  # deploy windows open now (each deploys its base when it closes)
         self._answering: dict[str, asyncio.Future] = {}  # cache key -> the one request answering it now
 
     # ---- one request -----------------------------------------------------------------------------
@@ -83,18 +85,18 @@ class ChatEngine:
         self._answering[key] = future
         try:
             response = await self._send(await self._endpoint(model), request)
-        except BaseException as error:
-            if isinstance(error, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(error)
-                future.exception()  # retrieved here, so a future nobody else awaited does not warn
+        except Exception as error:
+            future.set_exception(error)
+            future.exception()  # retrieved here, so a future nobody else awaited does not warn
             raise
+        else:
+            self.cache.set(key, response)
+            future.set_result(response)
+            return response
         finally:
             self._answering.pop(key, None)
-        self.cache.set(key, response)
-        future.set_result(response)
-        return response
+            if not future.done():  # cancelled or interrupted: whoever waits for the same answer stops too
+                future.cancel()
 
     async def _identity(self, model: Any) -> str:
         name = model if isinstance(model, str) else repr(model)
@@ -103,35 +105,29 @@ class ChatEngine:
         return self._identities[name]
 
     async def _send(self, endpoint: Endpoint, request: dict[str, Any]) -> Any:
-        import openai
-
         client = self._client(endpoint)
         semaphore = self._semaphores[endpoint.key]
         body = {**request, "model": endpoint.model}
         max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 1024
         body.setdefault("timeout", self.settings.base_timeout_s + max_tokens * self.settings.timeout_per_token_s)
-        attempt = 0
-        while True:
-            try:
-                async with semaphore:
-                    return await client.chat.completions.create(**body)
-            except (openai.APIConnectionError, openai.APITimeoutError, openai.APIStatusError) as error:
-                status = getattr(error, "status_code", None)
-                retryable = status is None or status in RETRYABLE_STATUS
-                attempt += 1
-                if not retryable or attempt >= self.settings.max_attempts or body.get("stream"):
-                    raise
-                await asyncio.sleep(self._delay(attempt, error))
 
-    def _delay(self, attempt: int, error: Exception) -> float:
-        response = getattr(error, "response", None)
-        header = response.headers.get("retry-after") if response is not None else None
-        if header:
-            try:
-                return max(0.0, float(header))
-            except ValueError:
-                pass
-        return random.uniform(0, min(self.settings.max_backoff_s, self.settings.backoff_s * 2 ** (attempt - 1)))
+        async def attempt() -> Any:
+            async with semaphore:  # a slot only while talking to the server, not while waiting to retry
+                return await client.chat.completions.create(**body)
+
+        return await self._retry_rules(stream=bool(body.get("stream"))).acall(attempt)
+
+    def _retry_rules(self, stream: bool) -> RetryRules:
+        """A chat completion changes nothing on the server, so asking again is safe: it is retried on answers
+        that may pass (429 after its `Retry-After`, 5xx, timeouts, dropped connections); a stream never is
+        (part of it may have reached the caller)."""
+        return RetryRules(
+            retry_on=_retryable,
+            attempts=1 if stream else self.settings.max_attempts,
+            initial_s=self.settings.backoff_s,
+            max_s=self.settings.max_backoff_s,
+            retry_after=_retry_after,
+        )
 
     def _client(self, endpoint: Endpoint) -> Any:
         if endpoint.key not in self._clients:
@@ -175,28 +171,41 @@ class ChatEngine:
             self._deploying[name] = future
             group = self._groups.setdefault(ref.base, [])
             group.append((name, ref, served, future))
-            if len(group) == 1:  # the first of its base: close the window later
-                asyncio.get_running_loop().call_later(
-                    self.settings.deploy_window_s, lambda: asyncio.ensure_future(self._flush(ref.base))
-                )
+            if len(group) == 1:  # the first of its base: it deploys them all when the window closes
+                task = asyncio.create_task(self._flush(ref.base, group), name=f"ow-chat-deploy-{ref.base}")
+                self._flushes.add(task)
+                task.add_done_callback(self._flushes.discard)
         return await asyncio.shield(self._deploying[name])
 
-    async def _flush(self, base: str) -> None:
-        group = self._groups.pop(base, [])
-        adapters = [ref.model_dump(exclude_none=True) for _, ref, _, _ in group if ref.adapter]
+    async def _flush(self, base: str, group: list[tuple]) -> None:
+        """When the window closes, deploy `base` with the adapters of `group` (which grew meanwhile). Every
+        request waiting for it gets the endpoint or the reason it failed, also when `aclose` cancels this."""
         try:
-            api = self._ow.api.deploy(base, adapters, **self.settings.deploy_kwargs)
+            await asyncio.sleep(self.settings.deploy_window_s)
+            self._groups.pop(base, None)
+            adapters = [ref.model_dump(exclude_none=True) for _, ref, _, _ in group if ref.adapter]
+            # deploy() submits the job, up() waits until it serves: blocking calls, kept off the event loop
+            api = await asyncio.to_thread(self._ow.api.deploy, base, adapters, **self.settings.deploy_kwargs)
             await asyncio.to_thread(api.up)
             self._deployed.append(api)
-        except BaseException as error:  # every waiting request learns why, instead of waiting forever
-            for name, _, _, future in group:
-                self._deploying.pop(name, None)
-                if not future.done():
-                    future.set_exception(OWError(f"deploying {base} for {name} failed: {error}"))
+        except asyncio.CancelledError:
+            self._fail(base, group, OWError(f"deploying {base} was stopped: the chat client was closed"))
+            raise
+        except Exception as error:  # every waiting request learns why, instead of waiting forever
+            self._fail(base, group, OWError(f"deploying {base} failed: {type(error).__name__}: {error}"))
             return
         for _, _, served, future in group:
             if not future.done():
                 future.set_result(_api_endpoint(api, served))
+
+    def _fail(self, base: str, group: list[tuple], error: OWError) -> None:
+        if self._groups.get(base) is group:
+            del self._groups[base]
+        for name, _, _, future in group:
+            self._deploying.pop(name, None)  # the next request for it tries again
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a request that stopped waiting leaves no warning behind
 
     # ---- batches ---------------------------------------------------------------------------------
 
@@ -242,6 +251,9 @@ class ChatEngine:
         return total if on_result is not None else [results[i] for i in range(total)]
 
     async def aclose(self, down: bool = True) -> None:
+        for task in list(self._flushes):  # deploy windows still open: their requests are told why they end
+            task.cancel()
+        await asyncio.gather(*self._flushes, return_exceptions=True)
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
@@ -249,6 +261,19 @@ class ChatEngine:
             for api in self._deployed:
                 await asyncio.to_thread(api.down)  # returns once its run has ended (seconds)
             self._deployed.clear()
+
+
+def _retryable(error: BaseException) -> bool:
+    import openai
+
+    if isinstance(error, openai.APIStatusError):
+        return error.status_code in RETRYABLE_STATUS
+    return isinstance(error, openai.APIConnectionError)  # timeouts included (APITimeoutError is one)
+
+
+def _retry_after(error: BaseException) -> float | None:
+    response = getattr(error, "response", None)
+    return retry_after_seconds(response.headers.get("retry-after")) if response is not None else None
 
 
 def _api_endpoint(api: Any, model: str) -> Endpoint:

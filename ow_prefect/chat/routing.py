@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
-OPENAI_PREFIX = "openai/"
-OPENAI_NAME_RE = re.compile(r"^(gpt-|o\d|chatgpt-|ft:gpt-)")
+from ow_prefect.openai_names import OPENAI_PREFIX, is_openai
+
 OPENAI_URL = "https://api.openai.com/v1"
 
 # Live TemporaryApi objects of this process, by the model names they serve (TemporaryApi registers itself).
@@ -31,32 +30,35 @@ class Endpoint:
         return self.base_url, self.api_key
 
 
-def is_openai(model: str) -> bool:
-    return model.startswith(OPENAI_PREFIX) or bool(OPENAI_NAME_RE.match(model))
-
-
 def openai_endpoint(model: str) -> Endpoint:
     """OpenAI (or `OPENAI_BASE_URL`): the key from OPENAI_API_KEY, else the Secret block named by
     OW_OPENAI_KEY_SECRET (default `openai-api-key`)."""
-    from ow_prefect.errors import ConfigurationError
+    from ow_prefect.errors import ConfigurationError, OWError
+    from ow_prefect.settings import get_settings
 
+    settings = get_settings()
     key = os.environ.get("OPENAI_API_KEY")
     if not key:
-        secret = os.environ.get("OW_OPENAI_KEY_SECRET", "openai-api-key")
-        try:
-            from prefect.blocks.system import Secret
+        secret = settings.openai_key_secret
+        from prefect.blocks.system import Secret
 
+        try:
             key = Secret.load(secret, _sync=True).get()
-        except Exception:
+        except ValueError:  # what Block.load raises when there is no block of that name
             raise ConfigurationError(
                 f"model {model!r} goes to OpenAI, but there is no key: set OPENAI_API_KEY or save a Prefect "
                 f"Secret block {secret!r}"
             ) from None
+        except Exception as exc:
+            raise OWError(
+                f"model {model!r} goes to OpenAI and OPENAI_API_KEY is not set, but reading the Secret block "
+                f"{secret!r} failed ({type(exc).__name__}: {exc}); check that the Prefect API is reachable"
+            ) from exc
     return Endpoint(
         base_url=os.environ.get("OPENAI_BASE_URL", OPENAI_URL),
         api_key=key,
         model=model.removeprefix(OPENAI_PREFIX),
-        concurrency=int(os.environ.get("OW_OPENAI_CONCURRENCY", "64")),
+        concurrency=settings.openai_concurrency,
     )
 
 

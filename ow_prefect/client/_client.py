@@ -22,7 +22,7 @@ from ow_prefect.jobs import evals as _builtin_evals  # noqa: F401  (registers ow
 from ow_prefect.jobs import finetune as _builtin_finetune  # noqa: F401  (registers ow.fine_tuning)
 from ow_prefect.jobs import inference as _builtin_inference  # noqa: F401  (registers ow.inference)
 from ow_prefect.jobs import logprob as _builtin_logprob  # noqa: F401  (registers ow.logprob)
-from ow_prefect.jobs.base import get_job_type
+from ow_prefect.jobs.registry import get_job_type
 from ow_prefect.settings import OWSettings, get_settings
 from ow_prefect.storage import Storage
 

@@ -30,11 +30,10 @@ from ow_prefect.jobs.base import (
     TERMINAL_STATUSES,
     Job,
     JobStatus,
-    get_job_type,
-    job_types,
     project_root,
     raise_for_failure,
 )
+from ow_prefect.jobs.registry import get_job_type, job_types
 from ow_prefect.jobs.submit import (
     JOB_TAG,
     STATE_STATUS,

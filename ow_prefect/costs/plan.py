@@ -23,7 +23,7 @@ async def estimate_configuration(
     configuration: RunPodJobConfiguration, work: Work, runpod: AsyncRunPodClient, **fields: Any
 ) -> Estimate:
     """The estimate on the offers this run's configuration ranks now, first the one the worker would take."""
-    candidates = await configuration.find_candidates(runpod)
+    candidates = (await configuration.find_offers(runpod)).candidates
     return estimate_candidates(
         work,
         candidates,

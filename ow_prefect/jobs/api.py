@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, register
+from ow_prefect.jobs.base import Job
 from ow_prefect.jobs.inference import ModelRef, resolve_model
+from ow_prefect.jobs.registry import register
 
 FIRST_DEADLINE_SECONDS = 15 * 60  # until a client first extends it
 SERVE_PORT = 8000

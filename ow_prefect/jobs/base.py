@@ -1,15 +1,14 @@
-"""`Job`: a job type (its class attributes) and a submitted job (an instance), and the `@register` registry.
+"""`Job`: a job type (its class attributes) and a submitted job (an instance).
 
 A job type names the deployment that runs it, the pydantic model of its parameters, the source files the
-flow runs (hashed into the job id) and its image. ``@register("name")`` makes ``ow.<name>`` available on
-every client; built-in types register themselves the same way user types do.
+flow runs (hashed into the job id) and its image. ``@register("name")`` (`ow_prefect.jobs.registry`) makes
+``ow.<name>`` available on every client; built-in types register themselves the same way user types do.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -22,7 +21,6 @@ from ow_prefect.hashing import code_hash, job_id
 JobStatus = Literal["pending", "in_progress", "completed", "failed", "canceled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "canceled"})
 
-_REGISTRY: dict[str, type[Job]] = {}
 SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,31}$")
 
 
@@ -333,37 +331,3 @@ def raise_for_failure(job: Job) -> Job:
     if job.status in ("failed", "canceled"):
         raise JobFailedError(job)
     return job
-
-
-def register(name: str) -> Callable[[type[Job]], type[Job]]:
-    """Class decorator: make the job type available as ``ow.<name>`` on every client."""
-    if not name.isidentifier() or name.startswith("_"):
-        raise ValueError(f"job type name {name!r} must be a Python identifier not starting with '_'")
-
-    def decorator(cls: type[Job]) -> type[Job]:
-        if not (isinstance(cls, type) and issubclass(cls, Job)):
-            raise TypeError(f"@register({name!r}) decorates Job subclasses, not {cls!r}")
-        if not hasattr(cls, "deployment") and "get_entrypoint" in vars(cls):
-            # OpenWeights' spelling, `class MyJob(Job)` with mount/params/get_entrypoint: a custom job type
-            from ow_prefect.jobs.custom import CustomJob
-
-            cls = type(cls.__name__, (cls, CustomJob), {"__module__": cls.__module__, "__doc__": cls.__doc__})
-        for attr in ("deployment", "entrypoint", "params"):
-            if not hasattr(cls, attr):
-                raise TypeError(f"job type {cls.__name__} must define '{attr}'")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def get_job_type(name: str) -> type[Job]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise AttributeError(f"no job type '{name}' is registered; known: {sorted(_REGISTRY)}") from None
-
-
-def job_types() -> dict[str, type[Job]]:
-    return dict(_REGISTRY)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, parameter_error, register, validate_for
+from ow_prefect.jobs.base import Job, parameter_error, validate_for
 from ow_prefect.storage import ID_RE
 
 MOUNT_PURPOSE = "custom"
@@ -245,7 +245,7 @@ def _is_local(source: Any) -> bool:
     return isinstance(source, os.PathLike) or isinstance(source, str) and not ID_RE.match(source)
 
 
-@register("custom")
+# registered as `custom` by ow_prefect.jobs.registry (which imports this module, so it cannot be imported here)
 class CommandJob(CustomJob):
     """The built-in `custom` type: any command, with mounts given as file ids or local paths."""
 

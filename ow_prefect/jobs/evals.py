@@ -13,9 +13,9 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import register
 from ow_prefect.jobs.custom import check_mount_path, check_mounts, upload_local_mounts, upload_mount
 from ow_prefect.jobs.inference import ModelRef, ServedModel, ServingJob
+from ow_prefect.jobs.registry import register
 from ow_prefect.storage import ID_RE
 
 TASK_FILE_SUFFIXES = (".py", ".ipynb", ".yaml", ".yml")

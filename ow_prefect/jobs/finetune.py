@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, JobIdSuffix, parameter_error, register
+from ow_prefect.jobs.base import Job, JobIdSuffix, parameter_error
+from ow_prefect.jobs.registry import register
+from ow_prefect.settings import get_settings
 from ow_prefect.storage import ID_RE
 
 Loss = Literal["sft", "dpo", "orpo", "weighted_sft"]
@@ -82,7 +84,7 @@ class SamplingCallback(BaseModel):
 
 def client_hf_org() -> str | None:
     """The Hub organization known on this machine: ``OW_HF_ORG``, else OpenWeights' ``HF_ORG`` / ``HF_USER``."""
-    return os.environ.get("OW_HF_ORG") or os.environ.get("HF_ORG") or os.environ.get("HF_USER") or None
+    return get_settings().hf_org or os.environ.get("HF_ORG") or os.environ.get("HF_USER") or None
 
 
 class _KeepMissing(dict):
@@ -153,10 +155,16 @@ class FineTuningParams(BaseModel):
 
     model: str = Field(min_length=1, description="Base model: a Hugging Face Hub id or a local directory.")
     training_file: str = Field(
-        description="File id of the training data: 'conversations:…' for SFT, 'preference:…' for DPO/ORPO."
+        description="File id of the training data: 'conversations:…' for sft and weighted_sft, 'preference:…' for "
+        "dpo and orpo (`ow files upload FILE --purpose preference` prints it)."
     )
     test_file: str | None = Field(default=None, description="File id of evaluation data (same kind).")
-    loss: Loss = Field(default="sft", description="Training objective: sft, dpo or orpo.")
+    loss: Loss = Field(
+        default="sft",
+        description="Training objective: sft, dpo, orpo or weighted_sft. Each finetune/* deployment presets its own "
+        "(finetune/dpo: dpo, finetune/weighted-sft: weighted_sft); dpo and orpo train on a 'preference' file, sft "
+        "and weighted_sft on a 'conversations' one.",
+    )
     r: int = Field(default=16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(default=16, ge=1, description="LoRA alpha (scaling numerator).")
     lora_dropout: float = Field(default=0.0, ge=0, le=1, description="LoRA dropout, 0 to 1.")

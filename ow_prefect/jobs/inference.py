@@ -6,7 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ow_prefect.jobs.base import Job, JobIdSuffix, register
+from ow_prefect.jobs.base import Job, JobIdSuffix
+from ow_prefect.jobs.registry import register
+from ow_prefect.openai_names import is_openai as is_openai_name
 from ow_prefect.storage import ID_RE
 
 
@@ -175,9 +177,7 @@ class InferenceParams(ServedModel):
 
     @property
     def is_openai(self) -> bool:
-        from ow_prefect.chat.routing import is_openai
-
-        return isinstance(self.model, str) and is_openai(self.model)
+        return isinstance(self.model, str) and is_openai_name(self.model)
 
     def _check_openai(self) -> None:
         """Refuse what OpenAI's chat API cannot do, before anything is sent (OpenWeights dropped it silently)."""

@@ -6,9 +6,10 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator
 
-from ow_prefect.jobs.base import Job, register
+from ow_prefect.jobs.base import Job
 from ow_prefect.jobs.finetune import conversations_file
 from ow_prefect.jobs.inference import ServedModel
+from ow_prefect.jobs.registry import register
 
 
 class LogprobParams(ServedModel):

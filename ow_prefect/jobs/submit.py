@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from ow_prefect.errors import StorageError
 from ow_prefect.hashing import is_job_id
-from ow_prefect.jobs.base import Job, JobStatus, get_job_type, job_types
+from ow_prefect.jobs.base import Job, JobStatus
+from ow_prefect.jobs.registry import get_job_type, job_types
 
 JOB_TAG = "ow-job"
 STATE_STATUS: dict[str, JobStatus] = {

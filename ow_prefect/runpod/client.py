@@ -1,23 +1,24 @@
 """`AsyncRunPodClient`: RunPod REST v2 over httpx, with retries where they are safe.
 
-Retry policy, in one place (`_send`): 429 waits for `Retry-After`; 5xx and transport errors back off
-exponentially with jitter; auth, payment and invalid-spec answers are never retried. A create is never blindly
-retried: after an answer that leaves it unknown whether the pod exists (no response, 5xx), the client first
-looks for a pod with the same name, and only creates again when there is none.
+Retry rules (`ow_prefect.retry`, declared here per call): reads, deletes and pod actions are idempotent and
+retried on 429 (waiting for `Retry-After`), 5xx and transport errors, with back-off; auth, payment, capacity and
+invalid-spec answers are never retried. A create is not idempotent and never blindly retried: after an answer
+that leaves it unknown whether the pod exists (no response, 5xx), the client first looks for a pod with the same
+name, and only creates again when there is none. Log streams are read with httpx-sse and not retried (the
+caller resumes with `since`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+from httpx_sse import aconnect_sse
 
+from ow_prefect.retry import RetryRules
 from ow_prefect.runpod.errors import (
     RunPodError,
     RunPodNotFound,
@@ -52,9 +53,14 @@ class AsyncRunPodClient:
             timeout=timeout,
             headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"},
         )
-        self.max_attempts = max_attempts
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        # idempotent calls: anything RunPod says may pass (429, 5xx, no answer), RunPod's Retry-After honoured
+        self._retry = RetryRules(
+            retry_on=lambda error: isinstance(error, RunPodError) and error.retryable,
+            attempts=max_attempts,
+            initial_s=backoff_s,
+            max_s=max_backoff_s,
+            retry_after=lambda error: error.retry_after if isinstance(error, RunPodRateLimited) else None,
+        )
         self._catalog: dict[tuple[Any, ...], tuple[float, list[GpuType]]] = {}
 
     def __repr__(self) -> str:  # never shows the key
@@ -71,11 +77,6 @@ class AsyncRunPodClient:
 
     # ---- transport -----------------------------------------------------------------------------------
 
-    def _delay(self, attempt: int, error: RunPodError) -> float:
-        if isinstance(error, RunPodRateLimited) and error.retry_after is not None:
-            return error.retry_after
-        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
-
     async def _send_once(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = await self._http.request(method, path, **kwargs)
@@ -85,24 +86,17 @@ class AsyncRunPodClient:
             ) from exc
         if response.is_success:
             return response
-        try:
-            body = response.json()
-        except ValueError:
-            body = response.text
         raise translate(
-            response.status_code, body, method=method, path=path, retry_after=response.headers.get("Retry-After")
+            response.status_code,
+            _json_or_text(response),
+            method=method,
+            path=path,
+            retry_after=response.headers.get("Retry-After"),
         )
 
-    async def _send(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
-        attempt = 0
-        while True:
-            try:
-                return await self._send_once(method, path, **kwargs)
-            except RunPodError as error:
-                attempt += 1
-                if not (retry and error.retryable) or attempt >= self.max_attempts:
-                    raise
-                await asyncio.sleep(self._delay(attempt - 1, error))
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """An idempotent request, retried by the rules above."""
+        return await self._retry.acall(self._send_once, method, path, **kwargs)
 
     # ---- network volumes ---------------------------------------------------------------------------
 
@@ -113,22 +107,22 @@ class AsyncRunPodClient:
     # ---- pods ----------------------------------------------------------------------------------------
 
     async def create_pod(self, body: dict[str, Any]) -> Pod:
-        """Create a pod named ``body["name"]``; after an unclear failure, reuse a pod with that name."""
+        """Create a pod named ``body["name"]``; after an unclear failure, reuse a pod with that name.
+
+        Not idempotent: the same rules as reads, but a try after no answer or a 5xx first looks for the pod
+        (a 429 was refused before anything happened)."""
         name = body["name"]
-        attempt = 0
-        while True:
+
+        async def create_or_find() -> Pod:
             try:
-                response = await self._send_once("POST", "/pods", json=body)
-                return Pod.model_validate(response.json())
-            except (RunPodUnreachable, RunPodServerError, RunPodRateLimited) as error:
-                attempt += 1
-                if not isinstance(error, RunPodRateLimited):
-                    existing = [pod for pod in await self.find_pods(name) if pod.name == name and not pod.ended]
-                    if existing:
-                        return existing[0]
-                if attempt >= self.max_attempts:
-                    raise
-                await asyncio.sleep(self._delay(attempt - 1, error))
+                return Pod.model_validate((await self._send_once("POST", "/pods", json=body)).json())
+            except (RunPodUnreachable, RunPodServerError):
+                existing = [pod for pod in await self.find_pods(name) if pod.name == name and not pod.ended]
+                if existing:
+                    return existing[0]
+                raise
+
+        return await self._retry.acall(create_or_find)
 
     async def get_pod(self, pod_id: str) -> Pod:
         response = await self._send("GET", f"/pods/{quote(pod_id, safe='')}")
@@ -171,12 +165,20 @@ class AsyncRunPodClient:
             **({"since": since} if since else {}),
         }
         path = f"/pods/{quote(pod_id, safe='')}/logs"
-        async with self._http.stream("GET", path, params=params, headers={"Accept": "text/event-stream"}) as resp:
-            if not resp.is_success:
-                await resp.aread()
-                raise translate(resp.status_code, _json_or_text(resp), method="GET", path=path)
-            async for event in _sse_events(resp.aiter_lines()):
-                yield event
+        try:
+            async with aconnect_sse(self._http, "GET", path, params=params) as source:
+                if not source.response.is_success:
+                    await source.response.aread()
+                    raise translate(
+                        source.response.status_code, _json_or_text(source.response), method="GET", path=path
+                    )
+                async for event in source.aiter_sse():
+                    if event.data:
+                        yield LogLine.from_event(event.id or None, event.data)
+        except httpx.TransportError as exc:
+            raise RunPodUnreachable(
+                f"the log stream of pod {pod_id} broke: {type(exc).__name__}: {exc}", method="GET", path=path
+            ) from exc
 
     # ---- catalog -------------------------------------------------------------------------------------
 
@@ -203,26 +205,5 @@ class AsyncRunPodClient:
 def _json_or_text(response: httpx.Response) -> Any:
     try:
         return response.json()
-    except (ValueError, json.JSONDecodeError):
+    except ValueError:
         return response.text
-
-
-async def _sse_events(lines: AsyncIterator[str]) -> AsyncIterator[LogLine]:
-    """Parse text/event-stream: fields until a blank line make one event; `data` lines join with newlines."""
-    fields: dict[str, Any] = {"data": []}
-    async for line in lines:
-        if not line:
-            if fields["data"]:
-                yield LogLine.from_event(fields.get("id"), "\n".join(fields["data"]))
-            fields = {"data": []}
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "data":
-            fields["data"].append(value)
-        elif name == "id":
-            fields["id"] = value
-    if fields["data"]:
-        yield LogLine.from_event(fields.get("id"), "\n".join(fields["data"]))

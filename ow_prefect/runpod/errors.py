@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ow_prefect.errors import OWError
+from ow_prefect.retry import retry_after_seconds
 
 CAPACITY_PHRASES = ("no longer any instances available", "no instances available", "not enough free gpus")
 
@@ -88,13 +89,6 @@ def problem_detail(body: Any) -> str:
     if isinstance(body, dict):
         return str(body.get("detail") or body.get("title") or body.get("error") or body)
     return str(body)[:500]
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 def translate(status: int, body: Any, *, method: str, path: str, retry_after: str | None = None) -> RunPodError:

@@ -60,6 +60,11 @@ class DataCenterAvailability(_Record):
     availability: Literal["NONE", "LOW", "MEDIUM", "HIGH"]
 
 
+class CudaVersionAvailability(_Record):
+    version: str
+    available: bool = False
+
+
 class GpuType(_Record):
     id: str
     name: str | None = None
@@ -69,6 +74,9 @@ class GpuType(_Record):
     price: GpuPrice = Field(default_factory=GpuPrice)
     availability: Literal["NONE", "LOW", "MEDIUM", "HIGH"] | None = None
     data_centers: list[DataCenterAvailability] | None = Field(default=None, alias="dataCenters")
+    cuda_versions: list[CudaVersionAvailability] | None = Field(
+        default=None, alias="cudaVersions", description="Host CUDA versions offered with this GPU (with availability)"
+    )
 
     def price_in(self, cloud: str) -> float | None:
         return self.price.secure if cloud == "SECURE" else self.price.community

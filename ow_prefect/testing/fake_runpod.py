@@ -395,7 +395,8 @@ CatalogFilters = Annotated[AvailabilityFilters | None, Depends(_availability_fil
 
 
 # What a test machine's environment contributes to a fake pod, standing in for the image's ENV lines (the real
-# images set PATH, OW_HOME, OW_VLLM_PYTHON, HF_HOME, PYTHONPATH: docker/Dockerfile).
+# images set PATH, OW_HOME, OW_VLLM_PYTHON, HF_HOME, PYTHONPATH: docker/Dockerfile). OW_TRAIN_BACKEND too: a machine
+# playing a GPU image without a GPU says so once (docs/runpod.md's fake recipe exports it), as an image would.
 IMAGE_VARIABLES = (
     "PATH",
     "LANG",
@@ -408,6 +409,7 @@ IMAGE_VARIABLES = (
     "HF_HOME",
     "HF_HUB_OFFLINE",
     "TOKENIZERS_PARALLELISM",
+    "OW_TRAIN_BACKEND",
 )
 
 
@@ -436,9 +438,11 @@ class FakeRunPod:
         restart_backoff: float = 1.0,
         kill_grace: float = 3.0,
         log_follow_seconds: float = 1.0,
+        port: int = 0,
         image_env: dict[str, str] | None = None,
     ) -> None:
         self.api_key = api_key
+        self.port = port
         if image_env is None:
             image_env = {name: os.environ[name] for name in IMAGE_VARIABLES if name in os.environ}
         self.image_env = dict(image_env)
@@ -469,7 +473,7 @@ class FakeRunPod:
     def __enter__(self) -> "FakeRunPod":
         self._workdir = tempfile.TemporaryDirectory(prefix="fake-runpod-")
         listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
+        listener.bind(("127.0.0.1", self.port))
         config = uvicorn.Config(
             _Gateway(self._build_app(), self),
             http="h11",  # _drop_connection relies on uvicorn's h11 protocol
@@ -1333,3 +1337,29 @@ def fake_runpod(**options: Any) -> Iterator[FakeRunPod]:
     """`FakeRunPod(**options)` as a context manager function, for fixtures."""
     with FakeRunPod(**options) as fake:
         yield fake
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ow_prefect.testing.fake_runpod [--port N] [--api-key KEY]`: serve until Ctrl-C or SIGTERM."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m ow_prefect.testing.fake_runpod",
+        description="RunPod's REST API v2 on loopback; each pod is a local process running the pod's command with "
+        "the image's environment (this process's PATH, OW_HOME, HF_HOME and the other IMAGE_VARIABLES) plus the env it "
+        "was created with (docs/runpod.md, 'Try it on the fake').",
+    )
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--api-key", default="fake-key", help="the one bearer token it accepts (default: fake-key)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with FakeRunPod(api_key=args.api_key, port=args.port) as fake:
+        print(f"FakeRunPod serving {fake.url} (api key {args.api_key!r}); Ctrl-C stops it and its pods", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

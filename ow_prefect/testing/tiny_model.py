@@ -1,6 +1,6 @@
 """A tiny Qwen2-style causal LM and a byte-level BPE tokenizer, built locally in ~10 s (no hub).
 
-    python -m ow_prefect.testing.tiny_model DIR
+    python -m ow_prefect.testing.tiny_model DIR      (the model, plus DIR/data/{conversations,preference}.jsonl)
 
 Hidden 128 with 4 heads of 32 (vLLM's CPU attention needs head_dim >= 32), 2 layers, tied embeddings, a
 ChatML template with ``{% generation %}`` markers (so TRL can train on assistant tokens only). About 360k
@@ -210,5 +210,14 @@ def build_tiny_model(out: str | Path, seed: int = 0, **sizes: int) -> Path:
     return out
 
 
+def main(out: str) -> None:
+    """Build the model in `out`, with its sample datasets in `out`/data (conversations.jsonl, preference.jsonl)."""
+    model = build_tiny_model(out)
+    (model / "data").mkdir(exist_ok=True)
+    write_jsonl(sample_conversations(), model / "data" / "conversations.jsonl")
+    write_jsonl(sample_preferences(), model / "data" / "preference.jsonl")
+    print(model)
+
+
 if __name__ == "__main__":
-    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-model"))
+    main(sys.argv[1] if len(sys.argv) > 1 else "tiny-model")

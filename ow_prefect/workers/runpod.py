@@ -39,7 +39,6 @@ import asyncio
 import contextlib
 import ipaddress
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -62,8 +61,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from ow_prefect.costs.budget import pool_resource
 from ow_prefect.costs.guard import RunCosts
 from ow_prefect.costs.stop import clear_stop, request_stop
-from ow_prefect.errors import ParameterError
-from ow_prefect.jobs.base import get_job_type, validation_problems
+from ow_prefect.errors import ConfigurationError, ParameterError
+from ow_prefect.jobs.base import validation_problems
+from ow_prefect.jobs.registry import get_job_type
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodAuthError, RunPodError, RunPodNoCapacity, RunPodNotFound
@@ -72,7 +72,8 @@ from ow_prefect.runpod.offers import (
     CLOUDS,
     DEFAULT_VRAM_MARGIN,
     Candidate,
-    find_candidates,
+    Ranking,
+    find_offers,
     with_margin,
 )
 from ow_prefect.runpod.volumes import create_placed, hf_home, placements
@@ -90,7 +91,13 @@ POD_PREFECT_SETTINGS = (
     "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
     "PREFECT_CLOUD_API_URL",
 )
-POD_OW_SETTINGS = ("OW_STORAGE_BLOCK", "OW_HF_TOKEN_SECRET", "OW_HF_ORG", "OW_STORAGE_RETRY_SECONDS")
+POD_OW_SETTINGS = (
+    "OW_STORAGE_BLOCK",
+    "OW_HF_TOKEN_SECRET",
+    "OW_HF_ORG",
+    "OW_STORAGE_RETRY_SECONDS",
+    "OW_POD_CODE_DIR",  # where the pod finds the code (ow_prefect.workers.pull)
+)
 MAX_COST_MARKER = "OW_POD_MAX_COST"  # USD: the reconciler stops a pod whose price × age reaches it
 CHECKPOINT_GRACE_SECONDS = 180.0  # how long a fine-tune asked to stop may take to store its checkpoint
 ESTIMATE_TIMEOUT_SECONDS = 60.0  # the estimate reads the data files' sizes and the model's config: never wait longer
@@ -102,6 +109,8 @@ PREEMPT_GRACE_SECONDS = 60.0  # lets a pod that RunPod stopped reschedule its ru
 STALE_CANCELLING_SECONDS = 60.0
 LOG_LINES_IN_MESSAGE = 15
 LOG_LINES_LOGGED = 40
+LOG_LINES_SEARCHED = 400  # for the first exception: a crash loop repeats it, Prefect's reactions follow it
+ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exit)\b.*: ")  # a Python exception's last line
 
 
 class RunPodVariables(BaseVariables):
@@ -151,7 +160,16 @@ class RunPodVariables(BaseVariables):
         default=None,
         pattern=r"^\d+\.\d+$",
         title="Minimum CUDA version",
-        description="Lowest host CUDA version the image needs, e.g. '12.8'.",
+        description="Lowest host CUDA version the image needs, e.g. '13.0' for the ow_prefect images (CUDA 13 "
+        "wheels: host driver >= 580). Empty: any host.",
+    )
+    data_center_min_cuda_version: str | None = Field(
+        default=None,
+        pattern=r"^\d+\.\d+$",
+        title="Minimum CUDA version on data-center GPUs",
+        description="A lower floor for NVIDIA data-center GPUs (A100, H100, L40S, ...) when the image ships NVIDIA's "
+        "cuda-compat package (forward compatibility, which GeForce and RTX workstation cards lack): '12.2' (driver "
+        ">= 535) for the ow_prefect images. Empty: min_cuda_version for every GPU.",
     )
     container_disk_gb: int = Field(
         default=50, ge=1, title="Container disk (GB)", description="Ephemeral disk, wiped when the pod ends."
@@ -237,6 +255,7 @@ class RunPodJobConfiguration(BaseJobConfiguration):
     data_center_ids: list[str] = Field(default_factory=list)
     max_price_per_hour: float | None = Field(default=None, gt=0)
     min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
+    data_center_min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
     container_disk_gb: int = Field(default=50, ge=1)
     volume_gb: int | None = Field(default=None, ge=10)
     network_volume_id: str | None = None
@@ -269,11 +288,12 @@ class RunPodJobConfiguration(BaseJobConfiguration):
     def clouds(self) -> tuple[str, ...]:
         return CLOUDS if self.cloud == "ANY" else (self.cloud,)
 
-    async def find_candidates(
+    async def find_offers(
         self, runpod: AsyncRunPodClient, *, fresh: bool = False, data_centers: Sequence[str] | None = None
-    ) -> list[Candidate]:
-        """The offers this run may take, in the order the worker tries them (`data_centers`: only those)."""
-        return await find_candidates(
+    ) -> Ranking:
+        """The offers this run may take, in the order the worker tries them (`data_centers`: only those), and why
+        the others were left out. The worker's create and the cost estimate (ow_prefect/costs) both use it."""
+        return await find_offers(
             runpod,
             min_vram_gb=with_margin(self.min_vram_gb, self.vram_margin),
             gpu_count=self.gpu_count,
@@ -281,6 +301,8 @@ class RunPodJobConfiguration(BaseJobConfiguration):
             clouds=self.clouds,
             max_price_per_hour=self.max_price_per_hour,
             data_centers=self.data_center_ids if data_centers is None else data_centers,
+            min_cuda_version=self.min_cuda_version,
+            data_center_min_cuda_version=self.data_center_min_cuda_version,
             fresh=fresh,
         )
 
@@ -299,9 +321,7 @@ class RunPodJobConfiguration(BaseJobConfiguration):
         super().prepare_for_flow_run(flow_run, deployment, flow, work_pool, worker_name, worker_id)
         settings = self._base_environment()
         ow = get_settings()
-        ow_env = {"OW_STORAGE_BLOCK": ow.storage_block} | {
-            name: value for name in POD_OW_SETTINGS[1:] if (value := os.environ.get(name))
-        }
+        ow_env = {"OW_STORAGE_BLOCK": ow.storage_block} | ow.exported(POD_OW_SETTINGS[1:])
         env = {
             **{name: settings[name] for name in POD_PREFECT_SETTINGS if settings.get(name)},
             **self._base_flow_run_environment(flow_run),
@@ -509,7 +529,10 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         task_status: anyio.abc.TaskStatus | None = None,
     ) -> RunPodWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
-        credentials = configuration.runpod_credentials()
+        try:
+            credentials = configuration.runpod_credentials()
+        except ConfigurationError as exc:
+            return await self._refuse(flow_run, Failed(name="NoCredentials", message=str(exc)), logger, task_status)
         self._remember(credentials)
         self._check_reachable(configuration, credentials, logger)
         deadline = time.time() + configuration.max_runtime
@@ -518,7 +541,10 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             costs = RunCosts(self.client, self._work_pool, flow_run, configuration, logger)
             if (refused := await costs.refusal(runpod, ESTIMATE_TIMEOUT_SECONDS)) is not None:
                 return await self._refuse(flow_run, refused, logger, task_status)
-            created = await self._create(runpod, flow_run, configuration, request, logger)
+            try:
+                created = await self._create(runpod, flow_run, configuration, request, logger)
+            except RunPodNoCapacity as exc:  # expected: one line, not a traceback
+                return await self._refuse(flow_run, Failed(name="NoCapacity", message=str(exc)), logger, task_status)
             if created is None:  # cancelled while waiting for capacity
                 if task_status:
                     task_status.started("")
@@ -547,7 +573,8 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
     async def _refuse(
         self, flow_run: FlowRun, state: Any, logger: Any, task_status: anyio.abc.TaskStatus | None
     ) -> RunPodWorkerResult:
-        """End a run that gets no pod: its state says why, the log one line."""
+        """End a run that gets no pod (no capacity, no credentials, over its max_cost or the pool's daily budget):
+        its state says why, the log one line."""
         logger.error(f"{state.name}: {state.message}")
         await propose_state(self.client, state, flow_run_id=flow_run.id)
         if task_status:
@@ -568,22 +595,18 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         fresh = False
         pause = CAPACITY_RETRY_SECONDS[0]
         while True:
-            candidates = await configuration.find_candidates(runpod, fresh=fresh)
+            ranking = await configuration.find_offers(runpod, fresh=fresh)
 
             async def in_data_centers(data_centers: Sequence[str], fresh: bool = fresh) -> list[Candidate]:
-                return await configuration.find_candidates(runpod, fresh=fresh, data_centers=data_centers)
+                return (await configuration.find_offers(runpod, fresh=fresh, data_centers=data_centers)).candidates
 
-            ways = await placements(runpod, configuration, request, candidates, in_data_centers)
+            ways = await placements(runpod, configuration, request, ranking.candidates, in_data_centers)
             try:
-                return await create_placed(
-                    runpod, ways, min_cuda_version=configuration.min_cuda_version, log=logger.info
-                )
+                return await create_placed(runpod, ways, log=logger.info)
             except RunPodNoCapacity as exc:
                 tried = exc.tried
             if time.monotonic() >= give_up:
-                message = _no_capacity_message(configuration, candidates, tried)
-                await propose_state(self.client, Failed(name="NoCapacity", message=message), flow_run_id=flow_run.id)
-                raise RunPodNoCapacity(message)
+                raise RunPodNoCapacity(_no_capacity_message(configuration, ranking, tried))
             wait = min(pause, give_up - time.monotonic())
             pause = min(pause * 2, CAPACITY_RETRY_SECONDS[1])
             logger.info(f"No candidate has capacity; trying again in {wait:.0f} s (capacity_wait)")
@@ -622,6 +645,8 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             if state is _GONE:
                 return Outcome("its flow run was deleted")
             if state is not None:
+                if state.is_crashed():  # e.g. the pull step failed in the pod: Prefect says only "exited with 1"
+                    return await self._crash(runpod, flow_run, pod, state.message or "the flow run crashed", logger)
                 if state.is_final():
                     return Outcome(f"the flow run is {state.name}")
                 if state.is_cancelling():
@@ -741,11 +766,16 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         return await self._crash(runpod, flow_run, pod, reason, logger)
 
     async def _crash(self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any) -> Outcome:
-        lines = await _last_log_lines(runpod, pod.id, LOG_LINES_LOGGED)
+        lines = await _last_log_lines(runpod, pod.id, LOG_LINES_SEARCHED)
         if lines:
-            logger.error(f"Last lines of pod {pod.id}'s log:\n" + "\n".join(lines))
+            logger.error(f"Last lines of pod {pod.id}'s log:\n" + "\n".join(lines[-LOG_LINES_LOGGED:]))
         tail = "\n".join(lines[-LOG_LINES_IN_MESSAGE:]) or "(the pod wrote no log lines)"
-        message = f"Pod {pod.id}: {reason}. Last lines of its log:\n{tail}"
+        # the first exception is the cause (a failed pull step, say); later ones are Prefect reacting to it
+        errors = [line.strip() for line in lines if ERROR_LINE.match(line)]
+        cause = f" The error: {errors[0]}" if errors else ""
+        if errors:
+            logger.error(f"Pod {pod.id}: the error in its log: {errors[0]}")
+        message = f"Pod {pod.id}: {reason.rstrip('.')}.{cause}\nLast lines of its log:\n{tail}"
         logger.error(f"Pod {pod.id}: {reason}; marking the run Crashed and deleting the pod")
         return Outcome(reason, after_delete=Crashed(message=message), status_code=1)
 
@@ -830,8 +860,12 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         if self._work_pool is None:
             return []
         if not self._credentials:
-            with contextlib.suppress(Exception):
+            try:
                 self._remember(await self._pool_credentials())
+            except ConfigurationError as exc:  # said once at start: every run of this pool will fail the same way
+                self._warn_once(self._logger, "no-credentials", f"Work pool {self._work_pool.name!r}: {exc}")
+            except Exception:
+                pass
         deleted = []
         for credentials in list(self._credentials.values()):
             async with credentials.get_client() as runpod:
@@ -1015,17 +1049,19 @@ async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: fl
     if previous and isinstance(previous[0].data, str):
         with contextlib.suppress(Exception):
             rows = [row for row in json.loads(previous[0].data) if row.get("pod") != record.pod_id]
+    # Column order is what the UI shows first: at 1400 px its table has room for about 850 px, so the cost, the GPU,
+    # the time and the price come before the longer text (`ended`) and the ids.
     rows.append(
         {
-            "attempt": len(rows) + 1,
-            "pod": record.pod_id,
-            "gpu": record.gpu,
+            "cost_usd": round(cost, 6),
+            "gpu": record.gpu,  # RunPod's GPU type id, as gpu_types takes it
+            "billed_seconds": round(seconds, 1),
+            "usd_per_hour": round(record.price_per_hour, 4),
             "cloud": record.cloud,
             "data_center": record.pod.data_center_id or "",
-            "usd_per_hour": round(record.price_per_hour, 4),
-            "billed_seconds": round(seconds, 1),
-            "cost_usd": round(cost, 6),
             "ended": reason,
+            "pod": record.pod_id,
+            "attempt": len(rows) + 1,
         }
     )
     total = sum(row["cost_usd"] for row in rows)
@@ -1040,9 +1076,45 @@ async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: fl
     )
 
 
-def _no_capacity_message(
-    configuration: RunPodJobConfiguration, candidates: Sequence[Candidate], tried: list[str]
-) -> str:
+# Why offers were left out, and what to change: (reason, phrase with {n}, the fix).
+FILTER_REASONS = {
+    "cloud": ("{n} not offered in cloud {cloud}", "cloud: ANY adds the other cloud"),
+    "gpu_types": ("{n} not in gpu_types", "add types to gpu_types, or leave it empty"),
+    "vram": (
+        "{n} with less than {vram:g} GB over {count} GPU(s)",
+        "lower min_vram_gb (or requires_vram_gb) or vram_margin, or raise gpu_count",
+    ),
+    "stock": ("{n} sold out", "capacity_wait retries for a while"),
+    "data_centers": ("{n} not in data centers {data_centers}", "widen or empty data_center_ids"),
+    "cuda": (
+        "{n} without a free host at the CUDA floor ({cuda})",
+        "lower min_cuda_version / "
+        "data_center_min_cuda_version only for an image built for an older CUDA (docs/runpod.md, CUDA)",
+    ),
+    "price": ("{n} above ${price:g}/h", "raise max_price_per_hour"),
+}
+
+
+def _filter_summary(configuration: RunPodJobConfiguration, ranking: Ranking) -> tuple[str, str]:
+    """(what each filter removed, with counts; what to change), in filter order."""
+    cuda = f"host CUDA >= {configuration.min_cuda_version}" if configuration.min_cuda_version else ""
+    if configuration.data_center_min_cuda_version:
+        cuda = ", ".join(filter(None, [cuda, f">= {configuration.data_center_min_cuda_version} on data-center GPUs"]))
+    values = {
+        "cloud": configuration.cloud,
+        "vram": with_margin(configuration.min_vram_gb, configuration.vram_margin),  # what the filter compares
+        "count": configuration.gpu_count,
+        "data_centers": configuration.data_center_ids,
+        "cuda": cuda or "none",
+        "price": configuration.max_price_per_hour or 0,
+    }
+    removed = [(reason, n) for reason in FILTER_REASONS if (n := ranking.removed.get(reason))]
+    what = "; ".join(FILTER_REASONS[reason][0].format(n=n, **values) for reason, n in removed)
+    fixes = "; ".join(FILTER_REASONS[reason][1] for reason, _ in removed)
+    return what, fixes
+
+
+def _no_capacity_message(configuration: RunPodJobConfiguration, ranking: Ranking, tried: Sequence[str] = ()) -> str:
     wanted = (
         f"{configuration.gpu_count} GPU(s) with {configuration.min_vram_gb:g} GB in total "
         f"(+{configuration.vram_margin:.0%} margin: "
@@ -1051,11 +1123,25 @@ def _no_capacity_message(
         + (f", types {configuration.gpu_types}" if configuration.gpu_types else "")
         + (f", data centers {configuration.data_center_ids}" if configuration.data_center_ids else "")
         + (f", at most ${configuration.max_price_per_hour:g}/h" if configuration.max_price_per_hour else "")
+        + (f", host CUDA >= {configuration.min_cuda_version}" if configuration.min_cuda_version else "")
+        + (
+            f" (>= {configuration.data_center_min_cuda_version} on data-center GPUs)"
+            if configuration.data_center_min_cuda_version
+            else ""
+        )
     )
-    if not candidates:
-        return f"No RunPod GPU fits and is in stock: {wanted}. Loosen the job variables or set capacity_wait."
+    what, fixes = _filter_summary(configuration, ranking)
+    filtered = f"Of {ranking.considered} offers (GPU type × cloud) in RunPod's catalog: {what}." if what else ""
+    if not ranking.candidates:
+        change = f" To change: {fixes}." if fixes else ""
+        return f"No RunPod GPU fits {wanted}. {filtered}{change}".strip()
     waited = f" (waited {configuration.capacity_wait} s)" if configuration.capacity_wait else ""
-    return f"No capacity on any of {len(candidates)} candidates{waited} for {wanted}. Tried: " + "; ".join(tried[-20:])
+    return (
+        f"No capacity on any of {len(ranking.candidates)} candidates{waited} for {wanted}. Tried: "
+        + "; ".join(tried[-20:])
+        + (f". {filtered}" if filtered else "")
+        + " Set capacity_wait to keep trying, or widen the filters."
+    )
 
 
 def _is_loopback(url: str) -> bool:

@@ -24,29 +24,46 @@ import time
 from typing import Any
 
 import httpx
+import tenacity
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 STOPS_AT_CHECKPOINT = "ow-type:fine_tuning"
 
 
+class ServerBusy(Exception):
+    """Prefect's server did not take the state now: no answer, a 5xx, or WAIT (`delay_s`: when to come back)."""
+
+    def __init__(self, reason: str, delay_s: float | None = None):
+        super().__init__(reason)
+        self.delay_s = delay_s
+
+
+def _wait(retry_state: tenacity.RetryCallState) -> float:
+    error = retry_state.outcome.exception()
+    if isinstance(error, ServerBusy) and error.delay_s is not None:
+        return error.delay_s
+    return tenacity.wait_random_exponential(max=10)(retry_state)
+
+
+# The retry policy of ow_prefect.retry (tenacity, jittered back-off, the server's delay honoured), spelled with
+# tenacity directly: importing ow_prefect would cost each pod half a second of CPU, and this pod is to stay light.
+# Proposing a state is idempotent (the server answers the same for the same proposal).
+@tenacity.retry(
+    retry=tenacity.retry_if_exception_type(ServerBusy), wait=_wait, stop=tenacity.stop_after_attempt(30), reraise=True
+)
 def set_state(client: httpx.Client, flow_run_id: str, state: dict[str, Any]) -> str:
-    """Propose a state; retry while the server is busy (5xx, no answer) or asks to wait. The server's answer."""
-    for attempt in range(30):
-        try:
-            response = client.post(f"/flow_runs/{flow_run_id}/set_state", json={"state": state})
-        except httpx.TransportError:
-            time.sleep(min(2**attempt, 10))
-            continue
-        if response.status_code >= 500:
-            time.sleep(min(2**attempt, 10))
-            continue
-        response.raise_for_status()
-        result = response.json()
-        if result["status"] == "WAIT":
-            time.sleep(float(result["details"].get("delay_seconds") or 1))
-            continue
-        return result["status"]
-    raise SystemExit(f"could not set {state['type']}: the server kept failing")
+    """Propose a state; retried while the server is busy (5xx, no answer) or asks to wait. The server's answer."""
+    try:
+        response = client.post(f"/flow_runs/{flow_run_id}/set_state", json={"state": state})
+    except httpx.TransportError as exc:
+        raise ServerBusy(f"no answer: {exc}") from exc
+    if response.status_code >= 500:
+        raise ServerBusy(f"{response.status_code} from the server")
+    response.raise_for_status()
+    result = response.json()
+    if result["status"] == "WAIT":
+        raise ServerBusy("asked to wait", float(result["details"].get("delay_seconds") or 1))
+    return result["status"]
 
 
 def reschedule_on_sigterm(client: httpx.Client, flow_run_id: str) -> None:
