@@ -420,7 +420,7 @@ class Jobs(_JobsBase):
     def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
         """What a job would cost if submitted now, submitting nothing: the GPU the RunPod worker would choose, its
         price, the expected runtime and the cost range (an `ow_prefect.costs.estimate.Estimate`; print it)."""
-        from ow_prefect.costs.plan import estimate_on_pool, run_sync
+        from ow_prefect.costs.preview import estimate_on_pool, run_sync
 
         sub, work, variables = self._estimate_parts(job_cls, kwargs)
         if self._client.embedded:
@@ -615,7 +615,7 @@ class AsyncJobs(_JobsBase):
     async def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
         """What a job would cost if submitted now, submitting nothing: the GPU the RunPod worker would choose, its
         price, the expected runtime and the cost range (an `ow_prefect.costs.estimate.Estimate`; print it)."""
-        from ow_prefect.costs.plan import estimate_on_pool
+        from ow_prefect.costs.preview import estimate_on_pool
 
         sub, work, variables = await anyio.to_thread.run_sync(self._estimate_parts, job_cls, kwargs)
         if self._client.embedded:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 TERMINATED_EVENT = "ow.pod.terminated"
+EVENTS_PAGE = 50  # the most the events API returns per page
 
 
 def pool_resource(work_pool_id: Any) -> dict[str, str]:
@@ -45,22 +46,26 @@ async def spent_today(client: Any, work_pool_id: Any, running: Sequence[tuple[fl
     pods."""
     from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventRelatedFilter
 
-    from ow_prefect.client._logs import read_events_async
-
     now = datetime.now(UTC)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    events = await read_events_async(
-        client,
-        EventFilter(
+    ended, count = 0.0, 0
+    page = await client.read_events(
+        filter=EventFilter(
             occurred=EventOccurredFilter(since=midnight, until=now),
             event=EventNameFilter(name=[TERMINATED_EVENT]),
             related=EventRelatedFilter(id=[pool_resource(work_pool_id)["prefect.resource.id"]]),
         ),
+        limit=EVENTS_PAGE,
     )
-    ended = sum(float(event.payload.get("cost_usd") or 0) for event in events)
+    while True:  # every page: a busy pool ends more pods a day than one page holds
+        ended += sum(float(event.payload.get("cost_usd") or 0) for event in page.events)
+        count += len(page.events)
+        if not page.next_page:
+            break
+        page = await client.read_events_page(str(page.next_page))
     start = midnight.timestamp()
     live = sum(price * max(0.0, time.time() - max(created, start)) / 3600 for price, created in running)
-    return Spend(ended, live, len(events) + len(running))
+    return Spend(ended, live, count + len(running))
 
 
 def refusal(budget: float, spend: Spend, pool_name: str) -> str:

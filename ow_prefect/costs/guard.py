@@ -4,7 +4,7 @@ and how it stops a running pod stay in the worker (ow_prefect/workers/runpod.py)
 
 from __future__ import annotations
 
-import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -28,13 +28,23 @@ class RunCosts:
         self.logger = logger
         self.estimate: Estimate | None = None
 
-    async def refusal(self, runpod: Any, timeout: float) -> Any:
+    async def refusal(
+        self, runpod: Any, timeout: float, live_pods: Callable[[], Awaitable[list[tuple[float, float]]]]
+    ) -> Any:
         """The Failed state to end the run with instead of creating a pod, or None: the pool's daily budget is
         spent, or the run's expected cost is above its max_cost. The estimate is made (and published when the run
-        is refused) either way; an estimate that fails is logged and refuses nothing."""
+        is refused) either way; an estimate that fails is logged and refuses nothing. `live_pods()`: (price per hour,
+        creation time) of the pool's pods that run now."""
         budget = daily_budget(self.work_pool) if self.work_pool is not None else None
         if budget is not None:
-            spend = await spent_today(self.client, self.work_pool.id, await _running(runpod, self.work_pool.id))
+            try:
+                spend = await spent_today(self.client, self.work_pool.id, await live_pods())
+            except Exception as exc:  # noqa: BLE001 - a budget that cannot be checked holds: no pod
+                message = (
+                    f"Work pool {self.work_pool.name!r} has a daily budget, and what it spent today could not be read "
+                    f"({type(exc).__name__}: {exc}); no pod was created. Retry the run."
+                )
+                return Failed(name="BudgetReached", message=message)
             if spend.total >= budget:
                 return Failed(name="BudgetReached", message=refusal(budget, spend, self.work_pool.name))
         try:
@@ -88,14 +98,3 @@ class RunCosts:
                 flow_run_id=self.flow_run.id,
             )
         )
-
-
-async def _running(runpod: Any, work_pool_id: Any) -> list[tuple[float, float]]:
-    """(price per hour, creation time) of the pool's live pods."""
-    from ow_prefect.workers.runpod import POD_PREFIX, POOL_MARKER, _parse_time
-
-    return [
-        (pod.cost or 0.0, _parse_time(pod.created_at) or time.time())
-        for pod in await runpod.find_pods(POD_PREFIX)
-        if pod.env.get(POOL_MARKER) == str(work_pool_id) and not pod.ended
-    ]

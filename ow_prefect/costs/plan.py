@@ -1,28 +1,17 @@
-"""Where the estimate meets a pool: the RunPod worker's configuration of a run, the offers it would try now, and the
-estimate on them — the same for the SDK (`ow.<job>.estimate`), `ow exec --dry-run` and the worker itself."""
+"""Where the estimate meets a run: the RunPod worker's configuration of it, the offers it would try now, and the
+estimate on them — the same for the worker (this module) and for the SDK before submitting (`preview.py`)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-from collections.abc import Coroutine
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from ow_prefect.costs.estimate import Estimate, estimate_candidates
 from ow_prefect.costs.work import Work
 
-if TYPE_CHECKING:
-    from ow_prefect.runpod.client import AsyncRunPodClient
-    from ow_prefect.workers.runpod import RunPodJobConfiguration
 
-T = TypeVar("T")
-
-
-async def estimate_configuration(
-    configuration: RunPodJobConfiguration, work: Work, runpod: AsyncRunPodClient, **fields: Any
-) -> Estimate:
-    """The estimate on the offers this run's configuration ranks now, first the one the worker would take."""
+async def estimate_configuration(configuration: Any, work: Work, runpod: Any, **fields: Any) -> Estimate:
+    """The estimate on the offers a run's configuration (`RunPodJobConfiguration`) ranks now, first the one the
+    worker would take."""
     candidates = (await configuration.find_offers(runpod)).candidates
     return estimate_candidates(
         work,
@@ -32,21 +21,6 @@ async def estimate_configuration(
         cached_model=bool(configuration.cache_volume_ids),
         **fields,
     )
-
-
-async def estimate_on_pool(
-    base_job_template: dict[str, Any], values: dict[str, Any], work: Work, **fields: Any
-) -> Estimate:
-    """Resolve the run's configuration as the worker will (the pool's template, then the deployment's and the run's
-    job variables, blocks and secrets resolved through the Prefect API) and estimate on it."""
-    from prefect.client.orchestration import get_client
-
-    from ow_prefect.workers.runpod import RunPodJobConfiguration
-
-    async with get_client() as client:
-        configuration = await RunPodJobConfiguration.from_template_and_values(base_job_template, values, client=client)
-    async with configuration.runpod_credentials().get_client() as runpod:
-        return await estimate_configuration(configuration, work, runpod, **fields)
 
 
 def work_of_run(parameters: dict[str, Any], entrypoint: str | None, storage: Any) -> tuple[str, str | None, Work]:
@@ -63,9 +37,7 @@ def work_of_run(parameters: dict[str, Any], entrypoint: str | None, storage: Any
     return envelope.get("type") or job_cls.name, envelope.get("id"), job_cls.work(validated, storage)
 
 
-async def estimate_flow_run(
-    client: Any, flow_run: Any, configuration: RunPodJobConfiguration, runpod: AsyncRunPodClient, pool: str
-) -> Estimate:
+async def estimate_flow_run(client: Any, flow_run: Any, configuration: Any, runpod: Any, pool: str | None) -> Estimate:
     """The worker's estimate of a run it picked up, on the offers it is about to try."""
     import anyio.to_thread
 
@@ -79,11 +51,3 @@ async def estimate_flow_run(
     name = f"{deployment.name}" if deployment else None
     fields = {"job_type": job_type, "job_id": job_id, "deployment": name, "pool": pool, "pool_type": "runpod"}
     return await estimate_configuration(configuration, work, runpod, **fields)
-
-
-def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
-    """Run `coroutine` to its end from synchronous code, in a thread of its own with this context (Prefect's
-    settings): the RunPod client is async only, and the caller may already run an event loop (a notebook)."""
-    context = contextvars.copy_context()
-    with ThreadPoolExecutor(1, thread_name_prefix="ow-estimate") as pool:
-        return pool.submit(context.run, asyncio.run, coroutine).result()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import re
@@ -539,7 +540,8 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         request = configuration.pod_request(f"{POD_PREFIX}{flow_run.id}", deadline)
         async with credentials.get_client() as runpod:
             costs = RunCosts(self.client, self._work_pool, flow_run, configuration, logger)
-            if (refused := await costs.refusal(runpod, ESTIMATE_TIMEOUT_SECONDS)) is not None:
+            live_pods = functools.partial(self._live_pod_costs, runpod)
+            if (refused := await costs.refusal(runpod, ESTIMATE_TIMEOUT_SECONDS, live_pods)) is not None:
                 return await self._refuse(flow_run, refused, logger, task_status)
             try:
                 created = await self._create(runpod, flow_run, configuration, request, logger)
@@ -735,6 +737,14 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                     break
                 await anyio.sleep(self._poll)
         return Outcome(reason, before_delete=state, status_code=1)
+
+    async def _live_pod_costs(self, runpod: AsyncRunPodClient) -> list[tuple[float, float]]:
+        """(price per hour, creation time) of this pool's pods that run now: the daily budget's running part."""
+        return [
+            (pod.cost or 0.0, _parse_time(pod.created_at) or time.time())
+            for pod in await runpod.find_pods(POD_PREFIX)
+            if self._work_pool is not None and pod.env.get(POOL_MARKER) == str(self._work_pool.id) and not pod.ended
+        ]
 
     async def _stops_at_checkpoint(self, flow_run_id: UUID) -> bool:
         """Whether the run's job type saves a checkpoint when asked (its `ow-type:` tag names the type)."""
