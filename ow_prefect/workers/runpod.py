@@ -209,7 +209,8 @@ class RunPodVariables(BaseVariables):
         default=86400,
         ge=1,
         title="Max runtime (seconds)",
-        description="Hard cap from pod creation: past it the run fails (TimedOut) and the pod is deleted.",
+        description="Hard cap from pod creation: past it the run fails (TimedOut) and the pod is deleted (a "
+        "fine-tune stores a checkpoint first).",
     )
     max_cost: float | None = Field(
         default=None,
