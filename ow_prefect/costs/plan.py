@@ -18,7 +18,7 @@ async def estimate_configuration(configuration: Any, work: Work, runpod: Any, **
         candidates,
         max_runtime=configuration.max_runtime,
         max_cost=configuration.max_cost,
-        cached_model=bool(configuration.cache_volume_ids),
+        cached_model=bool(configuration.cache_volume_ids or configuration.network_volume_id),
         **fields,
     )
 
