@@ -84,7 +84,7 @@ class Estimate:
             rows.append(("runs on", f"{self.deployment}, pool {self.pool} ({self.pool_type})"))
         if self.pool_type != "runpod":
             rows.append(("cost", "nothing is rented: it runs where the pool's worker runs"))
-            return rows + [("note", note) for note in self.notes]
+            return rows + [("note", note) for note in [*self.work.notes, *self.notes]]
         rows.append(("gpu", self.gpu or "none fits and is in stock now"))
         rows.append(("work", self.work.describe()))
         if self.gpu:

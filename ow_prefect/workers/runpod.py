@@ -22,7 +22,7 @@ and refuses every run of a pool whose `daily_budget` is spent. A network volume 
 (`HF_HOME`); `cache_volume_ids` makes the worker prefer the data centers that hold one (ow_prefect/runpod/volumes.py).
 
 A reconciler (at start, then every `OW_RUNPOD_RECONCILE_SECONDS`) deletes pods of this work pool that no
-worker watches and whose run is over, gone, rescheduled or past its `max_runtime`: a worker that died
+worker watches and whose run is over, gone, rescheduled or past its `max_runtime` or `max_cost`: a worker that died
 mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running` and
 `ow.pod.terminated` events related to its flow run, and its run gets a `runpod-cost-<flow run id>` table
 artifact (price × time from create to delete, one row per pod over every attempt).
