@@ -26,7 +26,7 @@ def hf_home(mount_path: str) -> str:
 
 
 @dataclass
-class Placement:
+class VolumeChoice:
     """Offers to try with one request: in a volume's data center with it mounted, or anywhere."""
 
     request: dict[str, Any]
@@ -35,16 +35,16 @@ class Placement:
     cached: bool = False
 
 
-async def placements(
+async def volume_choices(
     runpod: Any, configuration: Any, request: dict[str, Any], candidates: list[Candidate], find: FindCandidates
-) -> list[Placement]:
-    """The placements to try in order. `find(data_centers)` ranks the offers of those data centers as `candidates`
+) -> list[VolumeChoice]:
+    """Where to try, in order. `find(data_centers)` ranks the offers of those data centers as `candidates`
     were ranked (the configuration's filters)."""
     if configuration.network_volume_id:
         volume = await _volume(runpod, configuration.network_volume_id, "network_volume_id")
         body = {**request, "dataCenterIds": [volume.data_center]}
         where = f"data center {volume.data_center} (network volume {volume.id})"
-        return [Placement(body, await find([volume.data_center]), where, cached=True)]
+        return [VolumeChoice(body, await find([volume.data_center]), where, cached=True)]
     found = []
     for volume_id in configuration.cache_volume_ids:
         volume = await _volume(runpod, volume_id, "cache_volume_ids")
@@ -52,24 +52,24 @@ async def placements(
             continue
         where = f"data center {volume.data_center} with model cache volume {volume.id}"
         offers = await find([volume.data_center])
-        found.append(Placement(_mounting(request, volume, configuration), offers, where, cached=True))
-    return [*found, Placement(request, candidates, "any data center" + (" without a cache" if found else ""))]
+        found.append(VolumeChoice(_mounting(request, volume, configuration), offers, where, cached=True))
+    return [*found, VolumeChoice(request, candidates, "any data center" + (" without a cache" if found else ""))]
 
 
-async def create_placed(
-    runpod: Any, placements: Sequence[Placement], *, log: Callable[[str], Any], **options: Any
-) -> tuple[Any, Candidate, Placement]:
-    """Create on the first offer with capacity, placement after placement; no capacity anywhere: RunPodNoCapacity
+async def create_on_choices(
+    runpod: Any, choices: Sequence[VolumeChoice], *, log: Callable[[str], Any], **options: Any
+) -> tuple[Any, Candidate, VolumeChoice]:
+    """Create on the first offer with capacity, choice after choice; no capacity anywhere: RunPodNoCapacity
     naming every offer tried."""
     tried: list[str] = []
-    for placement in placements:
-        if len(placements) > 1:
-            log(f"Trying {placement.where}: {len(placement.candidates)} offer(s)")
+    for choice in choices:
+        if len(choices) > 1:
+            log(f"Trying {choice.where}: {len(choice.candidates)} offer(s)")
         try:
-            pod, candidate = await create_on_first(runpod, placement.request, placement.candidates, log=log, **options)
-            return pod, candidate, placement
+            pod, candidate = await create_on_first(runpod, choice.request, choice.candidates, log=log, **options)
+            return pod, candidate, choice
         except RunPodNoCapacity as exc:
-            tried += [f"{entry} ({placement.where})" if len(placements) > 1 else entry for entry in exc.tried]
+            tried += [f"{entry} ({choice.where})" if len(choices) > 1 else entry for entry in exc.tried]
     raise RunPodNoCapacity(f"no capacity on any of {len(tried)} offers: " + "; ".join(tried), tried=tried)
 
 

@@ -77,7 +77,7 @@ from ow_prefect.runpod.offers import (
     find_offers,
     with_margin,
 )
-from ow_prefect.runpod.volumes import create_placed, hf_home, placements
+from ow_prefect.runpod.volumes import create_on_choices, hf_home, volume_choices
 from ow_prefect.settings import get_settings
 
 POD_PREFIX = "ow-"
@@ -552,14 +552,14 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                 if task_status:
                     task_status.started("")
                 return RunPodWorkerResult(identifier="", status_code=0)
-            pod, candidate, placement = created
+            pod, candidate, choice = created
             record = PodRecord.of(pod, flow_run, candidate)
             self._watched[pod.id] = flow_run.id
             if task_status:
                 task_status.started(f"{INFRA_PREFIX}{pod.id}")
             logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
             self._emit("ow.pod.created", record, attempt=flow_run.run_count + 1)
-            await costs.publish(candidate, placement.cached)
+            await costs.publish(candidate, choice.cached)
             try:
                 outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger)
             except BaseException as exc:
@@ -603,9 +603,9 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             async def in_data_centers(data_centers: Sequence[str], fresh: bool = fresh) -> list[Candidate]:
                 return (await configuration.find_offers(runpod, fresh=fresh, data_centers=data_centers)).candidates
 
-            ways = await placements(runpod, configuration, request, ranking.candidates, in_data_centers)
+            choices = await volume_choices(runpod, configuration, request, ranking.candidates, in_data_centers)
             try:
-                return await create_placed(runpod, ways, log=logger.info)
+                return await create_on_choices(runpod, choices, log=logger.info)
             except RunPodNoCapacity as exc:
                 tried = exc.tried
             if time.monotonic() >= give_up:
