@@ -141,6 +141,17 @@ def test_inspect_without_a_limit_is_open_ended(storage):
     assert estimate_on(work, A6000, job_type="inspect_ai", max_runtime=3600).seconds[1] is None
 
 
+def test_inspect_options_from_a_command_line_count_too(storage):
+    def work(options):
+        return InspectJob.work(
+            InspectJob.validate_params(model=MODEL, eval_name="inspect_evals/gpqa_diamond", options=options), storage
+        )
+
+    from_dict = work({"limit": 50, "epochs": 2})
+    assert work("--limit 50 --epochs 2").prefill_tokens == from_dict.prefill_tokens == 100 * 1000
+    assert work("--limit 10,20").open_ended  # a range of samples: no count
+
+
 def test_mmlu_pro_counts_the_selected_subjects(storage):
     def prompts(**params):
         return MmluProJob.work(MmluProJob.validate_params(model=MODEL, **params), storage).prefill_tokens

@@ -222,6 +222,14 @@ def matching_subjects(subjects: Iterable[str], selected: str) -> list[str]:
     return [s for s in subjects if any(w in s.replace(" ", "_") for w in wanted)]
 
 
+def _whole(value: Any) -> int | None:
+    """An inspect option's whole number (`limit` may also be a range 'a,b': no count then)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 # Questions per subject in MMLU-Pro's test split (TIGER-Lab/MMLU-Pro: 12,032 in all), for the cost estimate.
 MMLU_PRO_SUBJECTS = {
     "biology": 717,
@@ -281,14 +289,17 @@ class InspectJob(ServingJob):
         from ow_prefect.costs.work import generation, model_work
 
         work = model_work(validated.base_model, quantized=validated.quantization is not None)
-        limit, epochs = validated.options.get("limit"), validated.options.get("epochs", 1)
-        if not isinstance(limit, int) or not isinstance(epochs, int):
+        options = validated.options  # from a command line, numbers are strings
+        limit, epochs, max_tokens = (
+            _whole(options.get(name, default))
+            for name, default in (("limit", None), ("epochs", 1), ("max_tokens", 1024))
+        )
+        if limit is None or epochs is None:
             work.open_ended = "inspect's task decides how many samples it has: set options={'limit': N} to estimate"
             return work
         samples = limit * epochs
-        max_tokens = validated.options.get("max_tokens") or 1024
         work.prefill_tokens = samples * INSPECT_PROMPT_TOKENS
-        work.decode_tokens = generation(samples, int(max_tokens))
+        work.decode_tokens = generation(samples, max_tokens or 1024)
         work.notes.append(f"{INSPECT_PROMPT_TOKENS} prompt tokens per sample assumed (the task's own may differ)")
         return work
 
