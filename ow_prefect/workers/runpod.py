@@ -375,8 +375,11 @@ def runpod_job_variables(**variables: Any) -> dict[str, Any]:
     only with an HTTP error; this names every problem. Credentials stay on the pool (`ow setup`), never in a
     deployment.
     """
-    allowed = set(RunPodVariables.model_fields) - {"credentials"}
-    problems = [f"{name}: not a runpod job variable" for name in sorted(set(variables) - allowed)]
+    pool_only = {"daily_budget": "the pool's budget: set it on the pool, a deployment's value is ignored"}
+    allowed = set(RunPodVariables.model_fields) - {"credentials", *pool_only}
+    problems = [
+        f"{name}: {pool_only.get(name, 'not a runpod job variable')}" for name in sorted(set(variables) - allowed)
+    ]
     if not problems:
         try:
             checked = RunPodJobConfiguration.model_validate(variables)
