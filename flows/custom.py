@@ -4,7 +4,8 @@ It runs the built-in `custom` type and every custom job type a client defines (`
 command sees ``OW_JOB_ID``, ``OW_FLOW_RUN_ID``, ``OW_WORK_DIR``, ``OW_PARAMS`` (a path: the job type's params
 as JSON), ``OW_OUTPUTS`` (a path: JSON written there is merged into ``job.outputs``) and ``OW_RUN_LOG`` (a path:
 ``ow.run.log({...})`` appends a line there; each becomes an ``ow.run.log`` event while the command runs, and the
-logged values — the latest per key, as in OpenWeights — are merged into ``job.outputs``). Its output streams
+logged values — the latest per key, as in OpenWeights — are merged into ``job.outputs``; a file it attaches is
+left next to the log and stored here, with the flow's storage, since the command has none). Its output streams
 into the flow run's logs.
 
 The command gets an environment of its own (`command_env`), not the one of the process that runs the flow: on a
@@ -19,6 +20,8 @@ from __future__ import annotations
 import contextvars
 import json
 import os
+import re
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -40,7 +43,8 @@ from flows._runtime import (
 )
 from ow_prefect.errors import ConfigurationError
 from ow_prefect.jobs.custom import CommandJob, CustomJob
-from ow_prefect.run_log import RUN_LOG_EVENT, latest_values
+from ow_prefect.run_log import EVENT_PURPOSE, RUN_LOG_EVENT, latest_values, run_files_dir
+from ow_prefect.settings import get_settings
 
 # Variables of the flow's environment a command may see: none of them holds a credential.
 PLAIN_VARIABLES = frozenset(
@@ -147,16 +151,23 @@ def _run_command(job: JobRun) -> dict[str, Any]:
 
 class RunLogForwarder:
     """Turns the lines `ow.run.log` appends to `path` into `ow.run.log` events as they come (a thread polls
-    the file; a last read after the command ends), and keeps the logged values for the job's outputs."""
+    the file; a last read after the command ends), and keeps the logged values for the job's outputs. A file a
+    line attaches is stored here, with the job's storage (the command has no credentials for it), and the event
+    carries its id. A line that cannot be forwarded (storage or the API failing) is tried again at the next
+    poll, and fails the run if it still fails after the command ended."""
 
     POLL_SECONDS = 0.5
+    SPOOLED = re.compile(r"[0-9a-f]{32}")  # the names `CurrentRun._spool` gives
 
     def __init__(self, job: JobRun, path: Path):
         self.job, self.path = job, path
+        self.files = run_files_dir(path)
         self.logged: list[dict[str, Any]] = []
         self._offset = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_problem = ""
+        self._stored: dict[str, str] = {}  # spooled name -> file id
 
     def __enter__(self) -> RunLogForwarder:
         self.path.touch()
@@ -173,17 +184,23 @@ class RunLogForwarder:
 
     def _poll(self) -> None:
         while not self._stop.wait(self.POLL_SECONDS):
-            self._forward()
+            try:
+                self._forward()
+            except Exception as exc:  # noqa: BLE001 - said once, tried again next poll (and raised at the end)
+                if str(exc) != self._last_problem:
+                    get_run_logger().warning("ow.run.log: %s; trying again", exc)
+                self._last_problem = str(exc)
 
     def _forward(self) -> None:
         with open(self.path, "rb") as handle:
             handle.seek(self._offset)
             chunk = handle.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written waits for the next read
-        self._offset += len(complete)
-        for line in complete.decode("utf-8", errors="replace").splitlines():
+        for line in chunk.splitlines(keepends=True):
+            if not line.endswith(b"\n"):  # still being written: the next read gets it whole
+                break
             if line.strip():
-                self._emit(line)
+                self._emit(line.decode("utf-8", errors="replace"))
+            self._offset += len(line)
 
     def _emit(self, line: str) -> None:
         try:
@@ -191,14 +208,34 @@ class RunLogForwarder:
         except json.JSONDecodeError:
             get_run_logger().warning("ow.run.log: skipped a line that is not JSON: %.200s", line)
             return
-        self.logged.append(entry["data"])
+        payload = {"data": entry["data"], "file": self._store(entry)}
         flow_run_id = str(self.job.flow_run.id) if self.job.flow_run else None
         emit_event(
             event=RUN_LOG_EVENT,
             resource=job_resource(self.job.id),
             related=flow_run_related(flow_run_id),
-            payload=entry,
+            payload=payload,
         )
+        self.logged.append(entry["data"])
+
+    def _store(self, entry: dict[str, Any]) -> str | None:
+        """The id of the file the line attaches, stored now (the spooled copy is removed); None without one."""
+        name = entry.get("spooled")
+        if name is None:
+            return None
+        if name in self._stored:  # stored at an earlier try of this line
+            return self._stored[name]
+        path = self.files / str(name)
+        # Written by the command: a name of ours, a plain file (not a link to elsewhere), within the size limit.
+        info = os.lstat(path) if self.SPOOLED.fullmatch(str(name)) and path.exists() else None
+        limit = get_settings().max_file_bytes
+        if info is None or not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            get_run_logger().warning("ow.run.log: the attached file %.100r is not one it left; logged without it", name)
+            return None
+        filename = entry.get("filename") if isinstance(entry.get("filename"), str) else None
+        self._stored[name] = self.job.storage.put_bytes(path.read_bytes(), EVENT_PURPOSE, filename=filename).id
+        path.unlink()
+        return self._stored[name]
 
 
 def _read_outputs(path: Path) -> dict[str, Any]:

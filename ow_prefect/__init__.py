@@ -20,6 +20,7 @@ from ow_prefect.errors import (
     NotFoundError,
     OWError,
     ParameterError,
+    PrefectUnavailableError,
     StorageError,
 )
 from ow_prefect.jobs import Job, register
@@ -44,6 +45,7 @@ __all__ = [
     "OWError",
     "OpenWeights",
     "ParameterError",
+    "PrefectUnavailableError",
     "StorageError",
     "register",
 ]

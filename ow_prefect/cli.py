@@ -238,20 +238,9 @@ def _logs(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _follow(ow: Any, job_id: str, out: Any) -> Any:
     """Print the job's log lines as they arrive until it ends; return the finished job."""
-    printed = 0
-    while True:
-        job = ow.jobs.retrieve(job_id)
-        lines = ow.jobs.logs(job_id).splitlines()
-        for line in lines[printed:]:
-            print(line, file=out, flush=True)
-        printed = len(lines)
-        if job.done:
-            # Logs are sent in batches: the last lines can reach the server after the final state.
-            time.sleep(LOG_POLL_SECONDS * 2)
-            for line in ow.jobs.logs(job_id).splitlines()[printed:]:
-                print(line, file=out, flush=True)
-            return job
-        time.sleep(LOG_POLL_SECONDS)
+    for line in ow.jobs._follow_logs(job_id, poll_interval=LOG_POLL_SECONDS):
+        print(line, file=out, flush=True)
+    return ow.jobs.retrieve(job_id)
 
 
 def _show(args: argparse.Namespace, extra: list[str]) -> int:

@@ -19,7 +19,6 @@ ROLES = ("system", "user", "assistant")
 BLOCK_KEYS = {"type", "text", "weight", "tag"}
 MESSAGE_KEYS = {"role", "content", "name", "weight"}
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
-VALIDATED_PURPOSES = ("conversations", "preference")
 # OpenWeights' names for a purpose -> ours (its DPO cookbook uploads with purpose="preferences")
 PURPOSE_ALIASES = {"preferences": "preference"}
 

@@ -37,6 +37,11 @@ class NotFoundError(OWError, LookupError):
     """A file, job or deployment does not exist."""
 
 
+class PrefectUnavailableError(OWError, ConnectionError):
+    """The Prefect API could not be reached, or answered with a server error (5xx): nothing says the job, run
+    or deployment asked about is missing. The message names the API and what went wrong."""
+
+
 class StorageError(OWError):
     """The storage block could not be read or written."""
 

@@ -3,8 +3,10 @@
 Inside a job's command (``custom/run``), ``ow.run.log({"accuracy": 0.9})`` appends one JSON line to the file
 ``$OW_RUN_LOG``; the flow turns each line into an ``ow.run.log`` Prefect event while the command runs, and merges
 the logged values into ``job.outputs`` when it ends (the latest value of each key, as OpenWeights' outputs are).
-A file passed with ``file=`` is stored first (purpose ``event``) and its id travels with the event. Nothing here
-imports Prefect: the command's environment may not have it.
+A file passed with ``file=`` is left next to the run log (`run_files_dir`) and named in the line; the flow stores
+it (purpose ``event``) and its id travels with the event. The command has no storage credentials (its
+environment is its own, see flows/custom.py), so it never stores anything itself. Nothing here imports
+Prefect: the command's environment may not have it.
 
 ``$OW_RUN_LOG``, ``$OW_FLOW_RUN_ID`` and ``$OW_JOB_ID`` are read from the environment, not from `OWSettings`, on
 purpose: they are not settings but this process's run context, set by the flow (flows/custom.py) for the one
@@ -17,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
+from pathlib import Path
 from typing import IO, Any
 
 from ow_prefect.errors import OWError
@@ -25,6 +29,11 @@ RUN_LOG_EVENT = "ow.run.log"
 RUN_LOG_ENV = "OW_RUN_LOG"
 EVENT_PURPOSE = "event"  # files attached to logged events
 _WRITE_LOCK = threading.Lock()
+
+
+def run_files_dir(run_log: str | os.PathLike[str]) -> Path:
+    """Where ``ow.run.log(..., file=...)`` leaves files for the flow to store: next to the run log."""
+    return Path(run_log).parent / ".ow_run_log_files"
 
 
 def latest_values(logged: list[dict[str, Any]]) -> dict[str, Any]:
@@ -61,18 +70,27 @@ class CurrentRun:
 
     def log(self, event_data: dict[str, Any], file: IO[bytes] | None = None) -> None:
         """Record `event_data` (a JSON object) as an event of this run; with `file` (a binary file object, bytes or
-        a path), store it and attach its id."""
+        a path), attach it: the job's flow stores it and the event's ``file`` is its id (``ow.files.content``)."""
         if not isinstance(event_data, dict):
             raise TypeError(f"ow.run.log takes a dict, not {type(event_data).__name__}")
-        file_id = None
+        try:
+            json.dumps(event_data, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"ow.run.log: {exc}; log JSON values (str, numbers, bools, lists, dicts)") from None
+        entry: dict[str, Any] = {"data": event_data}
         if file is not None:
             from ow_prefect.client.files import read_input
 
             data, name = read_input(file, self._client.settings.max_file_bytes)
-            file_id = self._client.storage.put_bytes(data, EVENT_PURPOSE, filename=name).id
-        try:
-            line = json.dumps({"data": event_data, "file": file_id}, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"ow.run.log: {exc}; log JSON values (str, numbers, bools, lists, dicts)") from None
+            entry |= {"spooled": self._spool(data), "filename": name}
+        line = json.dumps(entry, allow_nan=False)
         with _WRITE_LOCK, open(self.path, "a", encoding="utf-8") as handle:
             handle.write(line + "\n")
+
+    def _spool(self, data: bytes) -> str:
+        """Leave `data` for the flow (whole before the line naming it is written); return its name."""
+        folder = run_files_dir(self.path)
+        folder.mkdir(exist_ok=True)
+        name = uuid.uuid4().hex
+        (folder / name).write_bytes(data)
+        return name

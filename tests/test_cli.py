@@ -145,6 +145,33 @@ def test_logs_of_an_unknown_job_is_an_error_without_traceback(server_env):
     assert "Traceback" in ow("--debug", "logs", "customjob-000000000000", env=server_env).stderr
 
 
+LINES = "python -c \"for i in range({}, {}): print('line', i)\""
+
+
+@pytest.mark.usefixtures("worker")
+def test_logs_prints_every_line_and_follow_keeps_printing_until_the_job_ends(server_env, tmp_path):
+    """1,100 lines are six of Prefect's pages of logs (200 each); -f prints lines that come later, each once."""
+    command = f"{LINES.format(0, 1000)}; sleep 5; {LINES.format(1000, 1100)} # {os.getpid()}"
+    job_id = ow("exec", command, env=server_env, cwd=tmp_path).stdout.strip()
+    followed = ow("logs", "-f", job_id, env=server_env)
+    assert followed.returncode == 0, followed.stderr
+    numbers = [int(n) for n in re.findall(r" line (\d+)$", followed.stdout, re.MULTILINE)]
+    assert sorted(numbers) == list(range(1100)), f"{len(numbers)} lines, {len(set(numbers))} different"
+    printed = ow("logs", job_id, env=server_env).stdout
+    assert [int(n) for n in re.findall(r" line (\d+)$", printed, re.MULTILINE)] == list(range(1100))
+
+
+def test_an_unreachable_prefect_api_is_named_not_a_missing_job(tmp_path):
+    from ow_prefect.testing.servers import free_port
+
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
+    for command in (["ls"], ["logs", "customjob-000000000000"], ["exec", "true"]):
+        result = ow(*command, env=env, cwd=tmp_path)
+        assert result.returncode == 1
+        assert result.stderr.startswith(f"error: the Prefect API at {env['PREFECT_API_URL']} cannot be reached")
+        assert "prefect server start" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_files_upload_names_every_bad_line(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "bot"}]}\nnot json\n')

@@ -3,6 +3,7 @@ mounts, identity and uploads without a server; then end to end on a real server 
 
 import hashlib
 import importlib.util
+import os
 import re
 import shutil
 import sys
@@ -295,3 +296,64 @@ def test_openweights_spelling_subclassing_job_makes_a_custom_job_type(src, count
     assert CountWordsOW.__name__ == "CountWordsOW" and CountWordsOW.__module__ == __name__
     first = counting.count_words_ow.validate(label="a")
     assert first == counting.count_words_ow.validate(label="a") != counting.count_words_ow.validate(label="b")
+
+
+LOGS_FILES = """
+import os, pathlib, json
+from ow_prefect import OpenWeights
+
+ow = OpenWeights()
+pathlib.Path("plot.txt").write_text("a plot, {marker}")
+ow.run.log({{"step": 1}}, file=open("plot.txt", "rb"))
+ow.run.log({{"step": 2}}, file=b"raw bytes, {marker}")
+# Lines naming a file the command did not leave through ow.run.log: never stored.
+spool = pathlib.Path(os.environ["OW_WORK_DIR"]) / ".ow_run_log_files"
+spool.mkdir(exist_ok=True)
+(spool / ("0" * 32)).symlink_to(pathlib.Path("plot.txt").resolve())
+with open(os.environ["OW_RUN_LOG"], "a") as log:
+    log.write(json.dumps({{"data": {{"step": 3}}, "spooled": "0" * 32}}) + "\\n")
+    log.write(json.dumps({{"data": {{"step": 4}}, "spooled": "../plot.txt"}}) + "\\n")
+"""
+
+
+def test_files_the_command_logs_are_stored_by_the_flow_in_storage_the_command_cannot_reach(
+    s3_endpoint, monkeypatch, tmp_path
+):
+    """The job's storage is S3 (OW_STORAGE_BLOCK, here in the process running the flow); the command gets neither
+    OW_STORAGE_BLOCK nor AWS keys (flows/custom.py `command_env`), so `ow.run.log(file=...)` leaves its file for
+    the flow, which stores it there: readable the upstream way, `ow.files.content(event["file"])`."""
+    import uuid
+
+    import boto3
+
+    from blocks.storage import save_s3_storage
+    from ow_prefect.errors import NotFoundError
+    from ow_prefect.settings import get_settings
+
+    bucket = f"ow-run-log-{uuid.uuid4().hex[:8]}"
+    boto3.client(
+        "s3", endpoint_url=s3_endpoint, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    ).create_bucket(Bucket=bucket)
+    slug = save_s3_storage(
+        bucket, bucket, endpoint_url=s3_endpoint, access_key_id="k", secret_access_key="s", region="us-east-1"
+    )
+    monkeypatch.setenv("OW_STORAGE_BLOCK", slug)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")  # a python with ow_prefect
+    marker = uuid.uuid4().hex
+    (tmp_path / "log_files.py").write_text(LOGS_FILES.format(marker=marker))
+    ow = OpenWeights()
+    job = ow.custom.create(entrypoint="python log_files.py", mounts={"log_files.py": str(tmp_path / "log_files.py")})
+    assert job.status == "completed", job.error
+    assert job.outputs["step"] == 4 and job.outputs["files"] == {}, "spooled files are not results"
+
+    logged = eventually(
+        lambda: len(events := [e for e in ow.events.list(job_id=job.id) if e["event"] == "ow.run.log"]) == 4 and events
+    )
+    assert [e["data"]["step"] for e in logged] == [1, 2, 3, 4]
+    plot, raw, linked, escaping = (e["file"] for e in logged)
+    assert ow.files.content(plot) == f"a plot, {marker}".encode() and ow.files.retrieve(plot).filename == "plot.txt"
+    assert ow.files.content(raw) == f"raw bytes, {marker}".encode() and raw.startswith("event:")
+    assert linked is None and escaping is None, "a link or a path the command made up is not stored"
+    local = Storage(LocalBackend(get_settings().local_storage_dir))  # the store the command's own client has
+    with pytest.raises(NotFoundError):
+        local.get_bytes(plot)

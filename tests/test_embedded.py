@@ -1,5 +1,8 @@
 """The embedded default: no server, no worker; flows run in this process on Prefect's ephemeral API."""
 
+import os
+import re
+
 import pytest
 
 from ow_prefect import AsyncOpenWeights, JobFailedError, OpenWeights
@@ -31,6 +34,19 @@ def test_custom_job_end_to_end(script_file, tmp_path):
     assert again.id == job.id and again.flow_run_id == job.flow_run_id
     assert job.id in [j.id for j in ow.jobs.list(status="completed", type="custom")]
     assert ow.jobs.retrieve(job.id).outputs == job.outputs
+
+
+def test_the_logs_of_a_job_are_read_to_the_last_line():
+    """Prefect answers at most 200 log lines per request: `ow.jobs.logs` and `run.logs()` read every page."""
+    ow = OpenWeights()
+    job = ow.custom.create(entrypoint=f"python -c \"for i in range(1000): print('line', i)\" # {os.getpid()}")
+    assert job.status == "completed", job.error
+
+    def numbers(text: str) -> list[int]:
+        return [int(n) for n in re.findall(r" line (\d+)$", text, re.MULTILINE)]
+
+    assert eventually(lambda: numbers(ow.jobs.logs(job.id)) == list(range(1000)))
+    assert numbers(job.logs()) == numbers(job.runs[-1].logs()) == list(range(1000))
 
 
 def test_failed_command_fails_the_job_with_its_output(script_file):

@@ -118,3 +118,55 @@ def test_only_an_unclaimed_run_is_cancelled_outright(state, cancel):
     from ow_prefect.client.jobs import _cancel_state
 
     assert _cancel_state(run(state)).type.value == cancel
+
+
+def test_equal_jobs_hash_equal():
+    def handle(status: str) -> Job:
+        return Job(id="customjob-0123456789ab", type="custom", status=status, params={}, flow_run_id="run-1")
+
+    pending, completed = handle("pending"), handle("completed")  # the same job read twice, before and after
+    assert pending == completed and hash(pending) == hash(completed)
+    assert len({pending, completed}) == 1 and completed in {pending: "seen"}
+
+
+VRAM_JOBS = {
+    "fine_tuning": {"model": "nowhere/Model-8B", "training_file": "{file}"},
+    "inference": {"model": "nowhere/Model-8B", "input_file_id": "{file}"},
+    "logprob": {"model": "nowhere/Model-8B", "dataset": "{file}"},
+    "vllm_api": {"model": "nowhere/Model-8B"},
+}
+
+
+@pytest.mark.parametrize("name", VRAM_JOBS)
+def test_gpu_job_types_ask_the_worker_for_their_estimate_or_for_requires_vram_gb(name):
+    conversation = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    file_id = OpenWeights().files.create(conversation, purpose="conversations").id
+    params = {key: value.replace("{file}", file_id) for key, value in VRAM_JOBS[name].items()}
+    job_cls = get_job_type(name)
+    estimated = job_cls.job_variables(job_cls.validate_params(**params))["min_vram_gb"]
+    assert 16 <= estimated <= 200, "an 8B model, estimated from its name"
+    given = job_cls.job_variables(job_cls.validate_params(**params, requires_vram_gb=7))
+    assert given["min_vram_gb"] == 7
+
+
+def test_an_unreachable_prefect_api_is_reported_as_such_not_as_a_missing_job_or_run():
+    from uuid import uuid4
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ow_prefect import PrefectUnavailableError
+    from ow_prefect.testing.servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        ow = OpenWeights()
+    calls = {
+        "ow.runs.retrieve": lambda: ow.runs.retrieve(str(uuid4())),
+        "ow.jobs.retrieve": lambda: ow.jobs.retrieve(str(uuid4())),
+        "ow.custom.create": lambda: ow.custom.create(entrypoint="echo never submitted"),
+        "ow.events.list": lambda: ow.events.list(job_id="customjob-0123456789ab"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(PrefectUnavailableError, match=f"the Prefect API at {url} cannot be reached"):
+            call()
+            pytest.fail(f"{name} did not fail")

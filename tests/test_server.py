@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ow_prefect import AsyncOpenWeights, ConfigurationError, OpenWeights
+from ow_prefect import AsyncOpenWeights, ConfigurationError, OpenWeights, PrefectUnavailableError
 from ow_prefect.jobs.submit import job_tag
 from tests.helpers import eventually, job_finished
 
@@ -128,6 +128,55 @@ def test_missing_deployment_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ow.custom.job_cls, "deployment", "custom/does-not-exist")
     with pytest.raises(ConfigurationError, match="prefect --no-prompt deploy --all"):
         ow.custom.create(entrypoint="echo no deployment")
+
+
+def failing_front(upstream: str, failing_path: str):
+    """An ASGI proxy in front of the real Prefect server that answers 500 to one path: a stand-in for a server
+    that breaks on one request (a real one does not fail on cue)."""
+    import httpx
+
+    client = httpx.AsyncClient(base_url=upstream.removesuffix("/api"))
+
+    async def app(scope, receive, send):
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message.get("body", b""), message.get("more_body", False)
+        if failing_path in scope["path"]:
+            status, headers, content = 500, [(b"content-type", b"application/json")], b'{"detail": "it broke"}'
+        else:
+            query = scope["query_string"].decode()
+            response = await client.request(
+                scope["method"],
+                scope["path"] + (f"?{query}" if query else ""),
+                content=body,
+                headers=[(k.decode(), v.decode()) for k, v in scope["headers"] if k != b"host"],
+            )
+            status, content = response.status_code, response.content
+            dropped = ("content-length", "content-encoding", "transfer-encoding")
+            headers = [(k.encode(), v.encode()) for k, v in response.headers.items() if k.lower() not in dropped]
+        headers.append((b"content-length", str(len(content)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
+
+    return app
+
+
+def test_a_server_error_on_the_deployment_lookup_is_not_reported_as_a_missing_deployment(prefect_api):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ow_prefect.testing.servers import AppServer
+
+    with AppServer(failing_front(prefect_api, "/api/deployments/name/")) as front:
+        url = f"http://127.0.0.1:{front.port}/api"
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            ow = OpenWeights()
+            with pytest.raises(PrefectUnavailableError) as failed:
+                ow.custom.create(entrypoint=f"echo the deployment lookup fails {os.getpid()}")
+    assert str(failed.value).startswith(
+        f"the Prefect API at {url} failed: 500 Internal Server Error on GET /api/deployments/name/custom/run"
+    )
+    assert "does not exist" not in str(failed.value)
 
 
 def test_runs_started_outside_the_sdk_are_tagged_as_jobs():

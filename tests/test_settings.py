@@ -113,3 +113,24 @@ def test_training_reads_its_backend_where_ow_prefect_cannot_be_imported():
     env = {**os.environ, "OW_TRAIN_BACKEND": "transformers"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     assert done.stdout.split() == ["transformers"]
+
+
+@pytest.mark.parametrize("cuda, chosen", [(False, "transformers"), (True, "unsloth")])
+def test_auto_picks_unsloth_only_where_cuda_is(workdir, monkeypatch, cuda, chosen):
+    """`auto` means unsloth where it is installed and CUDA is there (docs/local.md): on a CPU unsloth would only
+    fall back to what transformers does. Both are stood in for here (this machine has no GPU, and unsloth may or
+    may not be installed): find_spec and torch.cuda.is_available."""
+    import importlib.util
+
+    import torch
+
+    from flows.finetune import backends
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "unsloth" else real_find_spec(name, *a)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.delenv("OW_TRAIN_BACKEND", raising=False)
+    refresh_settings()
+    assert backends.choose_backend() == chosen

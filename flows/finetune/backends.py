@@ -36,7 +36,8 @@ def choose_backend() -> str:
     if wanted not in ("auto", "unsloth", "transformers"):
         raise ValueError(f"OW_TRAIN_BACKEND={wanted!r}: use auto, unsloth or transformers")
     if wanted == "auto":
-        return "unsloth" if importlib.util.find_spec("unsloth") else "transformers"
+        # unsloth's kernels are CUDA's; on a CPU it only falls back to what transformers does (docs/local.md)
+        return "unsloth" if importlib.util.find_spec("unsloth") and torch.cuda.is_available() else "transformers"
     if wanted == "unsloth" and not importlib.util.find_spec("unsloth"):
         raise ValueError("OW_TRAIN_BACKEND=unsloth but unsloth is not installed in this environment")
     return wanted

@@ -138,10 +138,6 @@ def with_block_logprobs(row: dict[str, Any], encoded: Encoded, logprobs: list[fl
     return out
 
 
-def is_block_formatted(rows: list[dict[str, Any]]) -> bool:
-    return any(not isinstance(m["content"], str) for row in rows for m in row.get("messages", []))
-
-
 def tagged_blocks(row: dict[str, Any]) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """(message index, block index, block) of every block with a `tag` in a row from `with_block_logprobs`."""
     for i, message in enumerate(row.get("messages", [])):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterator
@@ -11,11 +12,12 @@ from contextlib import asynccontextmanager, contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from ow_prefect.client._loop import running_sdk_loop
 from ow_prefect.client.api import Api
 from ow_prefect.client.files import AsyncFiles, Files
 from ow_prefect.client.jobs import AsyncJobs, Jobs, JobTypeResource
 from ow_prefect.client.runs import AsyncEvents, AsyncRuns, Events, Runs
-from ow_prefect.errors import ConfigurationError
+from ow_prefect.errors import ConfigurationError, PrefectUnavailableError
 from ow_prefect.jobs import api as _builtin_api  # noqa: F401  (registers ow.vllm_api; ow.api deploys it)
 from ow_prefect.jobs import custom as _builtin_custom  # noqa: F401  (registers ow.custom)
 from ow_prefect.jobs import evals as _builtin_evals  # noqa: F401  (registers ow.inspect_ai, ow.mmlu_pro)
@@ -54,6 +56,9 @@ class BaseOpenWeights:
         self._local = threading.local()
         self._open_clients: list[Any] = []
         self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
+        self._opening: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+        # A client dropped without close() lets its connections on the SDK's loop go when it is collected.
+        weakref.finalize(self, _close_on_sdk_loop, self._async_clients).atexit = False
         if not self._prefect_settings.settings.api.url:
             # The ephemeral server this process starts would otherwise race its telemetry writes against the
             # job's own on SQLite ("database is locked" tracebacks); a throwaway server has nothing to report.
@@ -61,45 +66,72 @@ class BaseOpenWeights:
 
     @contextmanager
     def prefect_client(self) -> Iterator[Any]:
-        """Prefect's sync client, one per thread, kept open: building one costs ~30 ms (TLS context)."""
-        client = getattr(self._local, "client", None)
-        if client is None:
-            from prefect.client.orchestration import get_client
+        """Prefect's sync client, one per thread, kept open: building one costs ~30 ms (TLS context). The SDK's
+        resources use `async_prefect_client`; this one is for sync code around them (the CLI)."""
+        with prefect_api_errors(self._prefect_api):
+            client = getattr(self._local, "client", None)
+            if client is None:
+                from prefect.client.orchestration import get_client
 
-            with self.prefect_settings():
-                client = get_client(sync_client=True)
-            client.__enter__()
-            self._local.client = client
-            self._open_clients.append(client)
-        with client:
-            yield client
+                with self.prefect_settings():
+                    client = get_client(sync_client=True)
+                client.__enter__()
+                self._local.client = client
+                self._open_clients.append(client)
+            with client:
+                yield client
 
     @asynccontextmanager
     async def async_prefect_client(self) -> AsyncIterator[Any]:
-        """Prefect's async client, one per event loop, kept open until `aclose()`."""
+        """Prefect's async client, one per event loop, kept open until `aclose()` (the sync client's, on the SDK's
+        loop thread, until `close()`). Failures to reach Prefect become `PrefectUnavailableError`."""
         loop = asyncio.get_running_loop()
-        client = self._async_clients.get(loop)
-        if client is None:
-            from prefect.client.orchestration import get_client
+        with prefect_api_errors(self._prefect_api):
+            client = self._async_clients.get(loop)
+            if client is None:
+                # Calls from many threads meet on the SDK's loop: one opens the client, the others wait for it.
+                async with self._opening.setdefault(loop, asyncio.Lock()):
+                    client = self._async_clients.get(loop)
+                    if client is None:
+                        from prefect.client.orchestration import get_client
 
-            with self.prefect_settings():
-                client = get_client()
-            await client.__aenter__()
-            self._async_clients[loop] = client
-        async with client:
-            yield client
+                        with self.prefect_settings():
+                            client = get_client()
+                        await client.__aenter__()
+                        self._async_clients[loop] = client
+            async with client:
+                yield client
+
+    def _sync_twin(self) -> OpenWeights:
+        """This client if it is an `OpenWeights`, else one on the same Prefect API, settings and storage: for
+        the synchronous objects a resource hands out (``ow.api``'s `TemporaryApi` and its job) either way."""
+        if isinstance(self, OpenWeights):
+            return self
+        with self.prefect_settings():
+            return OpenWeights(settings=self.settings, storage=self._storage)
+
+    @property
+    def _prefect_api(self) -> str:
+        url = self._prefect_settings.settings.api.url
+        return re.sub(r"//[^/@]*@", "//", url) if url else "Prefect's ephemeral API (embedded mode)"
 
     def close(self) -> None:
-        """Close the sync Prefect clients of every thread (also done on leaving `with OpenWeights() as ow:`)."""
+        """Close the Prefect clients this client opened in every thread (also done on leaving `with OpenWeights()
+        as ow:`). It can still be used: they open again when needed."""
         while self._open_clients:
             self._open_clients.pop().__exit__(None, None, None)
         self._local = threading.local()
+        loop = running_sdk_loop()
+        if loop is not None and loop in self._async_clients:
+            asyncio.run_coroutine_threadsafe(_close_client(self._async_clients, loop), loop).result()
 
     async def aclose(self) -> None:
-        """Close the async Prefect client of the running event loop (also on `async with` exit)."""
-        client = self._async_clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.__aexit__(None, None, None)
+        """Close the async Prefect clients of the running event loop and of the SDK's loop thread (also on
+        `async with` exit)."""
+        await _close_client(self._async_clients, asyncio.get_running_loop())
+        loop = running_sdk_loop()
+        if loop is not None and loop in self._async_clients:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_close_client(self._async_clients, loop), loop))
 
     @contextmanager
     def prefect_settings(self) -> Iterator[None]:
@@ -242,6 +274,41 @@ class AsyncOpenWeights(BaseOpenWeights):
     @cached_property
     def events(self) -> AsyncEvents:
         return AsyncEvents(self)
+
+
+async def _close_client(clients: weakref.WeakKeyDictionary, loop: asyncio.AbstractEventLoop) -> None:
+    client = clients.pop(loop, None)
+    if client is not None:
+        await client.__aexit__(None, None, None)
+
+
+def _close_on_sdk_loop(clients: weakref.WeakKeyDictionary) -> None:
+    loop = running_sdk_loop()
+    if loop is not None and loop in clients and not loop.is_closed():
+        asyncio.run_coroutine_threadsafe(_close_client(clients, loop), loop)
+
+
+@contextmanager
+def prefect_api_errors(api: str) -> Iterator[None]:
+    """Prefect's transport failures and server errors (5xx) as `PrefectUnavailableError` naming `api`; a 404,
+    a 409 or a 422 means something about the request and goes on as Prefect raised it."""
+    import httpx
+
+    try:
+        yield
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code < 500:
+            raise
+        raise PrefectUnavailableError(
+            f"the Prefect API at {api} failed: {exc.response.status_code} {exc.response.reason_phrase} on "
+            f"{exc.request.method} {exc.request.url.path}. A server error, not a missing job or deployment: see "
+            "the server's logs, then try again"
+        ) from exc
+    except httpx.TransportError as exc:
+        raise PrefectUnavailableError(
+            f"the Prefect API at {api} cannot be reached ({type(exc).__name__}: {exc or 'no answer'}). Start it "
+            "(`prefect server start`) or point PREFECT_API_URL at one that runs"
+        ) from exc
 
 
 def _with_deploy_kwargs(chat: Any, deploy_kwargs: dict[str, Any]) -> Any:

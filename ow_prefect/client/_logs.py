@@ -1,14 +1,54 @@
-"""Filters and formatting for a job's logs and events (shared by both twins)."""
+"""A flow run's logs and events: filters, reading them page by page, formatting (for `ow.jobs` and `ow.runs`)."""
 
 from __future__ import annotations
 
+import datetime
+import itertools
 from typing import Any
 
+LOGS_PAGE = 200  # the server's largest page of logs
+# `LogTail` reads again this far behind the newest line it saw: lines of one run come from several processes
+# (worker, flow, pod), each sending batches every few seconds, so a line can reach the server after newer ones.
+LATE_LOGS = datetime.timedelta(seconds=60)
 
-def log_filter(flow_run_id: str):
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    return LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+def log_filter(flow_run_id: str, since: datetime.datetime | None = None):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
+
+    return LogFilter(
+        flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+        timestamp=LogFilterTimestamp(after_=since) if since else None,
+    )
+
+
+async def read_logs(client: Any, flow_run_id: str, since: datetime.datetime | None = None) -> list[Any]:
+    """Every log line of the flow run (from `since` on), oldest first, page by page. Lines that arrive
+    meanwhile can only shift the pages forward, so a line read twice is kept once and none is missed."""
+    logs: dict[Any, Any] = {}
+    for offset in itertools.count(0, LOGS_PAGE):
+        page = await client.read_logs(log_filter=log_filter(flow_run_id, since), limit=LOGS_PAGE, offset=offset)
+        logs.update((log.id, log) for log in page)
+        if len(page) < LOGS_PAGE:
+            break
+    return sorted(logs.values(), key=lambda log: log.timestamp)
+
+
+class LogTail:
+    """The lines of a flow run's logs not read before, at each `read` (`ow logs -f`); a line that reaches the
+    server late, behind newer ones, comes at the next read."""
+
+    def __init__(self, flow_run_id: str):
+        self.flow_run_id = flow_run_id
+        self._seen: set[Any] = set()
+        self._newest: datetime.datetime | None = None
+
+    async def read(self, client: Any) -> list[Any]:
+        since = self._newest - LATE_LOGS if self._newest else None
+        new = [log for log in await read_logs(client, self.flow_run_id, since) if log.id not in self._seen]
+        self._seen.update(log.id for log in new)
+        if new:
+            self._newest = max(self._newest or new[-1].timestamp, new[-1].timestamp)
+        return new
 
 
 def format_logs(logs: list[Any]) -> str:
@@ -29,20 +69,8 @@ EVENTS_PAGE = 50  # the server's largest page
 MAX_EVENT_PAGES = 20
 
 
-def read_events(client: Any, filter: Any) -> list[Any]:
-    """Every event matching `filter` (at most MAX_EVENT_PAGES pages), with Prefect's sync client."""
-    events: list[Any] = []
-    page = client.read_events(filter=filter, limit=EVENTS_PAGE)
-    for _ in range(MAX_EVENT_PAGES):
-        events += page.events
-        if not page.next_page:
-            break
-        page = client.read_events_page(str(page.next_page))
-    return events
-
-
-async def read_events_async(client: Any, filter: Any) -> list[Any]:
-    """`read_events` with Prefect's async client."""
+async def read_events(client: Any, filter: Any) -> list[Any]:
+    """Every event matching `filter` (at most MAX_EVENT_PAGES pages)."""
     events: list[Any] = []
     page = await client.read_events(filter=filter, limit=EVENTS_PAGE)
     for _ in range(MAX_EVENT_PAGES):

@@ -212,14 +212,6 @@ class Api:
     def __init__(self, ow: BaseOpenWeights):
         self._ow = ow
 
-    def _sync_client(self) -> OpenWeights:
-        from ow_prefect.client._client import OpenWeights
-
-        if isinstance(self._ow, OpenWeights):
-            return self._ow
-        with self._ow.prefect_settings():  # the async client's Prefect settings, for a sync twin
-            return OpenWeights(settings=self._ow.settings, storage=self._ow._storage)
-
     def deploy(
         self,
         model: str | dict[str, Any] | ModelRef,
@@ -235,7 +227,7 @@ class Api:
         how long it outlives its last extension (every minute while up); `first_deadline`: until the first."""
         params = {"model": _plain(model), "lora_adapters": [_plain(a) for a in lora_adapters or []], **params}
         return TemporaryApi(
-            self._sync_client(), params, keep_alive=keep_alive, first_deadline=first_deadline, timeout=timeout
+            self._ow._sync_twin(), params, keep_alive=keep_alive, first_deadline=first_deadline, timeout=timeout
         )
 
     def create(self, **params: Any) -> Job:

@@ -8,6 +8,7 @@ from typing import IO, TYPE_CHECKING
 
 import anyio.to_thread
 
+from ow_prefect.client._loop import same_docs
 from ow_prefect.datasets import canonical_purpose, validate_dataset
 from ow_prefect.errors import DatasetValidationError
 from ow_prefect.storage import FileObject, check_purpose
@@ -77,8 +78,10 @@ class Files:
         return self._client.storage.download(file_id, dest)
 
 
+@same_docs(Files)
 class AsyncFiles:
-    """Storage I/O is blocking (boto3, disk); the async twin runs the same code in a worker thread."""
+    """Storage I/O is blocking (boto3, disk), so here the sync `Files` is the implementation: the async twin runs
+    it in a worker thread."""
 
     def __init__(self, client: BaseOpenWeights):
         self._sync = Files(client)

@@ -1,30 +1,36 @@
-"""`ow.jobs` and `ow.<job type>`: submit, look up, wait for, cancel and restart jobs (sync and async twins).
+"""`ow.jobs` and `ow.<job type>`: submit, look up, wait for, cancel and restart jobs.
 
-Both twins share `ow_prefect.jobs.submit` (what to do) and differ only in how they talk to Prefect: the sync
-one through Prefect's sync client, the async one through its async client. In embedded mode (no Prefect API
-URL) a job's flow is called directly in this process, against Prefect's ephemeral API.
+`AsyncJobs` is the one implementation, on Prefect's async client; `Jobs` (the sync client's) runs each of its
+methods on the SDK's loop thread and does their blocking steps in the caller's thread (`_loop.py`). What to
+do on submission is decided in `ow_prefect.jobs.submit`, without I/O. In embedded mode (no Prefect API URL) a
+job's flow is called directly in this process, against Prefect's ephemeral API.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.to_thread
 
-from ow_prefect.client._logs import (
-    event_filter,
-    format_events,
-    format_logs,
-    log_filter,
-    read_events,
-    read_events_async,
+from ow_prefect.client._logs import LogTail, event_filter, format_events, format_logs, read_events, read_logs
+from ow_prefect.client._loop import blocking, iterate_sync, run_sync, same_docs
+from ow_prefect.client._queries import (
+    any_job_filter,
+    as_flow_run_id,
+    deployment_filter,
+    newest_first,
+    read_flow_run,
+    read_runs,
+    run_filter,
+    statuses_of,
+    untagged_filters,
 )
+from ow_prefect.client.runs import AsyncRuns
 from ow_prefect.errors import ConfigurationError, NotFoundError, OWError, ParameterError, StorageError
 from ow_prefect.jobs.base import (
     TERMINAL_STATUSES,
@@ -33,11 +39,9 @@ from ow_prefect.jobs.base import (
     project_root,
     raise_for_failure,
 )
-from ow_prefect.jobs.registry import get_job_type, job_types
+from ow_prefect.jobs.registry import get_job_type
 from ow_prefect.jobs.submit import (
     JOB_TAG,
-    STATE_STATUS,
-    STATUS_STATES,
     SubmissionOptions,
     accepting,
     history_key,
@@ -66,117 +70,11 @@ SCAN_PAGES = 25  # `list` reads at most this many pages of runs, newest first
 # Runs of ow_prefect's deployments that never started their flow (so never tagged themselves) are found among
 # this many of the newest not-completed runs of those flows.
 UNTAGGED_SCAN = 200
+LOG_POLL_SECONDS = 1.0  # how often following a job's logs asks for new lines
 
 
 class JobTimeoutError(OWError, TimeoutError):
     """`wait()` ran past its timeout; the job goes on."""
-
-
-def _run_filter(tags: list[str], statuses: list[JobStatus] | None = None):
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-        FlowRunFilterTags,
-    )
-
-    state = None
-    if statuses:
-        types = [s for status in statuses for s in STATUS_STATES[status]]
-        state = FlowRunFilterState(type=FlowRunFilterStateType(any_=types))
-    return FlowRunFilter(tags=FlowRunFilterTags(all_=tags), state=state)
-
-
-def _newest_first():
-    from prefect.client.schemas.sorting import FlowRunSort
-
-    return FlowRunSort.EXPECTED_START_TIME_DESC
-
-
-RUNS_PAGE = 200  # the server's largest page of flow runs
-
-
-def _read_runs(client: Any, flow_run_filter: Any, limit: int) -> list[Any]:
-    """The newest `limit` flow runs matching the filter, page by page (sync client)."""
-    runs: list[Any] = []
-    while len(runs) < limit:
-        size = min(RUNS_PAGE, limit - len(runs))
-        page = client.read_flow_runs(
-            flow_run_filter=flow_run_filter, sort=_newest_first(), limit=size, offset=len(runs)
-        )
-        runs += page
-        if len(page) < size:
-            break
-    return runs
-
-
-async def _read_runs_async(client: Any, flow_run_filter: Any, limit: int) -> list[Any]:
-    """`_read_runs` with Prefect's async client."""
-    runs: list[Any] = []
-    while len(runs) < limit:
-        size = min(RUNS_PAGE, limit - len(runs))
-        page = await client.read_flow_runs(
-            flow_run_filter=flow_run_filter, sort=_newest_first(), limit=size, offset=len(runs)
-        )
-        runs += page
-        if len(page) < size:
-            break
-    return runs
-
-
-def _any_job_filter(job_ids: list[str]):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
-
-    return FlowRunFilter(tags=FlowRunFilterTags(any_=[job_tag(job_id) for job_id in job_ids]))
-
-
-def _untagged_filters() -> dict[str, Any]:
-    """Not-completed deployment runs of the flows of the registered job types (a completed run of them always
-    started its flow, which tags it)."""
-    from prefect.client.schemas.filters import (
-        FlowFilter,
-        FlowFilterName,
-        FlowRunFilter,
-        FlowRunFilterDeploymentId,
-        FlowRunFilterState,
-        FlowRunFilterStateType,
-    )
-
-    flows = sorted({cls.deployment.partition("/")[0] for cls in job_types().values()})
-    states = [state for state in STATE_STATUS if state != "COMPLETED"]
-    return {
-        "flow_filter": FlowFilter(name=FlowFilterName(any_=flows)),
-        "flow_run_filter": FlowRunFilter(
-            deployment_id=FlowRunFilterDeploymentId(is_null_=False),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=states)),
-        ),
-    }
-
-
-def _deployment_filter(ids: set[Any]):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
-
-    return DeploymentFilter(id=DeploymentFilterId(any_=list(ids)))
-
-
-def _as_flow_run_id(job_id: str) -> Any:
-    """A job id that is a flow run id (a run whose parameters do not validate has no job id of its own)."""
-    from uuid import UUID
-
-    try:
-        return UUID(job_id)
-    except ValueError:
-        return None
-
-
-def _statuses(status: JobStatus | list[JobStatus] | None) -> list[JobStatus] | None:
-    if status is None:
-        return None
-    statuses = [status] if isinstance(status, str) else list(status)
-    unknown = [s for s in statuses if s not in STATUS_STATES]
-    if unknown:
-        raise ValueError(f"unknown status {unknown}; use one of {sorted(STATUS_STATES)}")
-    return statuses
 
 
 UNCLAIMED_STATES = ("SCHEDULED", "PAUSED")  # no worker holds the run: nothing runs that would need stopping
@@ -210,10 +108,10 @@ def _retry_state():
     return Scheduled(name="AwaitingRetry", message="resubmitted through ow_prefect")
 
 
-def _missing_deployment(name: str, exc: Exception) -> ConfigurationError:
+def _missing_deployment(name: str) -> ConfigurationError:
     return ConfigurationError(
-        f"deployment '{name}' does not exist on this Prefect server ({exc}). Register the built-in deployments "
-        "with `prefect --no-prompt deploy --all` in the repository, or `python -m deployments.register --pool POOL`."
+        f"deployment '{name}' does not exist on this Prefect server. Register the built-in deployments with "
+        "`prefect --no-prompt deploy --all` in the repository, or `python -m deployments.register --pool POOL`."
     )
 
 
@@ -254,10 +152,18 @@ class Submission:
         return idempotency_key(self.deployment, self.job_id)
 
 
-class _JobsBase:
+class AsyncJobs:
+    """``ow.jobs`` of `AsyncOpenWeights`, and the one implementation of `Jobs`. Prefect is asked on the event
+    loop; every blocking step (validation, storage, an embedded flow run) goes through `blocking`."""
+
     def __init__(self, client: BaseOpenWeights):
         self._client = client
         self._deployment_ids: dict[str, Any] = {}
+
+    def _prefect(self):
+        return self._client.async_prefect_client()
+
+    # ---- blocking steps (validation and storage; run through `blocking`) ----------------------------------
 
     def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> Submission:
         if "force_rerun" in kwargs:
@@ -284,21 +190,6 @@ class _JobsBase:
             work = job_cls.work(sub.validated, self._client.storage)
         return sub, work, _job_variables(job_cls, sub)
 
-    def _estimate_here(self, job_cls: type[Job], sub: Submission, work: Any, pool: Any = None) -> Any:
-        """The estimate of a run that rents nothing: embedded mode, or a pool of another type than runpod."""
-        from ow_prefect.costs.estimate import local_estimate
-
-        where = f"pool {pool.name!r} ({pool.type})" if pool else "embedded mode: this process"
-        return local_estimate(
-            work,
-            job_type=job_cls.name,
-            job_id=sub.job_id,
-            deployment=sub.deployment,
-            pool=pool.name if pool else "(embedded)",
-            pool_type=pool.type if pool else "embedded",
-            notes=[f"runs on {where}; its runtime there is not estimated"],
-        )
-
     def _outputs(self, run: Any, job_id: str | None = None) -> dict[str, Any] | None:
         job_id = job_id or tag_value(run.tags, JOB_TAG)
         if status_of(run) != "completed" or job_id is None:
@@ -311,6 +202,9 @@ class _JobsBase:
     def _job(self, run: Any, job_id: str | None = None, type_name: str | None = None, runs: int | None = None) -> Job:
         outputs = self._outputs(run, job_id)
         return job_from_run(run, outputs, self._client, job_id=job_id, type_name=type_name, run_count=runs)
+
+    def _jobs(self, selected: list[tuple[str, str, Any]], attempts: dict[str, int]) -> list[Job]:
+        return [self._job(run, job_id, type_name, attempts.get(job_id)) for job_id, type_name, run in selected]
 
     def _newest(self, runs: list[Any]) -> Job:
         """The job of its runs (newest first): the newest run, with the attempts of them all."""
@@ -336,37 +230,6 @@ class _JobsBase:
             if not tagged_by_ow(run) and (identity := self._identify(run, entrypoints.get(run.deployment_id))):
                 found.append((*identity, run))
         return found
-
-    @staticmethod
-    def _select(
-        found: list[tuple[str, str, Any]], statuses: list[JobStatus] | None, type: str | None, limit: int
-    ) -> list[tuple[str, str, Any]]:
-        """One entry per job, its newest run, newest job first; filtered by the status of that run and type."""
-        found = sorted(found, key=lambda entry: entry[2].expected_start_time or entry[2].created, reverse=True)
-        selected = [
-            (job_id, type_name, run)
-            for job_id, (type_name, run) in newest_per_job(found).items()
-            if (statuses is None or status_of(run) in statuses) and (type is None or type_name == type)
-        ]
-        return selected[:limit]
-
-    @staticmethod
-    def _attempts(found: list[tuple[str, str, Any]], runs: list[Any]) -> dict[str, int]:
-        """Job id -> the attempts of all its runs (`found`, plus `runs`: every tagged run of the listed jobs)."""
-        by_run = {run.id: (job_id, run) for job_id, _, run in found}
-        by_run.update({run.id: (tag_value(run.tags, JOB_TAG), run) for run in runs})
-        attempts: dict[str, int] = {}
-        for job_id, run in by_run.values():
-            attempts[job_id] = attempts.get(job_id, 0) + run.run_count
-        return attempts
-
-    @staticmethod
-    def _tagged(runs: list[Any]) -> list[tuple[str, str, Any]]:
-        """(job id, type, run) from the runs' tags; a run without them is named by its flow run id."""
-        return [
-            (tag_value(run.tags, JOB_TAG) or str(run.id), tag_value(run.tags, "ow-type") or "custom", run)
-            for run in runs
-        ]
 
     def _history(self, job_id: str) -> list[dict[str, Any]]:
         storage = self._client.storage
@@ -395,332 +258,120 @@ class _JobsBase:
                 self._client.storage.download(file_id, dest / name)
         return dest
 
+    # ---- Prefect ----------------------------------------------------------------------------------------
 
-class Jobs(_JobsBase):
-    """Synchronous job operations."""
-
-    def _prefect(self):
-        return self._client.prefect_client()
-
-    def _find_run(self, client, job_id: str):
-        runs = client.read_flow_runs(flow_run_filter=_run_filter([job_tag(job_id)]), sort=_newest_first(), limit=1)
+    async def _find_run(self, client: Any, job_id: str) -> Any | None:
+        runs = await client.read_flow_runs(flow_run_filter=run_filter([job_tag(job_id)]), sort=newest_first(), limit=1)
         return runs[0] if runs else None
 
-    def _deployment_id(self, client, name: str):
-        if name not in self._deployment_ids:
-            self._deployment_ids[name] = self._deployment(client, name).id
-        return self._deployment_ids[name]
-
-    def _deployment(self, client, name: str):
-        try:
-            return client.read_deployment_by_name(name)
-        except Exception as exc:
-            raise _missing_deployment(name, exc) from exc
-
-    def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
-        """What a job would cost if submitted now, submitting nothing: the GPU the RunPod worker would choose, its
-        price, the expected runtime and the cost range (an `ow_prefect.costs.estimate.Estimate`; print it)."""
-        from ow_prefect.costs.preview import estimate_on_pool, run_sync
-
-        sub, work, variables = self._estimate_parts(job_cls, kwargs)
-        if self._client.embedded:
-            return self._estimate_here(job_cls, sub, work)
-        with self._prefect() as client:
-            deployment = self._deployment(client, sub.deployment)
-            pool = client.read_work_pool(deployment.work_pool_name)
-        if pool.type != "runpod":
-            return self._estimate_here(job_cls, sub, work, pool)
-        values = {**(deployment.job_variables or {}), **variables}
-        fields = {"job_type": job_cls.name, "job_id": sub.job_id, "deployment": sub.deployment, "pool": pool.name}
-        with self._client.prefect_settings():
-            return run_sync(estimate_on_pool(pool.base_job_template, values, work, pool_type=pool.type, **fields))
-
-    def submit(self, job_cls: type[Job], **kwargs: Any) -> Job:
-        sub = self._prepare(job_cls, kwargs)
-        with self._prefect() as client:
-            run = self._find_run(client, sub.job_id)
-            action = plan(run)
-            if action == "existing" or sub.keeps(run):
-                return self._job(run)
-            if self._client.embedded:
-                _call_flow(self._client, job_cls, sub.parameters, sub.tags)
-            elif action == "retry":
-                if sub.options.job_variables:  # a rerun on other hardware (OpenWeights updates allowed_hardware)
-                    client.update_flow_run(run.id, job_variables={**run.job_variables, **sub.options.job_variables})
-                client.set_flow_run_state(run.id, _retry_state())
-            else:
-                return self._job(
-                    client.create_flow_run_from_deployment(
-                        self._deployment_id(client, sub.deployment),
-                        parameters=sub.parameters,
-                        tags=sub.tags,
-                        idempotency_key=sub.idempotency_key,
-                        job_variables=_job_variables(job_cls, sub),
-                    )
-                )
-            return self._job(self._find_run(client, sub.job_id))
-
-    def _runs_of(self, client, job_id: str) -> list[Any]:
-        return client.read_flow_runs(flow_run_filter=_run_filter([job_tag(job_id)]), sort=_newest_first())
-
-    def _find_untagged(self, client) -> list[tuple[str, str, Any]]:
-        runs = client.read_flow_runs(**_untagged_filters(), sort=_newest_first(), limit=UNTAGGED_SCAN)
-        runs = [run for run in runs if not tagged_by_ow(run)]
-        if not runs:
-            return []
-        deployments = client.read_deployments(deployment_filter=_deployment_filter({r.deployment_id for r in runs}))
-        return self._untagged(runs, {d.id: d.entrypoint for d in deployments})
-
-    def retrieve(self, job_id: str) -> Job:
-        """The job: its newest run (run_count counts every run's attempts). A run started outside the SDK that
-        ended before its flow started is found by the id its parameters give (or by its flow run id)."""
-        with self._prefect() as client:
-            runs = self._runs_of(client, job_id)
-            if runs:
-                return self._newest(runs)
-            untagged = [entry for entry in self._find_untagged(client) if entry[0] == job_id]
-            if not untagged and (run_id := _as_flow_run_id(job_id)):
-                with contextlib.suppress(Exception):
-                    untagged = self._tagged([client.read_flow_run(run_id)])
-        if not untagged:
-            raise NotFoundError(f"no job {job_id}")
-        job_id, type_name, run = untagged[0]
-        return self._job(run, job_id, type_name, runs=sum(entry[2].run_count for entry in untagged))
-
-    def list(
-        self, status: JobStatus | list[JobStatus] | None = None, type: str | None = None, limit: int = 100
-    ) -> list[Job]:
-        """Jobs newest first, each once (its newest run), filtered by the status of that run. Runs that never
-        started their flow (crashed or cancelled before, or still waiting) are included."""
-        statuses = _statuses(status)
-        tags = [JOB_TAG] + ([type_tag(type)] if type else [])
-        with self._prefect() as client:
-            found = self._find_untagged(client)
-            for page in range(SCAN_PAGES):
-                runs = client.read_flow_runs(
-                    flow_run_filter=_run_filter(tags), sort=_newest_first(), limit=SCAN_PAGE, offset=page * SCAN_PAGE
-                )
-                found += self._tagged(runs)
-                if len(runs) < SCAN_PAGE or len(self._select(found, statuses, type, limit)) >= limit:
-                    break
-            selected = self._select(found, statuses, type, limit)
-            runs = []
-            for page in range(SCAN_PAGES if selected else 0):
-                runs += client.read_flow_runs(
-                    flow_run_filter=_any_job_filter([job_id for job_id, _, _ in selected]),
-                    limit=SCAN_PAGE,
-                    offset=page * SCAN_PAGE,
-                )
-                if len(runs) < (page + 1) * SCAN_PAGE:
-                    break
-        attempts = self._attempts(found, runs)
-        return [self._job(run, job_id, type_name, attempts.get(job_id)) for job_id, type_name, run in selected]
-
-    def cancel(self, job_id: str) -> Job:
-        with self._prefect() as client:
-            run = self._find_run(client, job_id)
-            if run is None:
-                raise NotFoundError(f"no job {job_id}")
-            if status_of(run) not in TERMINAL_STATUSES:
-                client.set_flow_run_state(run.id, _cancel_state(run), force=True)
-        return self.retrieve(job_id)
-
-    def restart(self, job_id: str) -> Job:
-        """Run a finished job again (same flow run, run count + 1; embedded runs start a new flow run). A
-        completed job really runs again (``force_rerun``); its earlier outputs stay in `history()`."""
-        job = self.retrieve(job_id)
-        if not job.done:
-            raise OWError(f"job {job_id} is {job.status}; cancel it before restarting")
-        with self._prefect() as client:
-            run = client.read_flow_run(job.flow_run_id)
-            parameters = _restart_parameters(job, run)
-            if run.deployment_id is not None:
-                if parameters != run.parameters:
-                    client.update_flow_run(run.id, parameters=parameters)
-                client.set_flow_run_state(run.id, _retry_state(), force=True)
-        if run.deployment_id is None:
-            job_cls = get_job_type(job.type)
-            _call_flow(self._client, job_cls, parameters, tags_for(job_cls, job_id))
-        return self.retrieve(job_id)
-
-    def history(self, job_id: str) -> list[dict[str, Any]]:
-        """The outputs of every completed run of the job, oldest first (the last is `job.outputs`); each has
-        `flow_run_id`, `run_count` and `completed_at`. Reruns add to it, never replace."""
-        return self._history(job_id)
-
-    def wait(
-        self, job_id: str, timeout: float | None = None, poll_interval: float = 2.0, raise_on_failure: bool = True
-    ) -> Job:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.retrieve(job_id)
-            if job.done:
-                return raise_for_failure(job) if raise_on_failure else job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise JobTimeoutError(f"job {job_id} still {job.status} after {timeout} s; it goes on running")
-            time.sleep(poll_interval)
-
-    def logs(self, job_id: str) -> str:
-        job = self.retrieve(job_id)
-        with self._prefect() as client:
-            return format_logs(client.read_logs(log_filter=log_filter(job.flow_run_id)))
-
-    def events(self, job_id: str) -> list[dict[str, Any]]:
-        job = self.retrieve(job_id)
-        with self._prefect() as client:
-            return format_events(read_events(client, event_filter(job.flow_run_id)))
-
-    def download(
-        self, job_id: str, dest: str | os.PathLike[str], only_last_run: bool = True, weights: bool = False
-    ) -> Path:
-        """Download every result file of a completed job into `dest` (kept at its path under uploads/); with
-        `weights`, also the model weights it stored (`adapter/`, `merged/`: see `model_outputs`); with
-        ``only_last_run=False``, each run's logs, event files and results into ``dest/<run id>/``."""
-        if not only_last_run:
-            return _download_runs(self._client.runs.list(job_id=job_id, limit=200), dest)
-        return self._download(raise_for_failure(self.retrieve(job_id)), dest, weights)
-
-    def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
-        """Jobs whose parameters have these values (a dict value matches the keys it names), newest first:
-        ``ow.jobs.find(model="Qwen/Qwen3-4B", meta={"group": "sweep"})``. Looks through the newest `limit` runs
-        (of one job `type`); Prefect cannot query parameters, so they are compared here."""
-        with self._prefect() as client:
-            runs = _read_runs(client, _run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
-        return [self._job(run) for run in _matching(runs, params, self._client)]
-
-
-class AsyncJobs(_JobsBase):
-    """Asynchronous job operations: the twin of `Jobs`, on Prefect's async client."""
-
-    def _prefect(self):
-        return self._client.async_prefect_client()
-
-    async def _find_run(self, client, job_id: str):
-        runs = await client.read_flow_runs(
-            flow_run_filter=_run_filter([job_tag(job_id)]), sort=_newest_first(), limit=1
-        )
-        return runs[0] if runs else None
-
-    async def _deployment_id(self, client, name: str):
+    async def _deployment_id(self, client: Any, name: str) -> Any:
         if name not in self._deployment_ids:
             self._deployment_ids[name] = (await self._deployment(client, name)).id
         return self._deployment_ids[name]
 
-    async def _deployment(self, client, name: str):
+    async def _deployment(self, client: Any, name: str) -> Any:
+        from prefect.exceptions import ObjectNotFound
+
         try:
             return await client.read_deployment_by_name(name)
-        except Exception as exc:
-            raise _missing_deployment(name, exc) from exc
+        except ObjectNotFound:
+            raise _missing_deployment(name) from None
 
-    async def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
-        """What a job would cost if submitted now, submitting nothing: the GPU the RunPod worker would choose, its
-        price, the expected runtime and the cost range (an `ow_prefect.costs.estimate.Estimate`; print it)."""
-        from ow_prefect.costs.preview import estimate_on_pool
-
-        sub, work, variables = await anyio.to_thread.run_sync(self._estimate_parts, job_cls, kwargs)
-        if self._client.embedded:
-            return self._estimate_here(job_cls, sub, work)
-        async with self._prefect() as client:
-            deployment = await self._deployment(client, sub.deployment)
-            pool = await client.read_work_pool(deployment.work_pool_name)
-        if pool.type != "runpod":
-            return self._estimate_here(job_cls, sub, work, pool)
-        values = {**(deployment.job_variables or {}), **variables}
-        fields = {"job_type": job_cls.name, "job_id": sub.job_id, "deployment": sub.deployment, "pool": pool.name}
-        with self._client.prefect_settings():
-            return await estimate_on_pool(pool.base_job_template, values, work, pool_type=pool.type, **fields)
-
-    async def _job_async(self, run: Any) -> Job:
-        return await anyio.to_thread.run_sync(self._job, run)
-
-    async def submit(self, job_cls: type[Job], **kwargs: Any) -> Job:
-        sub = self._prepare(job_cls, kwargs)
-        async with self._prefect() as client:
-            run = await self._find_run(client, sub.job_id)
-            action = plan(run)
-            if action == "existing" or sub.keeps(run):
-                return await self._job_async(run)
-            if self._client.embedded:
-                await anyio.to_thread.run_sync(_call_flow, self._client, job_cls, sub.parameters, sub.tags)
-            elif action == "retry":
-                if sub.options.job_variables:
-                    await client.update_flow_run(
-                        run.id, job_variables={**run.job_variables, **sub.options.job_variables}
-                    )
-                await client.set_flow_run_state(run.id, _retry_state())
-            else:
-                variables = await anyio.to_thread.run_sync(_job_variables, job_cls, sub)
-                return await self._job_async(
-                    await client.create_flow_run_from_deployment(
-                        await self._deployment_id(client, sub.deployment),
-                        parameters=sub.parameters,
-                        tags=sub.tags,
-                        idempotency_key=sub.idempotency_key,
-                        job_variables=variables,
-                    )
-                )
-            return await self._job_async(await self._find_run(client, sub.job_id))
-
-    async def _runs_of(self, client, job_id: str) -> list[Any]:
-        return await client.read_flow_runs(flow_run_filter=_run_filter([job_tag(job_id)]), sort=_newest_first())
-
-    async def _find_untagged(self, client) -> list[tuple[str, str, Any]]:
-        runs = await client.read_flow_runs(**_untagged_filters(), sort=_newest_first(), limit=UNTAGGED_SCAN)
+    async def _find_untagged(self, client: Any) -> list[tuple[str, str, Any]]:
+        runs = await client.read_flow_runs(**untagged_filters(), sort=newest_first(), limit=UNTAGGED_SCAN)
         runs = [run for run in runs if not tagged_by_ow(run)]
         if not runs:
             return []
         deployments = await client.read_deployments(
-            deployment_filter=_deployment_filter({run.deployment_id for run in runs})
+            deployment_filter=deployment_filter({run.deployment_id for run in runs})
         )
-        entrypoints = {d.id: d.entrypoint for d in deployments}
-        return await anyio.to_thread.run_sync(self._untagged, runs, entrypoints)
+        return await blocking(self._untagged, runs, {d.id: d.entrypoint for d in deployments})
+
+    async def submit(self, job_cls: type[Job], **kwargs: Any) -> Job:
+        """Submit a job of `job_cls` with these parameters, or return the job with the same id: as it is while
+        pending, running or completed; run again (the same flow run) when it failed or was canceled."""
+        sub = await blocking(self._prepare, job_cls, kwargs)
+        async with self._prefect() as client:
+            run = await self._find_run(client, sub.job_id)
+            action = plan(run)
+            if action == "existing" or sub.keeps(run):
+                return await blocking(self._job, run)
+            if self._client.embedded:
+                await blocking(_call_flow, self._client, job_cls, sub.parameters, sub.tags)
+            elif action == "retry":
+                if sub.options.job_variables:  # a rerun on other hardware (OpenWeights updates allowed_hardware)
+                    variables = {**run.job_variables, **sub.options.job_variables}
+                    await client.update_flow_run(run.id, job_variables=variables)
+                await client.set_flow_run_state(run.id, _retry_state())
+            else:
+                variables = await blocking(_job_variables, job_cls, sub)
+                run = await client.create_flow_run_from_deployment(
+                    await self._deployment_id(client, sub.deployment),
+                    parameters=sub.parameters,
+                    tags=sub.tags,
+                    idempotency_key=sub.idempotency_key,
+                    job_variables=variables,
+                )
+                return await blocking(self._job, run)
+            return await blocking(self._job, await self._find_run(client, sub.job_id))
+
+    async def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
+        """What a job would cost if submitted now, submitting nothing: the GPU the RunPod worker would choose, its
+        price, the expected runtime and the cost range (an `ow_prefect.costs.estimate.Estimate`; print it). On a
+        pool that rents nothing (a process pool, embedded mode) the cost is 0."""
+        from ow_prefect.costs.estimate import local_estimate
+        from ow_prefect.costs.preview import estimate_on_pool
+
+        sub, work, variables = await blocking(self._estimate_parts, job_cls, kwargs)
+        fields = {"job_type": job_cls.name, "job_id": sub.job_id, "deployment": sub.deployment}
+        if self._client.embedded:
+            note = "embedded mode: it runs in this process; its runtime here is not estimated"
+            return local_estimate(work, pool="(embedded)", pool_type="embedded", notes=[note], **fields)
+        async with self._prefect() as client:
+            deployment = await self._deployment(client, sub.deployment)
+            pool = await client.read_work_pool(deployment.work_pool_name)
+            if pool.type != "runpod":
+                note = f"pool {pool.name!r} ({pool.type}) rents nothing; the runtime there is not estimated"
+                return local_estimate(work, pool=pool.name, pool_type=pool.type, notes=[note], **fields)
+            values = {**(deployment.job_variables or {}), **variables}
+            return await estimate_on_pool(client, pool.base_job_template, values, work, pool=pool.name, **fields)
 
     async def retrieve(self, job_id: str) -> Job:
+        """The job: its newest run (run_count counts every run's attempts). A run started outside the SDK that
+        ended before its flow started is found by the id its parameters give (or by its flow run id)."""
         async with self._prefect() as client:
-            runs = await self._runs_of(client, job_id)
+            runs = await client.read_flow_runs(flow_run_filter=run_filter([job_tag(job_id)]), sort=newest_first())
             if runs:
-                return await anyio.to_thread.run_sync(self._newest, runs)
+                return await blocking(self._newest, runs)
             untagged = [entry for entry in await self._find_untagged(client) if entry[0] == job_id]
-            if not untagged and (run_id := _as_flow_run_id(job_id)):
-                with contextlib.suppress(Exception):
-                    untagged = self._tagged([await client.read_flow_run(run_id)])
+            if not untagged and (run_id := as_flow_run_id(job_id)) and (run := await read_flow_run(client, run_id)):
+                untagged = _tagged([run])
         if not untagged:
             raise NotFoundError(f"no job {job_id}")
         job_id, type_name, run = untagged[0]
-        attempts = sum(entry[2].run_count for entry in untagged)
-        return await anyio.to_thread.run_sync(self._job, run, job_id, type_name, attempts)
+        return await blocking(self._job, run, job_id, type_name, sum(entry[2].run_count for entry in untagged))
 
     async def list(
         self, status: JobStatus | list[JobStatus] | None = None, type: str | None = None, limit: int = 100
     ) -> list[Job]:
-        statuses = _statuses(status)
+        """Jobs newest first, each once (its newest run), filtered by the status of that run. Runs that never
+        started their flow (crashed or cancelled before, or still waiting) are included."""
+        statuses = statuses_of(status)
         tags = [JOB_TAG] + ([type_tag(type)] if type else [])
         async with self._prefect() as client:
             found = await self._find_untagged(client)
             for page in range(SCAN_PAGES):
-                runs = await client.read_flow_runs(
-                    flow_run_filter=_run_filter(tags), sort=_newest_first(), limit=SCAN_PAGE, offset=page * SCAN_PAGE
-                )
-                found += self._tagged(runs)
-                if len(runs) < SCAN_PAGE or len(self._select(found, statuses, type, limit)) >= limit:
+                runs = await read_runs(client, run_filter(tags), SCAN_PAGE, offset=page * SCAN_PAGE)
+                found += _tagged(runs)
+                if len(runs) < SCAN_PAGE or len(_select(found, statuses, type, limit)) >= limit:
                     break
-            selected = self._select(found, statuses, type, limit)
-            runs = []
-            for page in range(SCAN_PAGES if selected else 0):
-                runs += await client.read_flow_runs(
-                    flow_run_filter=_any_job_filter([job_id for job_id, _, _ in selected]),
-                    limit=SCAN_PAGE,
-                    offset=page * SCAN_PAGE,
-                )
-                if len(runs) < (page + 1) * SCAN_PAGE:
-                    break
-        attempts = self._attempts(found, runs)
-        return [
-            await anyio.to_thread.run_sync(self._job, run, job_id, type_name, attempts.get(job_id))
-            for job_id, type_name, run in selected
-        ]
+            selected = _select(found, statuses, type, limit)
+            ids = [job_id for job_id, _, _ in selected]
+            runs = await read_runs(client, any_job_filter(ids), SCAN_PAGES * SCAN_PAGE) if selected else []
+        return await blocking(self._jobs, selected, _attempts(found, runs))
 
     async def cancel(self, job_id: str) -> Job:
+        """Cancel the job's run (a run no worker claimed yet at once; a running one through CANCELLING)."""
         async with self._prefect() as client:
             run = await self._find_run(client, job_id)
             if run is None:
@@ -744,17 +395,19 @@ class AsyncJobs(_JobsBase):
                 await client.set_flow_run_state(run.id, _retry_state(), force=True)
         if run.deployment_id is None:
             job_cls = get_job_type(job.type)
-            await anyio.to_thread.run_sync(_call_flow, self._client, job_cls, parameters, tags_for(job_cls, job_id))
+            await blocking(_call_flow, self._client, job_cls, parameters, tags_for(job_cls, job_id))
         return await self.retrieve(job_id)
 
     async def history(self, job_id: str) -> list[dict[str, Any]]:
         """The outputs of every completed run of the job, oldest first (the last is `job.outputs`); each has
         `flow_run_id`, `run_count` and `completed_at`. Reruns add to it, never replace."""
-        return await anyio.to_thread.run_sync(self._history, job_id)
+        return await blocking(self._history, job_id)
 
     async def wait(
         self, job_id: str, timeout: float | None = None, poll_interval: float = 2.0, raise_on_failure: bool = True
     ) -> Job:
+        """The job once it ended; `JobFailedError` if it failed or was canceled (unless not `raise_on_failure`),
+        `JobTimeoutError` after `timeout` seconds (the job goes on)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = await self.retrieve(job_id)
@@ -765,14 +418,31 @@ class AsyncJobs(_JobsBase):
             await anyio.sleep(poll_interval)
 
     async def logs(self, job_id: str) -> str:
+        """Every log line of the job's latest run so far, oldest first: ``<timestamp> <message>``."""
         job = await self.retrieve(job_id)
         async with self._prefect() as client:
-            return format_logs(await client.read_logs(log_filter=log_filter(job.flow_run_id)))
+            return format_logs(await read_logs(client, job.flow_run_id))
+
+    async def _follow_logs(self, job_id: str, poll_interval: float = LOG_POLL_SECONDS) -> AsyncGenerator[str, None]:
+        """The job's log lines as they arrive, until it ended (``ow logs -f``)."""
+        tail = LogTail((await self.retrieve(job_id)).flow_run_id)
+        while True:
+            done = (await self.retrieve(job_id)).done
+            if done:  # logs are sent in batches: the last lines can reach the server after the final state
+                await anyio.sleep(poll_interval * 2)
+            async with self._prefect() as client:
+                lines = format_logs(await tail.read(client))
+            for line in lines.splitlines():
+                yield line
+            if done:
+                return
+            await anyio.sleep(poll_interval)
 
     async def events(self, job_id: str) -> list[dict[str, Any]]:
+        """The events of the job's latest run (Prefect's and ow_prefect's), oldest first."""
         job = await self.retrieve(job_id)
         async with self._prefect() as client:
-            return format_events(await read_events_async(client, event_filter(job.flow_run_id)))
+            return format_events(await read_events(client, event_filter(job.flow_run_id)))
 
     async def download(
         self, job_id: str, dest: str | os.PathLike[str], only_last_run: bool = True, weights: bool = False
@@ -781,15 +451,104 @@ class AsyncJobs(_JobsBase):
         `weights`, also the model weights it stored (`adapter/`, `merged/`: see `model_outputs`); with
         ``only_last_run=False``, each run's logs, event files and results into ``dest/<run id>/``."""
         if not only_last_run:
-            runs = await self._client.runs.list(job_id=job_id, limit=200)
-            return await anyio.to_thread.run_sync(_download_runs, runs, dest)
+            runs = await AsyncRuns(self._client).list(job_id=job_id, limit=200)
+            return await blocking(_download_runs, runs, dest)
         job = raise_for_failure(await self.retrieve(job_id))
-        return await anyio.to_thread.run_sync(self._download, job, dest, weights)
+        return await blocking(self._download, job, dest, weights)
 
     async def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
+        """Jobs whose parameters have these values (a dict value matches the keys it names), newest first:
+        ``ow.jobs.find(model="Qwen/Qwen3-4B", meta={"group": "sweep"})``. Looks through the newest `limit` runs
+        (of one job `type`); Prefect cannot query parameters, so they are compared here."""
         async with self._prefect() as client:
-            runs = await _read_runs_async(client, _run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
-        return [await self._job_async(run) for run in _matching(runs, params, self._client)]
+            runs = await read_runs(client, run_filter([JOB_TAG] + ([type_tag(type)] if type else [])), limit)
+        return await blocking(lambda: [self._job(run) for run in _matching(runs, params, self._client)])
+
+
+@same_docs(AsyncJobs)
+class Jobs:
+    """``ow.jobs`` of `OpenWeights`: `AsyncJobs` run on the SDK's loop thread, blocking steps in this one."""
+
+    def __init__(self, client: BaseOpenWeights):
+        self._core = AsyncJobs(client)
+
+    def _prepare(self, job_cls: type[Job], kwargs: dict[str, Any]) -> Submission:
+        return self._core._prepare(job_cls, kwargs)
+
+    def submit(self, job_cls: type[Job], **kwargs: Any) -> Job:
+        return run_sync(self._core.submit(job_cls, **kwargs))
+
+    def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
+        return run_sync(self._core.estimate(job_cls, **kwargs))
+
+    def retrieve(self, job_id: str) -> Job:
+        return run_sync(self._core.retrieve(job_id))
+
+    def list(
+        self, status: JobStatus | list[JobStatus] | None = None, type: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        return run_sync(self._core.list(status, type, limit))
+
+    def cancel(self, job_id: str) -> Job:
+        return run_sync(self._core.cancel(job_id))
+
+    def restart(self, job_id: str) -> Job:
+        return run_sync(self._core.restart(job_id))
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        return run_sync(self._core.history(job_id))
+
+    def wait(
+        self, job_id: str, timeout: float | None = None, poll_interval: float = 2.0, raise_on_failure: bool = True
+    ) -> Job:
+        return run_sync(self._core.wait(job_id, timeout, poll_interval, raise_on_failure))
+
+    def logs(self, job_id: str) -> str:
+        return run_sync(self._core.logs(job_id))
+
+    def _follow_logs(self, job_id: str, poll_interval: float = LOG_POLL_SECONDS) -> Iterator[str]:
+        return iterate_sync(self._core._follow_logs(job_id, poll_interval))
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        return run_sync(self._core.events(job_id))
+
+    def download(
+        self, job_id: str, dest: str | os.PathLike[str], only_last_run: bool = True, weights: bool = False
+    ) -> Path:
+        return run_sync(self._core.download(job_id, dest, only_last_run, weights))
+
+    def find(self, limit: int = 1000, type: str | None = None, **params: Any) -> list[Job]:
+        return run_sync(self._core.find(limit, type, **params))
+
+
+def _tagged(runs: list[Any]) -> list[tuple[str, str, Any]]:
+    """(job id, type, run) from the runs' tags; a run without them is named by its flow run id."""
+    return [
+        (tag_value(run.tags, JOB_TAG) or str(run.id), tag_value(run.tags, "ow-type") or "custom", run) for run in runs
+    ]
+
+
+def _select(
+    found: list[tuple[str, str, Any]], statuses: list[JobStatus] | None, type: str | None, limit: int
+) -> list[tuple[str, str, Any]]:
+    """One entry per job, its newest run, newest job first; filtered by the status of that run and type."""
+    found = sorted(found, key=lambda entry: entry[2].expected_start_time or entry[2].created, reverse=True)
+    selected = [
+        (job_id, type_name, run)
+        for job_id, (type_name, run) in newest_per_job(found).items()
+        if (statuses is None or status_of(run) in statuses) and (type is None or type_name == type)
+    ]
+    return selected[:limit]
+
+
+def _attempts(found: list[tuple[str, str, Any]], runs: list[Any]) -> dict[str, int]:
+    """Job id -> the attempts of all its runs (`found`, plus `runs`: every tagged run of the listed jobs)."""
+    by_run = {run.id: (job_id, run) for job_id, _, run in found}
+    by_run.update({run.id: (tag_value(run.tags, JOB_TAG), run) for run in runs})
+    attempts: dict[str, int] = {}
+    for job_id, run in by_run.values():
+        attempts[job_id] = attempts.get(job_id, 0) + run.run_count
+    return attempts
 
 
 class JobTypeResource:

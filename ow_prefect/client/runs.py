@@ -1,4 +1,5 @@
-"""`ow.runs` and `ow.events`: OpenWeights' runs and events, read from Prefect (sync and async twins).
+"""`ow.runs` and `ow.events`: OpenWeights' runs and events, read from Prefect. `AsyncRuns` and `AsyncEvents` are
+the one implementation; the sync client's `Runs` and `Events` run them on the SDK's loop thread (`_loop.py`).
 
 A run is a flow run of a job. Server mode keeps one flow run per job (a rerun puts the same run back to
 Scheduled and counts up its `run_count`); embedded mode starts a new flow run each time a job runs again. A
@@ -13,9 +14,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import anyio.to_thread
-
-from ow_prefect.client._logs import event_filter, event_rows, format_logs, log_filter, read_events
+from ow_prefect.client._logs import event_filter, event_rows, format_logs, read_events, read_logs
+from ow_prefect.client._loop import run_sync, same_docs
+from ow_prefect.client._queries import as_flow_run_id, read_flow_run, read_runs, run_filter, statuses_of
 from ow_prefect.errors import NotFoundError
 from ow_prefect.jobs.submit import JOB_TAG, job_tag, outputs_key, status_of, tag_value
 from ow_prefect.run_log import latest_values
@@ -29,7 +30,8 @@ LOG_PURPOSE = "log"
 
 class Run:
     """One flow run of a job: ``id``, ``job_id``, ``status``, ``created_at``, ``worker_id`` (the pod or process
-    that ran it), ``run_count``; ``log_file``, ``events``, ``download(dir)``. Item access works too."""
+    that ran it), ``run_count``; ``log_file``, ``events``, ``download(dir)``. Item access works too. It reads
+    synchronously, from either client."""
 
     def __init__(self, flow_run: Any, client: BaseOpenWeights):
         self._client = client
@@ -47,8 +49,8 @@ class Run:
         return getattr(self, key)
 
     def logs(self) -> str:
-        with self._client.prefect_client() as client:
-            return format_logs(client.read_logs(log_filter=log_filter(self.id)))
+        """Every log line of this run so far, oldest first."""
+        return run_sync(_logs(self._client, self.id))
 
     @property
     def log_file(self) -> str:
@@ -57,7 +59,7 @@ class Run:
 
     @property
     def events(self) -> list[dict[str, Any]]:
-        return _events(self._client, [self.id])
+        return run_sync(_events(self._client, [self.id]))
 
     def download(self, target_dir: str | os.PathLike[str]) -> Path:
         """This run's logs (``<run id>.log``), the files its events name (at their ``path``, else their id) and,
@@ -80,93 +82,103 @@ class Run:
         return target
 
 
-def _flow_runs(client: BaseOpenWeights, job_id: str | None, limit: int, statuses: list[str] | None = None):
-    from ow_prefect.client.jobs import _read_runs, _run_filter
+async def _logs(client: BaseOpenWeights, run_id: str) -> str:
+    async with client.async_prefect_client() as prefect:
+        return format_logs(await read_logs(prefect, run_id))
 
+
+async def _flow_runs(client: BaseOpenWeights, job_id: str | None, limit: int, statuses: list[str] | None = None):
     tags = [job_tag(job_id)] if job_id else [JOB_TAG]
-    with client.prefect_client() as prefect:
-        return _read_runs(prefect, _run_filter(tags, statuses), limit)
+    async with client.async_prefect_client() as prefect:
+        return await read_runs(prefect, run_filter(tags, statuses), limit)
 
 
-def _events(client: BaseOpenWeights, run_ids: list[str]) -> list[dict[str, Any]]:
+async def _events(client: BaseOpenWeights, run_ids: list[str]) -> list[dict[str, Any]]:
     if not run_ids:
         return []
-    with client.prefect_client() as prefect:
-        return event_rows(read_events(prefect, event_filter(run_ids, prefix=OW_EVENTS)))
-
-
-class Runs:
-    """``ow.runs``: the flow runs of jobs."""
-
-    def __init__(self, client: BaseOpenWeights):
-        self._client = client
-
-    def list(
-        self, job_id: str | None = None, worker_id: str | None = None, limit: int = 10, status: str | None = None
-    ) -> list[Run]:
-        """The newest `limit` runs (of one job, on one worker, in one status), oldest first: ``runs[-1]`` is the
-        latest."""
-        from ow_prefect.client.jobs import _statuses
-
-        flow_runs = _flow_runs(self._client, job_id, limit, _statuses(status))
-        runs = [Run(run, self._client) for run in reversed(flow_runs)]
-        return [run for run in runs if worker_id is None or run.worker_id == worker_id]
-
-    def retrieve(self, run_id: str) -> Run:
-        with self._client.prefect_client() as prefect:
-            try:
-                return Run(prefect.read_flow_run(run_id), self._client)
-            except Exception as exc:
-                raise NotFoundError(f"no run {run_id}: {exc}") from None
-
-
-class Events:
-    """``ow.events``: what jobs logged (``ow.run.log``) and what ow_prefect's flows report (``ow.train.*``)."""
-
-    def __init__(self, client: BaseOpenWeights):
-        self._client = client
-
-    def list(self, job_id: str | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
-        """The events of one run, or of every run of a job, oldest first."""
-        if run_id:
-            return _events(self._client, [run_id])
-        if job_id:
-            return _events(self._client, [str(run.id) for run in _flow_runs(self._client, job_id, 200)])
-        raise ValueError("give job_id or run_id: ow.events.list(job_id=job.id) or ow.events.list(run_id=run.id)")
-
-    def latest(
-        self, fields: list[str] | str = "*", job_id: str | None = None, run_id: str | None = None
-    ) -> dict[str, Any]:
-        """The latest value of each of `fields` (every field for ``"*"``) over the events' data."""
-        latest = latest_values([event["data"] for event in self.list(job_id=job_id, run_id=run_id)])
-        return latest if fields == "*" else {field: latest[field] for field in fields if field in latest}
+    async with client.async_prefect_client() as prefect:
+        return event_rows(await read_events(prefect, event_filter(run_ids, prefix=OW_EVENTS)))
 
 
 class AsyncRuns:
-    """The async twin of `Runs` (the `Run` handles it returns read synchronously)."""
+    """``ow.runs`` of `AsyncOpenWeights`, and the one implementation of `Runs` (the `Run` handles it returns
+    read synchronously)."""
 
     def __init__(self, client: BaseOpenWeights):
-        self._sync = Runs(client)
+        self._client = client
 
     async def list(
         self, job_id: str | None = None, worker_id: str | None = None, limit: int = 10, status: str | None = None
     ) -> list[Run]:
-        return await anyio.to_thread.run_sync(lambda: self._sync.list(job_id, worker_id, limit, status))
+        """The newest `limit` runs (of one job, on one worker, in one status), oldest first: ``runs[-1]`` is the
+        latest."""
+        flow_runs = await _flow_runs(self._client, job_id, limit, statuses_of(status))
+        runs = [Run(run, self._client) for run in reversed(flow_runs)]
+        return [run for run in runs if worker_id is None or run.worker_id == worker_id]
 
     async def retrieve(self, run_id: str) -> Run:
-        return await anyio.to_thread.run_sync(self._sync.retrieve, run_id)
+        """The run with this id."""
+        flow_run_id = as_flow_run_id(run_id)
+        if flow_run_id is not None:
+            async with self._client.async_prefect_client() as prefect:
+                flow_run = await read_flow_run(prefect, flow_run_id)
+            if flow_run is not None:
+                return Run(flow_run, self._client)
+        raise NotFoundError(f"no run {run_id}" + ("" if flow_run_id else ": a run id is a UUID"))
+
+
+@same_docs(AsyncRuns)
+class Runs:
+    """``ow.runs`` of `OpenWeights`: the flow runs of jobs (`AsyncRuns` run on the SDK's loop thread)."""
+
+    def __init__(self, client: BaseOpenWeights):
+        self._core = AsyncRuns(client)
+
+    def list(
+        self, job_id: str | None = None, worker_id: str | None = None, limit: int = 10, status: str | None = None
+    ) -> list[Run]:
+        return run_sync(self._core.list(job_id, worker_id, limit, status))
+
+    def retrieve(self, run_id: str) -> Run:
+        return run_sync(self._core.retrieve(run_id))
 
 
 class AsyncEvents:
-    """The async twin of `Events`."""
+    """``ow.events`` of `AsyncOpenWeights`, and the one implementation of `Events`: what jobs logged
+    (``ow.run.log``) and what ow_prefect's flows report (``ow.train.*``)."""
 
     def __init__(self, client: BaseOpenWeights):
-        self._sync = Events(client)
+        self._client = client
 
     async def list(self, job_id: str | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
-        return await anyio.to_thread.run_sync(lambda: self._sync.list(job_id=job_id, run_id=run_id))
+        """The events of one run, or of every run of a job, oldest first."""
+        if run_id:
+            return await _events(self._client, [run_id])
+        if job_id:
+            runs = await _flow_runs(self._client, job_id, 200)
+            return await _events(self._client, [str(run.id) for run in runs])
+        raise ValueError("give job_id or run_id: ow.events.list(job_id=job.id) or ow.events.list(run_id=run.id)")
 
     async def latest(
         self, fields: list[str] | str = "*", job_id: str | None = None, run_id: str | None = None
     ) -> dict[str, Any]:
-        return await anyio.to_thread.run_sync(lambda: self._sync.latest(fields, job_id=job_id, run_id=run_id))
+        """The latest value of each of `fields` (every field for ``"*"``) over the events' data."""
+        events = await self.list(job_id=job_id, run_id=run_id)
+        latest = latest_values([event["data"] for event in events])
+        return latest if fields == "*" else {field: latest[field] for field in fields if field in latest}
+
+
+@same_docs(AsyncEvents)
+class Events:
+    """``ow.events`` of `OpenWeights` (`AsyncEvents` run on the SDK's loop thread)."""
+
+    def __init__(self, client: BaseOpenWeights):
+        self._core = AsyncEvents(client)
+
+    def list(self, job_id: str | None = None, run_id: str | None = None) -> list[dict[str, Any]]:
+        return run_sync(self._core.list(job_id, run_id))
+
+    def latest(
+        self, fields: list[str] | str = "*", job_id: str | None = None, run_id: str | None = None
+    ) -> dict[str, Any]:
+        return run_sync(self._core.latest(fields, job_id, run_id))

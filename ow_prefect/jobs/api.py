@@ -138,19 +138,19 @@ class ApiJob(Job):
 
     @classmethod
     def job_variables(cls, validated: ApiParams) -> dict[str, Any]:
-        from ow_prefect.jobs.vram import estimate_serving_vram_gb
+        from ow_prefect.jobs.vram import estimate_serving_vram_gb, vram_variables
 
-        vram = validated.requires_vram_gb
-        if vram is None:
-            vram = estimate_serving_vram_gb(
-                validated.base_model,
-                max_model_len=validated.max_model_len,
-                max_num_seqs=validated.max_num_seqs,
-                lora_rank=validated.max_lora_rank or 64,
-                lora_adapters=min(validated.max_loras or len(validated.adapters), len(validated.adapters)),
-                quantized=validated.quantization is not None,
-            )
-        return {"min_vram_gb": vram, "ports": [f"{SERVE_PORT}/http"]}
+        vram = vram_variables(
+            validated,
+            estimate_serving_vram_gb,
+            validated.base_model,
+            max_model_len=validated.max_model_len,
+            max_num_seqs=validated.max_num_seqs,
+            lora_rank=validated.max_lora_rank or 64,
+            lora_adapters=min(validated.max_loras or len(validated.adapters), len(validated.adapters)),
+            quantized=validated.quantization is not None,
+        )
+        return {**vram, "ports": [f"{SERVE_PORT}/http"]}
 
     @classmethod
     def work(cls, validated: ApiParams, storage: Any) -> Any:

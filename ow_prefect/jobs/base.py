@@ -202,7 +202,9 @@ class Job:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Job) and (self.id, self.flow_run_id) == (other.id, other.flow_run_id)
 
-    __hash__ = object.__hash__
+    def __hash__(self) -> int:
+        # Equal jobs share their id; the id never changes when a handle is refreshed (its flow run id can).
+        return hash(self.id)
 
     @property
     def done(self) -> bool:

@@ -387,17 +387,16 @@ class FineTuneJob(Job):
 
     @classmethod
     def job_variables(cls, validated: FineTuningParams) -> dict[str, Any]:
-        from ow_prefect.jobs.vram import estimate_vram_gb
+        from ow_prefect.jobs.vram import estimate_vram_gb, vram_variables
 
-        vram = validated.requires_vram_gb
-        if vram is None:
-            vram = estimate_vram_gb(
-                validated.model,
-                load_in_4bit=validated.load_in_4bit,
-                max_seq_length=validated.max_seq_length,
-                batch_size=validated.per_device_train_batch_size,
-            )
-        return {"min_vram_gb": vram}
+        return vram_variables(
+            validated,
+            estimate_vram_gb,
+            validated.model,
+            load_in_4bit=validated.load_in_4bit,
+            max_seq_length=validated.max_seq_length,
+            batch_size=validated.per_device_train_batch_size,
+        )
 
     @classmethod
     def work(cls, validated: FineTuningParams, storage: Any) -> Any:

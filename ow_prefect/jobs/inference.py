@@ -233,9 +233,9 @@ class ServingJob(Job):
 
     @classmethod
     def job_variables(cls, validated: Any) -> dict[str, Any]:
-        from ow_prefect.jobs.vram import single_model_vram_gb
+        from ow_prefect.jobs.vram import single_model_vram_gb, vram_variables
 
-        return {"min_vram_gb": single_model_vram_gb(validated)}
+        return vram_variables(validated, single_model_vram_gb, validated)
 
 
 @register("inference")

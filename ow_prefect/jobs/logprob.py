@@ -56,14 +56,17 @@ class LogprobJob(Job):
 
     @classmethod
     def job_variables(cls, validated: LogprobParams) -> dict[str, Any]:
-        from ow_prefect.jobs.vram import estimate_vram_gb
+        from ow_prefect.jobs.vram import estimate_vram_gb, vram_variables
 
-        vram = validated.requires_vram_gb
-        if vram is None:  # a forward pass without optimizer states: the training estimate is an upper bound
-            vram = estimate_vram_gb(
-                validated.base_model, load_in_4bit=False, max_seq_length=2048, batch_size=validated.batch_size
-            )
-        return {"min_vram_gb": vram}
+        # a forward pass without optimizer states: the training estimate is an upper bound
+        return vram_variables(
+            validated,
+            estimate_vram_gb,
+            validated.base_model,
+            load_in_4bit=False,
+            max_seq_length=2048,
+            batch_size=validated.batch_size,
+        )
 
     @classmethod
     def work(cls, validated: LogprobParams, storage: Any) -> Any:

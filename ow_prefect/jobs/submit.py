@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ow_prefect.errors import StorageError
+from ow_prefect.errors import ParameterError, StorageError
 from ow_prefect.hashing import is_job_id
 from ow_prefect.jobs.base import Job, JobStatus
 from ow_prefect.jobs.registry import get_job_type, job_types
@@ -135,7 +135,7 @@ def accepting(parameters: dict[str, Any], entrypoint: str | None) -> tuple[list[
     for cls in candidates:
         try:
             return candidates, (cls, cls.validate_params(**params))
-        except Exception:  # noqa: BLE001 - invalid for this type (or for all of them)
+        except ParameterError:  # invalid for this type (or for all of them); an outage is not hidden
             continue
     return candidates, None
 

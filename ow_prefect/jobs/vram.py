@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +106,16 @@ def estimate_serving_vram_gb(
     return max(1, math.ceil(total / GIB))
 
 
+def vram_variables(params: Any, estimate: Callable[..., int], *args: Any, **kwargs: Any) -> dict[str, int]:
+    """The worker's ``min_vram_gb`` job variable: the job's ``requires_vram_gb`` when given, else
+    ``estimate(*args, **kwargs)`` (called only then: it may read the model's config from the Hub)."""
+    given = params.requires_vram_gb
+    return {"min_vram_gb": estimate(*args, **kwargs) if given is None else given}
+
+
 def single_model_vram_gb(params: Any) -> int:
-    """`requires_vram_gb` if given, else the estimate for serving `params.base_model` (plus `params.adapter` as
-    one LoRA of rank 64, the largest usual) at `params.max_model_len`: batch inference and evals."""
-    if params.requires_vram_gb is not None:
-        return params.requires_vram_gb
+    """The estimate for serving `params.base_model` (plus `params.adapter` as one LoRA of rank 64, the largest
+    usual) at `params.max_model_len`: batch inference and evals."""
     return estimate_serving_vram_gb(
         params.base_model,
         max_model_len=params.max_model_len,
