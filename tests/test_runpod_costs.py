@@ -151,6 +151,10 @@ def test_ow_exec_dry_run_prints_the_estimate_and_submits_nothing(prefect_api, pr
     assert json.loads(as_json.stdout)["gpu_id"] == "NVIDIA RTX A6000"
     assert len(prefect_client.read_flow_runs()) == runs_before
 
+    embedded = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "home")}
+    result = subprocess.run(command, env=embedded, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "nothing is rented" in result.stdout and "embedded mode" in result.stdout
+
 
 def test_hf_home_lives_on_a_cache_volume_in_a_preferred_data_center(prefect_client, fake, start_run):
     """Two runs with a model cache volume in EU-RO-1: both pods go there (although US-TX-3 has the same GPU at the

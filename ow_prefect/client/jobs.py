@@ -325,7 +325,7 @@ class AsyncJobs:
         sub, work, variables = await blocking(self._estimate_parts, job_cls, kwargs)
         fields = {"job_type": job_cls.name, "job_id": sub.job_id, "deployment": sub.deployment}
         if self._client.embedded:
-            note = "embedded mode: it runs in this process; its runtime here is not estimated"
+            note = "its runtime on this machine is not estimated"
             return local_estimate(work, pool="(embedded)", pool_type="embedded", notes=[note], **fields)
         async with self._prefect() as client:
             deployment = await self._deployment(client, sub.deployment)

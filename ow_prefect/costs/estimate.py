@@ -80,10 +80,12 @@ class Estimate:
     def lines(self) -> list[tuple[str, str]]:
         """(label, text) pairs: the estimate as `ow exec --dry-run` and the SDK's `str()` show it."""
         rows = [("job", f"{self.job_type}" + (f" {self.job_id}" if self.job_id else ""))]
-        if self.deployment:
+        if self.pool_type == "embedded":
+            rows.append(("runs on", f"{self.deployment}'s flow, in this process (embedded mode: no Prefect API)"))
+        elif self.deployment:
             rows.append(("runs on", f"{self.deployment}, pool {self.pool} ({self.pool_type})"))
         if self.pool_type != "runpod":
-            rows.append(("cost", "nothing is rented: it runs where the pool's worker runs"))
+            rows.append(("cost", "nothing is rented: it runs on the machine of the pool's worker, or this one"))
             return rows + [("note", note) for note in [*self.work.notes, *self.notes]]
         rows.append(("gpu", self.gpu or "none fits and is in stock now"))
         rows.append(("work", self.work.describe()))
