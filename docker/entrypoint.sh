@@ -32,6 +32,13 @@ if [[ -n "${compat_dir}" && -d "${compat_dir}" ]]; then
   fi
 fi
 
+# The GPU health check (docs/runpod.md, "GPU health check"): the RunPod worker passes what it rented in
+# OW_HEALTH_EXPECT. A pod that does not see it (no GPU, less memory, a driver too old for the image, a full disk)
+# stops here, before the flow starts: the worker deletes it and retries the run on another GPU type or data center.
+if [[ -n "${OW_HEALTH_EXPECT:-}" ]]; then
+  python -m ow_prefect.runpod.health || exit $?
+fi
+
 if [[ $# -gt 0 ]]; then
   exec "$@"
 fi

@@ -183,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dev_pod.set_defaults(handler=_dev_pod, forward=True)
 
+    gpus = commands.add_parser(
+        "gpus",
+        help="GPU types: verified ones, and those on cooldown after failed pods (ow gpus --clear)",
+        description="GPU types, one line each, tab-separated: the type, 'verified <date>' or '-', and its state: ok, "
+        "or on cooldown in a data center for an image after its pods failed before their flow started (docs/runpod.md, "
+        "'GPU health check'). Every worker of the workspace skips a type while it cools down.",
+    )
+    gpus.add_argument(
+        "--clear",
+        nargs="?",
+        const="",
+        metavar="TYPE",
+        help="end the cooldowns now (only TYPE's, a RunPod GPU type id such as 'NVIDIA GeForce RTX 4090')",
+    )
+    gpus.set_defaults(handler=_gpus)
+
     setup = commands.add_parser(
         "setup", help="create the blocks and work pools from .env; idempotent (ow setup --help)", add_help=False
     )
@@ -389,6 +405,30 @@ def _dev_pod(args: argparse.Namespace, extra: list[str]) -> int:
     from ow_prefect.runpod.devpod import main as dev_pod_main
 
     return dev_pod_main(extra, prog="ow dev-pod")
+
+
+def _gpus(args: argparse.Namespace, extra: list[str]) -> int:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from ow_prefect.workers.cooldown import CooldownStore
+    from ow_prefect.workers.placement import gpu_lines
+
+    async def run() -> list[str]:
+        async with get_client() as client:
+            store = CooldownStore(client)
+            if args.clear is None:
+                return gpu_lines(await store.entries(), store.clock())
+            cleared = await store.clear(args.clear or None)
+            return [f"cleared\t{entry.gpu_type}\t{entry.data_center}\t{entry.image}" for entry in cleared]
+
+    lines = asyncio.run(run())
+    if args.clear is not None and not lines:
+        print(f"no cooldown to clear{f' for {args.clear}' if args.clear else ''}", file=sys.stderr)
+    for line in lines:
+        print(line)
+    return 0
 
 
 def _setup(args: argparse.Namespace, extra: list[str]) -> int:

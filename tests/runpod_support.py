@@ -2,14 +2,17 @@
 and the invariants every fault scenario ends with (no pod left, no two billed pods for one run, outputs intact).
 
 Fixtures (tests/conftest.py loads this module as a plugin):
-- `fake`: one FakeRunPod for the session (a module may define its own `fake` to isolate itself);
+- `fake`: one FakeRunPod for the session (a module may define its own `fake` to isolate itself); its pods run
+  docker/entrypoint.sh as the images do, so each one passes the GPU health check (on the simulated nvidia-smi of
+  ow_prefect/testing/fake_gpus.py) before its command;
 - `runpod_pool`, `runpod_worker`, `runpod_worker_log`: one `runpod` pool on it and one `prefect worker start
   --type runpod` for the whole session, shared by every module that uses them;
 - `start_run(seconds=..., fail=..., payload=..., **job_variables)`: deploys tests/runpod_flows.py's sleeper on
   that pool and starts a run. Its pods are *light* (tests/reliability/light_pod.py: Running → work → final
   through the REST API, the payload stored, rescheduled on SIGTERM) unless the test passes
   `command=POD_COMMAND`, a real `prefect flow-run execute` (keep those for end-to-end cases: they cost seconds
-  of CPU each). Each start_run test begins with the fake's injected faults and stalled boots cleared.
+  of CPU each). Each start_run test begins with the fake's injected faults, stalled boots and broken GPU types
+  cleared, and no GPU on cooldown (ow_prefect/workers/cooldown.py).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from typing import Any
 
 import pytest
 
-from ow_prefect.testing.fake_runpod import FakePod, FakeRunPod
+from ow_prefect.testing.fake_runpod import FakePod, FakeRunPod, default_image_env
 from ow_prefect.testing.servers import prefect_worker
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "rp-test-key-7f3a9c2e5b"
 AUTH_STRING = "prefect-auth-secret-41d8"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 POD_COMMAND = f"{sys.executable} -m prefect flow-run execute"
 LIGHT_POD_COMMAND = f"{sys.executable} {ROOT / 'tests' / 'reliability' / 'light_pod.py'}"
 WORKER_ENV = {
@@ -128,8 +132,11 @@ POOL = "ow-test-runpod"
 
 
 @pytest.fixture(scope="session")
-def fake():
-    with FakeRunPod(api_key=API_KEY, boot_seconds=0.3, restart_backoff=0.5, kill_grace=2, log_follow_seconds=0.3) as f:
+def fake(tmp_path_factory):
+    # The images set HF_HOME (docker/Dockerfile); the entrypoint creates it.
+    image_env = {"HF_HOME": str(tmp_path_factory.mktemp("hf-home")), **default_image_env()}
+    timings = {"boot_seconds": 0.3, "restart_backoff": 0.5, "kill_grace": 2, "log_follow_seconds": 0.3}
+    with FakeRunPod(api_key=API_KEY, entrypoint=str(ENTRYPOINT), image_env=image_env, **timings) as f:
         yield f
 
 
@@ -168,6 +175,7 @@ def runpod_worker(prefect_api, runpod_pool, runpod_worker_log):
 def start_run(prefect_client, fake, runpod_pool, runpod_worker, request):
     """Deploy the sleeper with job variables and start a run: start_run(seconds=..., payload=..., **job_variables)."""
     fake.reset()
+    clear_cooldowns()
     module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
 
     def start(seconds=1.0, fail=False, payload=None, **job_variables):
@@ -177,6 +185,21 @@ def start_run(prefect_client, fake, runpod_pool, runpod_worker, request):
         return prefect_client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
 
     return start
+
+
+def clear_cooldowns() -> None:
+    """No GPU type on cooldown: a test's failed pods must not steer the next test's choice of GPU."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    from ow_prefect.workers.cooldown import CooldownStore
+
+    async def clear() -> None:
+        async with get_client() as client:
+            await CooldownStore(client).clear()
+
+    asyncio.run(clear())
 
 
 def assert_outputs_intact(payloads: dict[Any, str]) -> None:

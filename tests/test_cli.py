@@ -48,7 +48,7 @@ def project(tmp_path) -> Path:
 
 
 def test_every_command_has_help(tmp_path):
-    for command in ([], ["ls"], ["show"], ["cancel"], ["logs"], ["fetch"], ["files", "upload"], ["exec"]):
+    for command in ([], ["ls"], ["show"], ["cancel"], ["logs"], ["fetch"], ["files", "upload"], ["exec"], ["gpus"]):
         result = ow(*command, "--help")
         assert result.returncode == 0 and result.stdout.startswith("usage: ow"), (command, result.stderr)
     assert "--min-vram-gb" in ow("dev-pod", "--help").stdout

@@ -125,7 +125,9 @@ def test_the_pod_process_sees_the_env_sent_runpod_variables_and_nothing_of_the_t
     env = eventually(lambda: report.exists() and json.loads(report.read_text()), timeout=10, interval=0.05)
     public_port = wait_until_up(api, pod["id"])["runtime"]["ports"][0]["public"]
     assert env["MY_SETTING"] == "hello" and "FROM_THE_TEST" not in env
-    assert env["PATH"] == os.environ["PATH"] and env["OW_HOME"] == os.environ["OW_HOME"]  # the image's, here
+    gpu_bin = fake.pods[pod["id"]].workdir / ".fake-gpu-bin"  # its nvidia-smi (fake_gpus.py), then the image's PATH
+    assert env["PATH"] == os.pathsep.join([str(gpu_bin), str(Path(sys.executable).parent), os.environ["PATH"]])
+    assert env["OW_HOME"] == os.environ["OW_HOME"]  # the image's, here
     assert Path(env["HOME"]) == fake.pods[pod["id"]].workdir
     assert env["RUNPOD_POD_ID"] == pod["id"] and env["RUNPOD_DC_ID"] == "US-TX-3"
     assert env["RUNPOD_TCP_PORT_8000"] == str(public_port) and env["RUNPOD_PUBLIC_IP"] == "127.0.0.1"

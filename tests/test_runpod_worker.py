@@ -56,6 +56,7 @@ def test_a_run_gets_its_own_pod_which_is_deleted_when_it_completes(prefect_clien
         "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR",
         "OW_WORK_POOL_ID",
         "OW_POD_DEADLINE",
+        "OW_HEALTH_EXPECT",  # what it rented, for the GPU health check (ow_prefect/runpod/health.py)
     }
     assert pod.env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
     assert pod.args == POD_COMMAND
@@ -74,10 +75,11 @@ def test_a_run_gets_its_own_pod_which_is_deleted_when_it_completes(prefect_clien
     # the UI's table shows the columns in this order and, at 1400 px, about 850 px of them: the cost first
     assert list(row)[:4] == ["cost_usd", "gpu", "billed_seconds", "usd_per_hour"], list(row)
 
-    events = eventually(lambda: _pod_events(prefect_client, pod.id, 3), timeout=30)
-    assert [e.event for e in events] == ["ow.pod.created", "ow.pod.running", "ow.pod.terminated"]
+    events = eventually(lambda: _pod_events(prefect_client, pod.id, 4), timeout=30)
+    assert [e.event for e in events] == ["ow.pod.created", "ow.pod.running", "ow.pod.healthy", "ow.pod.terminated"]
     assert events[0].related[0].id == f"prefect.flow-run.{flow_run.id}"
-    assert events[2].payload["price_per_hour"] == 0.49 and events[2].payload["cost_usd"] > 0
+    assert events[2].payload["ok"] is True and events[2].payload["driver"] == "570.124.06"  # its GPU health report
+    assert events[3].payload["price_per_hour"] == 0.49 and events[3].payload["cost_usd"] > 0
 
     logs = runpod_worker_log.read_text() + run_logs(prefect_client, flow_run.id)
     assert "Creating pod 1/" in logs and "NVIDIA RTX A6000" in logs

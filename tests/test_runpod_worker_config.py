@@ -1,6 +1,9 @@
 """The RunPod worker's job configuration (without a server, but for one block reference): the pod's env, the create
 body, validation."""
 
+import asyncio
+import logging
+from contextlib import contextmanager
 from uuid import uuid4
 
 import pytest
@@ -9,11 +12,11 @@ from pydantic import ValidationError
 from ow_prefect.runpod.models import Pod
 from ow_prefect.runpod.offers import Candidate, Ranking
 from ow_prefect.testing.fake_runpod import spec_schemas
+from ow_prefect.workers.preflight import _is_loopback
 from ow_prefect.workers.runpod import (
     ContainerTracker,
     RunPodJobConfiguration,
     RunPodWorker,
-    _is_loopback,
     _no_capacity_message,
 )
 
@@ -122,6 +125,35 @@ def test_the_pool_template_takes_other_defaults():
         RunPodWorker.base_job_template(gpus=["x"])
 
 
+async def test_the_pool_template_is_what_it_was_before_variables_and_configuration_shared_their_fields():
+    """`prefect work-pool create --type runpod` and `ow setup` build the pool from this template: since the
+    variables and the configuration share one definition of each field (RunPodFields), it must be what it was
+    (tests/data/runpod_base_job_template.json, saved from the two hand-kept copies), in the same order, but
+    for titles and descriptions, which every field now has. A new job variable adds itself to that file (it is
+    the pool's contract: read its diff)."""
+    import json
+    from pathlib import Path
+
+    from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+
+    before = json.loads((Path(__file__).parent / "data" / "runpod_base_job_template.json").read_text())
+    for template in (
+        await get_default_base_job_template_for_infrastructure_type("runpod"),  # what the Prefect CLI uses
+        RunPodWorker.base_job_template(),  # what `ow setup` uses
+    ):
+        properties = template["variables"]["properties"]
+        assert all(field.get("title") and field.get("description") for field in properties.values()), [
+            name for name, field in properties.items() if not field.get("description")
+        ]
+        assert list(template["job_configuration"]) == [
+            "command", "env", "labels", "name", *list(properties)[4:]
+        ]  # fmt: skip
+        assert template["job_configuration"] == {name: "{{ " + name + " }}" for name in properties}
+        for field in properties.values():
+            del field["title"], field["description"]
+        assert json.dumps(template) == json.dumps(before)  # keys in the same order: the UI's form keeps it
+
+
 def test_loopback_urls():
     assert _is_loopback("http://127.0.0.1:4200/api") and _is_loopback("http://localhost/api")
     assert not _is_loopback("https://api.prefect.cloud/api/accounts/x") and not _is_loopback("https://api.runpod.io/v2")
@@ -223,3 +255,90 @@ async def test_pods_can_get_a_scoped_prefect_key_from_a_secret_block(use_server,
         config.prepare_for_flow_run(flow_run(), work_pool=WorkPool(id=uuid4(), name="gpu", type="runpod"))
     assert config.env["PREFECT_API_KEY"] == "pnu_scoped_pod_key"
     assert "pnu_the_workers_own_key" not in config.env.values()
+
+
+@contextmanager
+def worker_warnings():
+    """The warnings the RunPod worker logs meanwhile (its logger is `prefect.workers.runpod.<name>`)."""
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("prefect.workers").addHandler(handler)
+    try:
+        yield warnings
+    finally:
+        logging.getLogger("prefect.workers").removeHandler(handler)
+
+
+async def test_a_reconciler_without_credentials_says_so_once_at_start(use_server, monkeypatch):
+    """A pool with no credentials block and a worker without RUNPOD_API_KEY: the reconciler cannot list pods, so
+    orphans would bill unseen. The worker's log says so at start (its first pass), once, and that it is the
+    reconciler (orphan pods) that is affected, naming the fix."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    monkeypatch.setenv("OW_RUNPOD_RECONCILE_SECONDS", "600")
+    pool = f"ow-test-no-credentials-{uuid4().hex[:8]}"
+    async with get_client() as client:
+        await client.create_work_pool(
+            WorkPoolCreate(name=pool, type="runpod", base_job_template=RunPodWorker.base_job_template())
+        )
+    with worker_warnings() as warnings:
+        async with RunPodWorker(work_pool_name=pool) as worker:
+            for _ in range(100):
+                if warnings:
+                    break
+                await asyncio.sleep(0.1)
+            at_start = list(warnings)  # from the reconciler's own first pass
+            await worker.reconcile()
+            await worker.reconcile()
+    assert at_start, "nothing said at start"
+    said = [message for message in warnings if "reconciler" in message]
+    assert len(said) == 1, warnings
+    assert pool in said[0] and "RunPod Credentials block" in said[0] and "RUNPOD_API_KEY" in said[0], said[0]
+    assert "orphan pods" in said[0], said[0]
+
+
+async def test_a_reconciler_whose_credentials_block_is_gone_says_so_once(use_server, monkeypatch):
+    """The pool names a RunPod Credentials block that was deleted since: the reconciler used to swallow the error
+    and do nothing, pass after pass; now the worker's log says once what to fix."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from ow_prefect.runpod.credentials import RunPodCredentials
+
+    monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
+    name = f"ow-test-gone-{uuid4().hex[:8]}"
+    block_id = await RunPodCredentials(api_key="k", api_url="http://127.0.0.1:9/v2").save(name)
+    async with get_client() as client:
+        await client.create_work_pool(
+            WorkPoolCreate(name=name, type="runpod", base_job_template=RunPodWorker.base_job_template(block_id))
+        )
+        await client.delete_block_document(block_id)
+    with worker_warnings() as warnings:
+        async with RunPodWorker(work_pool_name=name) as worker:
+            for _ in range(3):
+                assert await worker.reconcile() == []
+    said = [message for message in warnings if "reconciler" in message]
+    assert len(said) == 1, warnings
+    assert name in said[0] and "RunPod Credentials block" in said[0] and "RUNPOD_API_KEY" in said[0], said[0]
+
+
+def test_gpu_types_verified_and_max_pod_attempts_are_job_variables():
+    from ow_prefect.errors import ParameterError
+    from ow_prefect.workers.runpod import runpod_job_variables
+
+    assert runpod_job_variables(gpu_types="verified", max_pod_attempts=1) == {
+        "gpu_types": "verified",
+        "max_pod_attempts": 1,
+    }
+    assert RunPodJobConfiguration(gpu_types="verified").preferred_gpu_types == []
+    assert RunPodJobConfiguration(gpu_types=["NVIDIA A40"]).preferred_gpu_types == ["NVIDIA A40"]
+    with pytest.raises(ParameterError, match="gpu_types"):
+        runpod_job_variables(gpu_types="cheapest")
+    with pytest.raises(ParameterError, match="max_pod_attempts"):
+        runpod_job_variables(max_pod_attempts=0)
+    template = RunPodWorker.base_job_template(gpu_types="verified")
+    assert template["variables"]["properties"]["gpu_types"]["default"] == "verified"
+    assert template["job_configuration"]["max_pod_attempts"] == "{{ max_pod_attempts }}"

@@ -232,7 +232,9 @@ class Job:
     def allowed_hardware(self) -> list[str] | None:
         """The GPU types the run may use, as OpenWeights writes them (``["1x NVIDIA L40"]``), when it was limited."""
         types = self._run_variables.get("gpu_types")
-        return [f"{self._run_variables.get('gpu_count', 1)}x {gpu}" for gpu in types] if types else None
+        if not isinstance(types, list):  # empty, or "verified" (a set of types the worker keeps, not a list here)
+            return None
+        return [f"{self._run_variables.get('gpu_count', 1)}x {gpu}" for gpu in types] or None
 
     def to_dict(self) -> dict[str, Any]:
         keys = (

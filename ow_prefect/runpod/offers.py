@@ -184,8 +184,10 @@ async def create_on_first(
     *,
     min_cuda_version: str | None = None,
     log: Callable[[str], Any] = print,
+    request_for: Callable[[dict[str, Any], Candidate], dict[str, Any]] | None = None,
 ) -> tuple[Pod, Candidate]:
-    """Create the pod `request` describes on the first candidate with capacity, logging every attempt.
+    """Create the pod `request` describes (`request_for(request, candidate)`, when given, adapts it to each
+    candidate) on the first candidate with capacity, logging every attempt.
 
     Raises `RunPodNoCapacity` naming every candidate tried when none had room; any other error at once."""
     tried = []
@@ -195,7 +197,8 @@ async def create_on_first(
             gpu["minCudaVersion"] = candidate.min_cuda_version or min_cuda_version
         log(f"Creating pod {number}/{len(candidates)}: {candidate}")
         try:
-            return await runpod.create_pod({**request, "gpu": gpu, "cloud": candidate.cloud}), candidate
+            body = request_for(request, candidate) if request_for else request
+            return await runpod.create_pod({**body, "gpu": gpu, "cloud": candidate.cloud}), candidate
         except RunPodNoCapacity as exc:
             log(f"No capacity for {candidate}: {exc.detail}")
             tried.append(f"{candidate}: no capacity")

@@ -57,16 +57,23 @@ async def volume_choices(
 
 
 async def create_on_choices(
-    runpod: Any, choices: Sequence[VolumeChoice], *, log: Callable[[str], Any], **options: Any
+    runpod: Any,
+    choices: Sequence[VolumeChoice],
+    *,
+    log: Callable[[str], Any],
+    placed: Callable[[VolumeChoice], Awaitable[list[Candidate]]] | None = None,
+    **options: Any,
 ) -> tuple[Any, Candidate, VolumeChoice]:
-    """Create on the first offer with capacity, choice after choice; no capacity anywhere: RunPodNoCapacity
-    naming every offer tried."""
+    """Create on the first offer with capacity, choice after choice (`placed(choice)`, when given, is awaited just
+    before a choice is tried and gives the candidates to try there); no capacity anywhere: RunPodNoCapacity naming
+    every offer tried."""
     tried: list[str] = []
     for choice in choices:
+        candidates = await placed(choice) if placed else choice.candidates
         if len(choices) > 1:
-            log(f"Trying {choice.where}: {len(choice.candidates)} offer(s)")
+            log(f"Trying {choice.where}: {len(candidates)} offer(s)")
         try:
-            pod, candidate = await create_on_first(runpod, choice.request, choice.candidates, log=log, **options)
+            pod, candidate = await create_on_first(runpod, choice.request, candidates, log=log, **options)
             return pod, candidate, choice
         except RunPodNoCapacity as exc:
             tried += [f"{entry} ({choice.where})" if len(choices) > 1 else entry for entry in exc.tried]

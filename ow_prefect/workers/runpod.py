@@ -10,80 +10,79 @@ pod on the first one that has capacity, reports `runpod::<pod id>` as the run's 
 watches the run and the pod together until one of them ends:
 
 - run terminal, cancelling, rescheduled (a preempted pod's SIGTERM) or suspended → the pod is deleted;
+- the pod failing its GPU health check (ow_prefect/runpod/health.py), or dying before the flow started without
+  passing it (ERROR, a container exit, nothing within `startup_timeout`) → the pod is deleted, its GPU type in that
+  data center cools down (ow_prefect/workers/cooldown.py) and the run gets a pod on the next candidate, up to
+  `max_pod_attempts` (ow_prefect/workers/placement.py); then the run is Crashed naming every pod;
 - pod in ERROR, its container exiting before the run finished, or the run not started within
-  `startup_timeout` → the run is Crashed with the pod's last log lines, and the pod deleted;
+  `startup_timeout`, after its check passed → the run is Crashed with the pod's last log lines, and the pod
+  deleted;
 - `max_runtime` passed → the run is Failed (TimedOut) and the pod deleted;
-- `max_cost` reached (price × time) → the run is Failed (CostCapped) and the pod deleted. Before either, a fine-tune
-  is asked to save a checkpoint (ow_prefect/costs/stop.py), so that a rerun resumes.
+- `max_cost` reached (the pod's price × time) → the run is Failed (CostCapped) and the pod deleted. Before either, a
+  fine-tune is asked to save a checkpoint (workers/stopping.py), so that a rerun resumes.
 
-Before any pod, the worker estimates the run (ow_prefect/costs: the GPU it would take, runtime from the job's tokens,
-cost range) into a `runpod-estimate-<flow run id>` artifact, refuses a run whose expected cost is above `max_cost`,
-and refuses every run of a pool whose `daily_budget` is spent. A network volume holds the Hugging Face cache
-(`HF_HOME`); `cache_volume_ids` makes the worker prefer the data centers that hold one (ow_prefect/runpod/volumes.py).
+Before the first pod, the worker estimates the run (ow_prefect/costs: the GPU it would take, runtime from the job's
+tokens, cost range) into a `runpod-estimate-<flow run id>` artifact and refuses a run whose expected cost is above
+`max_cost`; before each pod, it refuses every run of a pool whose `daily_budget` is spent. A network volume holds
+the Hugging Face cache (`HF_HOME`); `cache_volume_ids` makes the worker prefer the data centers that hold one
+(ow_prefect/runpod/volumes.py).
 
 A reconciler (at start, then every `OW_RUNPOD_RECONCILE_SECONDS`) deletes pods of this work pool that no
 worker watches and whose run is over, gone, rescheduled or past its `max_runtime` or `max_cost`: a worker that died
-mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running` and
-`ow.pod.terminated` events related to its flow run, and its run gets a `runpod-cost-<flow run id>` table
-artifact (price × time from create to delete, one row per pod over every attempt).
+mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running`, `ow.pod.healthy` or
+`ow.pod.unhealthy` and `ow.pod.terminated` events related to its flow run, and its run gets a
+`runpod-cost-<flow run id>` table artifact (price × time from create to delete, one row per pod over every attempt).
+
+Like Prefect's own workers (prefect-aws's ECS worker), this module keeps the job variables, the job
+configuration and the worker side by side, one concern read whole; what those workers do not have lives in rooms
+of its own: the reconciler (`reconciler.py`), pod events, cost rows and the cost cap (`costs.py`), the pod create
+and the no-capacity message (`capacity.py`), a run's pods and their GPU health check (`attempts.py`, with
+`placement.py` and `cooldown.py`) and stopping a run at a checkpoint (`stopping.py`).
 
 The pod's environment holds only what the run needs: the Prefect API URL and its key or auth string, the flow
 run id, `PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule`, `OW_STORAGE_BLOCK` / `OW_HF_*` when set, the
-job's own `env`, and two non-secret markers (work pool id, deadline). It is never logged; pods are named
+job's own `env`, two non-secret markers (work pool id, deadline) and what its health check expects. It is never
+logged; pods are named
 `ow-<flow run id>`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import ipaddress
-import json
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import urlparse
 from uuid import UUID
 
 import anyio
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.events import emit_event
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_WORKER_QUERY_SECONDS, get_current_settings, temporary_settings
 from prefect.states import Cancelled, Crashed, Failed
 from prefect.utilities.engine import propose_state
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ow_prefect.costs.budget import pool_resource
 from ow_prefect.costs.guard import RunCosts
-from ow_prefect.costs.stop import clear_stop, request_stop
 from ow_prefect.errors import ConfigurationError, ParameterError
 from ow_prefect.jobs.base import validation_problems
-from ow_prefect.jobs.registry import get_job_type
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
-from ow_prefect.runpod.errors import RunPodAuthError, RunPodError, RunPodNoCapacity, RunPodNotFound
+from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
 from ow_prefect.runpod.models import Pod
-from ow_prefect.runpod.offers import (
-    CLOUDS,
-    DEFAULT_VRAM_MARGIN,
-    Candidate,
-    Ranking,
-    find_offers,
-    with_margin,
-)
-from ow_prefect.runpod.volumes import create_on_choices, hf_home, volume_choices
+from ow_prefect.runpod.offers import CLOUDS, DEFAULT_VRAM_MARGIN, Ranking, find_offers, with_margin
+from ow_prefect.runpod.volumes import hf_home
 from ow_prefect.settings import get_settings
+from ow_prefect.workers.attempts import INFRA_PREFIX, ContainerTracker, Outcome, PodAttempts
+from ow_prefect.workers.capacity import PodCreation
+from ow_prefect.workers.costs import MAX_COST_MARKER, CostAccounting, PodRecord
+from ow_prefect.workers.placement import DEFAULT_MAX_POD_ATTEMPTS, VERIFIED, Placement
+from ow_prefect.workers.preflight import Preflight
+from ow_prefect.workers.reconciler import _GONE, DEADLINE_MARKER, POD_PREFIX, POOL_MARKER, PodReconciler
+from ow_prefect.workers.stopping import CheckpointStop
 
-POD_PREFIX = "ow-"
-POOL_MARKER = "OW_WORK_POOL_ID"  # env markers: how the reconciler knows a pod is this pool's (v2 has no labels)
-DEADLINE_MARKER = "OW_POD_DEADLINE"  # epoch seconds after which the pod is past its max_runtime
-INFRA_PREFIX = "runpod::"
 # Prefect settings a pod needs to reach the API; every other setting of the worker stays on the worker.
 POD_PREFECT_SETTINGS = (
     "PREFECT_API_URL",
@@ -99,33 +98,29 @@ POD_OW_SETTINGS = (
     "OW_STORAGE_RETRY_SECONDS",
     "OW_POD_CODE_DIR",  # where the pod finds the code (ow_prefect.workers.pull)
 )
-MAX_COST_MARKER = "OW_POD_MAX_COST"  # USD: the reconciler stops a pod whose price × age reaches it
-CHECKPOINT_GRACE_SECONDS = 180.0  # how long a fine-tune asked to stop may take to store its checkpoint
 ESTIMATE_TIMEOUT_SECONDS = 60.0  # the estimate reads the data files' sizes and the model's config: never wait longer
 PORT_SPEC = re.compile(r"^\d{1,5}/(http|tcp)$")
 DEFAULT_QUERY_SECONDS = 2.0  # GPU runs deserve a faster pick-up than Prefect's 10 s; PREFECT_WORKER_QUERY_SECONDS wins
-CAPACITY_RETRY_SECONDS = (5.0, 60.0)  # first and longest pause between rounds while waiting for capacity
 CANCEL_GRACE_SECONDS = 5.0  # lets the supervisor in the pod finish a cancellation it already saw
 PREEMPT_GRACE_SECONDS = 60.0  # lets a pod that RunPod stopped reschedule its run through its SIGTERM handler
-STALE_CANCELLING_SECONDS = 60.0
-LOG_LINES_IN_MESSAGE = 15
-LOG_LINES_LOGGED = 40
-LOG_LINES_SEARCHED = 400  # for the first exception: a crash loop repeats it, Prefect's reactions follow it
-ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exit)\b.*: ")  # a Python exception's last line
 
 
-class RunPodVariables(BaseVariables):
-    """What a work pool, deployment or flow run may set (`job_variables`); shown as the pool's form."""
+class RunPodFields(BaseModel):
+    """The `runpod` job variables, each defined once (default, bounds, title, description): `RunPodVariables` (the
+    pool's form) and `RunPodJobConfiguration` (one run's resolved values) both inherit them, and Prefect derives
+    each `{{ field }}` template of the base job template from the field's name (`BaseJobConfiguration.json_template`).
+    """
 
     image: str = Field(
         default_factory=lambda: get_settings().train_image,
         title="Image",
         description="Container image of the pod; it must have Prefect and the flow's code. ow_prefect jobs set it.",
     )
-    gpu_types: list[str] = Field(
+    gpu_types: list[str] | Literal["verified"] = Field(
         default_factory=list,
         title="GPU types",
-        description="RunPod GPU type ids to use, most preferred first (e.g. 'NVIDIA RTX A6000'). Empty: the "
+        description="RunPod GPU type ids to use, most preferred first (e.g. 'NVIDIA RTX A6000'), or 'verified': the "
+        "types the images were verified on (ow_prefect/runpod/verified_gpus.json), cheapest first. Empty: the "
         "cheapest type in stock with enough memory.",
     )
     min_vram_gb: float = Field(
@@ -195,7 +190,12 @@ class RunPodVariables(BaseVariables):
         "earlier pod downloaded there is not downloaded again; with no capacity there, the pod runs elsewhere "
         "without a cache.",
     )
-    volume_mount_path: str = Field(default="/workspace", title="Volume mount path")
+    volume_mount_path: str = Field(
+        default="/workspace",
+        title="Volume mount path",
+        description="Where the volume (`volume_gb`) or network volume (`network_volume_id`, `cache_volume_ids`) is "
+        "mounted in the pod.",
+    )
     ports: list[str] = Field(
         default_factory=list,
         title="Ports",
@@ -230,13 +230,22 @@ class RunPodVariables(BaseVariables):
         default=1200,
         ge=1,
         title="Startup timeout (seconds)",
-        description="From pod creation until the flow run starts (image pull included); past it: Crashed.",
+        description="From pod creation until the flow run starts (image pull included); past it the pod is deleted: "
+        "replaced on the next candidate when it never passed its GPU health check (max_pod_attempts), else Crashed.",
     )
     capacity_wait: int = Field(
         default=0,
         ge=0,
         title="Wait for capacity (seconds)",
         description="When no candidate has capacity, keep retrying this long instead of failing at once.",
+    )
+    max_pod_attempts: int = Field(
+        default=DEFAULT_MAX_POD_ATTEMPTS,
+        ge=1,
+        le=10,
+        title="Pods per run",
+        description="A pod that fails its GPU health check, or dies before the flow starts, is deleted and the run "
+        "tried on the next GPU type or data center, up to this many pods; then the run crashes naming each.",
     )
     credentials: RunPodCredentials | None = Field(
         default=None,
@@ -245,31 +254,12 @@ class RunPodVariables(BaseVariables):
     )
 
 
-class RunPodJobConfiguration(BaseJobConfiguration):
-    """The resolved job variables of one flow run, and the pod request they make."""
+class RunPodVariables(RunPodFields, BaseVariables):
+    """What a work pool, deployment or flow run may set (`job_variables`); shown as the pool's form."""
 
-    image: str = Field(default_factory=lambda: get_settings().train_image)
-    gpu_types: list[str] = Field(default_factory=list)
-    min_vram_gb: float = Field(default=16, ge=0)
-    vram_margin: float = Field(default=DEFAULT_VRAM_MARGIN, ge=0, le=1)
-    gpu_count: int = Field(default=1, ge=1, le=8)
-    cloud: Literal["SECURE", "COMMUNITY", "ANY"] = "SECURE"
-    data_center_ids: list[str] = Field(default_factory=list)
-    max_price_per_hour: float | None = Field(default=None, gt=0)
-    min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
-    data_center_min_cuda_version: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
-    container_disk_gb: int = Field(default=50, ge=1)
-    volume_gb: int | None = Field(default=None, ge=10)
-    network_volume_id: str | None = None
-    cache_volume_ids: list[str] = Field(default_factory=list)
-    volume_mount_path: str = "/workspace"
-    ports: list[str] = Field(default_factory=list)
-    registry_auth_id: str | None = None
-    max_runtime: int = Field(default=86400, ge=1)
-    max_cost: float | None = Field(default=None, gt=0)
-    startup_timeout: int = Field(default=1200, ge=1)
-    capacity_wait: int = Field(default=0, ge=0)
-    credentials: RunPodCredentials | None = None
+
+class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
+    """The resolved job variables of one flow run, and the pod request they make."""
 
     @field_validator("ports")
     @classmethod
@@ -290,6 +280,10 @@ class RunPodJobConfiguration(BaseJobConfiguration):
     def clouds(self) -> tuple[str, ...]:
         return CLOUDS if self.cloud == "ANY" else (self.cloud,)
 
+    @property
+    def preferred_gpu_types(self) -> list[str]:
+        return [] if self.gpu_types == VERIFIED else self.gpu_types
+
     async def find_offers(
         self, runpod: AsyncRunPodClient, *, fresh: bool = False, data_centers: Sequence[str] | None = None
     ) -> Ranking:
@@ -299,7 +293,7 @@ class RunPodJobConfiguration(BaseJobConfiguration):
             runpod,
             min_vram_gb=with_margin(self.min_vram_gb, self.vram_margin),
             gpu_count=self.gpu_count,
-            preferred=self.gpu_types,
+            preferred=self.preferred_gpu_types,
             clouds=self.clouds,
             max_price_per_hour=self.max_price_per_hour,
             data_centers=self.data_center_ids if data_centers is None else data_centers,
@@ -395,82 +389,15 @@ class RunPodWorkerResult(BaseWorkerResult):
     """`identifier` is the pod id; `status_code` 0 unless the worker crashed or timed the run out."""
 
 
-@dataclass
-class PodRecord:
-    """One pod of one attempt of a flow run: what its cost and events are computed from."""
-
-    pod: Pod
-    flow_run_id: UUID
-    flow_run_name: str
-    price_per_hour: float
-    created_at: float = field(default_factory=time.time)
-    gpu: str = ""
-    cloud: str = ""
-
-    @classmethod
-    def of(cls, pod: Pod, flow_run: FlowRun, candidate: Candidate) -> PodRecord:
-        price = pod.cost or candidate.price_per_hour
-        return cls(
-            pod,
-            flow_run.id,
-            flow_run.name,
-            price,
-            gpu=f"{candidate.count}x {candidate.gpu_id}",
-            cloud=pod.cloud or candidate.cloud,
-        )
-
-    @classmethod
-    def found(cls, pod: Pod, flow_run_id: UUID, flow_run_name: str) -> PodRecord:
-        """A pod the reconciler found: its creation time and price come from RunPod."""
-        created = _parse_time(pod.created_at) or time.time()
-        gpu = f"{pod.gpu.count}x {pod.gpu.id}" if pod.gpu else "CPU"
-        return cls(pod, flow_run_id, flow_run_name, pod.cost or 0.0, created_at=created, gpu=gpu, cloud=pod.cloud or "")
-
-    @property
-    def pod_id(self) -> str:
-        return self.pod.id
-
-    def cost_so_far(self) -> float:
-        return self.price_per_hour * max(0.0, time.time() - self.created_at) / 3600
-
-    def event_resource(self) -> dict[str, str]:
-        return {
-            "prefect.resource.id": f"runpod.pod.{self.pod_id}",
-            "prefect.resource.name": self.pod.name,
-            "ow.pod.gpu": self.gpu,
-            "ow.pod.cloud": self.cloud,
-        }
-
-    def related(self) -> list[dict[str, str]]:
-        return [
-            {
-                "prefect.resource.id": f"prefect.flow-run.{self.flow_run_id}",
-                "prefect.resource.role": "flow-run",
-                "prefect.resource.name": self.flow_run_name,
-            }
-        ]
-
-    def payload(self) -> dict[str, Any]:
-        return {
-            "pod_id": self.pod_id,
-            "gpu": self.gpu,
-            "cloud": self.cloud,
-            "data_center": self.pod.data_center_id,
-            "price_per_hour": self.price_per_hour,
-        }
-
-
-@dataclass
-class Outcome:
-    """How a watch ended: the state to set before and after deleting the pod, and the worker's exit code."""
-
-    reason: str
-    before_delete: Any = None  # a state proposed (forced) before the delete: final states block a reschedule
-    after_delete: Any = None  # a state forced once the pod is gone (Crashed does not block a reschedule)
-    status_code: int = 0
-
-
-class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWorkerResult]):
+class RunPodWorker(
+    PodReconciler,
+    CostAccounting,
+    CheckpointStop,
+    PodAttempts,
+    PodCreation,
+    Preflight,
+    BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWorkerResult],
+):
     """Runs each flow run in its own RunPod GPU pod and deletes the pod when the run ends."""
 
     type = "runpod"
@@ -488,7 +415,7 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         self._credentials: dict[tuple[str, str], RunPodCredentials] = {}
         self._reconciler: asyncio.Task | None = None
         self._warned: set[str] = set()
-        self._stopping: set[UUID] = set()  # runs asked to stop at a checkpoint (ow_prefect/costs/stop.py)
+        self._stopping: set[UUID] = set()  # runs asked to stop at a checkpoint (workers/stopping.py)
 
     @classmethod
     def base_job_template(cls, credentials_block_id: UUID | str | None = None, **defaults: Any) -> dict[str, Any]:
@@ -542,39 +469,60 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         self._check_reachable(configuration, credentials, logger)
         deadline = time.time() + configuration.max_runtime
         request = configuration.pod_request(f"{POD_PREFIX}{flow_run.id}", deadline)
+        placement = self._placement(configuration, logger)
         async with credentials.get_client() as runpod:
             costs = RunCosts(self.client, self._work_pool, flow_run, configuration, logger)
             live_pods = functools.partial(self._live_pod_costs, runpod)
             if (refused := await costs.refusal(runpod, ESTIMATE_TIMEOUT_SECONDS, live_pods)) is not None:
                 return await self._refuse(flow_run, refused, logger, task_status)
-            try:
-                created = await self._create(runpod, flow_run, configuration, request, logger)
-            except RunPodNoCapacity as exc:  # expected: one line, not a traceback
-                return await self._refuse(flow_run, Failed(name="NoCapacity", message=str(exc)), logger, task_status)
-            if created is None:  # cancelled while waiting for capacity
-                if task_status:
-                    task_status.started("")
-                return RunPodWorkerResult(identifier="", status_code=0)
-            pod, candidate, choice = created
-            record = PodRecord.of(pod, flow_run, candidate)
-            self._watched[pod.id] = flow_run.id
-            if task_status:
-                task_status.started(f"{INFRA_PREFIX}{pod.id}")
-            logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
-            self._emit("ow.pod.created", record, attempt=flow_run.run_count + 1)
-            await costs.publish(candidate, choice.cached)
-            try:
-                outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger)
-            except BaseException as exc:
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
-                    logger.warning(f"Worker stopping: pod {pod.id} keeps running; a restarted worker reconciles it")
-                    self._watched.pop(pod.id, None)
-                    raise
-                logger.exception(f"Watching pod {pod.id} failed; deleting it")
-                reason = f"the worker failed while watching it: {type(exc).__name__}: {exc}"
-                outcome = Outcome(reason, after_delete=Crashed(message=f"Pod {pod.id}: {reason}"), status_code=1)
-            await self._end(runpod, record, outcome, logger)
-            return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
+            while True:  # one pod, or more while pods fail before their flow starts (ow_prefect/workers/placement.py)
+                if placement.attempts and (refused := await costs.budget_refusal(live_pods)) is not None:
+                    return await self._refuse(flow_run, refused, logger, None)  # the run's infrastructure was said
+                try:
+                    created = await self._create(runpod, flow_run, configuration, request, logger, placement)
+                except RunPodNoCapacity as exc:  # expected: one line, not a traceback
+                    if not placement.attempts:
+                        state = Failed(name="NoCapacity", message=str(exc))
+                        return await self._refuse(flow_run, state, logger, task_status)
+                    message = f"{placement.failures()} No other GPU type or data center is left to try: {exc}"
+                    logger.error(message)
+                    await self._force_state(flow_run.id, Crashed(message=message), logger)
+                    return RunPodWorkerResult(identifier=placement.attempts[-1].pod, status_code=1)
+                if created is None:  # cancelled while waiting for capacity
+                    if task_status and not placement.attempts:
+                        task_status.started("")
+                    return RunPodWorkerResult(identifier="", status_code=0)
+                pod, candidate, choice = created
+                record = PodRecord.of(pod, flow_run, candidate)
+                self._watched[pod.id] = flow_run.id
+                await self._report_infrastructure(flow_run, pod, task_status, placement, logger)
+                logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
+                pod_attempt = len(placement.attempts) + 1
+                self._emit("ow.pod.created", record, attempt=flow_run.run_count + 1, pod_attempt=pod_attempt)
+                await costs.publish(candidate, choice.cached)
+                try:
+                    outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger, placement)
+                except BaseException as exc:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        logger.warning(f"Worker stopping: pod {pod.id} keeps running; a restarted worker reconciles it")
+                        self._watched.pop(pod.id, None)
+                        raise
+                    logger.exception(f"Watching pod {pod.id} failed; deleting it")
+                    reason = f"the worker failed while watching it: {type(exc).__name__}: {exc}"
+                    outcome = Outcome(reason, after_delete=Crashed(message=f"Pod {pod.id}: {reason}"), status_code=1)
+                if outcome.elsewhere:
+                    await placement.failed(pod, record.gpu, record.cloud, outcome.reason, record.created_at)
+                    if len(placement.attempts) < configuration.max_pod_attempts:
+                        logger.warning(
+                            f"Pod {pod.id} failed before the flow started: {outcome.reason}. Deleting it; trying the "
+                            f"next candidate (pod {pod_attempt + 1} of at most {configuration.max_pod_attempts})"
+                        )
+                        retried = Outcome(f"{outcome.reason} (tried elsewhere)", elsewhere=True)
+                        await self._end(runpod, record, retried, logger)
+                        continue
+                    outcome = self._out_of_attempts(placement, configuration, outcome)
+                await self._end(runpod, record, outcome, logger)
+                return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
 
     async def _refuse(
         self, flow_run: FlowRun, state: Any, logger: Any, task_status: anyio.abc.TaskStatus | None
@@ -587,51 +535,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             task_status.started("")
         return RunPodWorkerResult(identifier="", status_code=0)
 
-    async def _create(
-        self,
-        runpod: AsyncRunPodClient,
-        flow_run: FlowRun,
-        configuration: RunPodJobConfiguration,
-        request: dict[str, Any],
-        logger: Any,
-    ) -> tuple[Pod, Candidate, Any] | None:
-        """Walk the candidates, cheapest first (in the data centers of the run's volumes first), until one has
-        capacity; wait for capacity if configured."""
-        give_up = time.monotonic() + configuration.capacity_wait
-        fresh = False
-        pause = CAPACITY_RETRY_SECONDS[0]
-        while True:
-            ranking = await configuration.find_offers(runpod, fresh=fresh)
-
-            async def in_data_centers(data_centers: Sequence[str], fresh: bool = fresh) -> list[Candidate]:
-                return (await configuration.find_offers(runpod, fresh=fresh, data_centers=data_centers)).candidates
-
-            choices = await volume_choices(runpod, configuration, request, ranking.candidates, in_data_centers)
-            try:
-                return await create_on_choices(runpod, choices, log=logger.info)
-            except RunPodNoCapacity as exc:
-                tried = exc.tried
-            if time.monotonic() >= give_up:
-                raise RunPodNoCapacity(_no_capacity_message(configuration, ranking, tried))
-            wait = min(pause, give_up - time.monotonic())
-            pause = min(pause * 2, CAPACITY_RETRY_SECONDS[1])
-            logger.info(f"No candidate has capacity; trying again in {wait:.0f} s (capacity_wait)")
-            if await self._cancelled_within(flow_run, wait):
-                await self._mark_flow_run_as_cancelled(
-                    flow_run, {"message": "Cancelled while waiting for GPU capacity; no pod was created."}
-                )
-                return None
-            fresh = True
-
-    async def _cancelled_within(self, flow_run: FlowRun, seconds: float) -> bool:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            await anyio.sleep(min(self._poll, max(0.0, end - time.monotonic())))
-            state = await self._state(flow_run.id)
-            if state is not None and (state.is_cancelling() or state.is_cancelled()):
-                return True
-        return False
-
     async def _watch(
         self,
         runpod: AsyncRunPodClient,
@@ -640,6 +543,7 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         record: PodRecord,
         deadline: float,
         logger: Any,
+        placement: Placement,
     ) -> Outcome:
         pod = record.pod
         created = time.monotonic()
@@ -661,21 +565,20 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                     return Outcome("the flow run was rescheduled")
                 if state.is_paused() and state.name == "Suspended":
                     return Outcome("the flow run was suspended")
-                flow_started = flow_started or state.type not in (StateType.PENDING, StateType.SCHEDULED)
+                if not flow_started and state.type not in (StateType.PENDING, StateType.SCHEDULED):
+                    flow_started = True
+                    await self._flow_started(runpod, record, placement, logger)
             if time.time() >= deadline:
                 message = f"The run exceeded max_runtime ({configuration.max_runtime} s); pod {pod.id} deleted."
                 timed_out = Failed(name="TimedOut", message=message)
-                return await self._stop(flow_run, "max_runtime passed", timed_out, flow_started, logger)
-            if configuration.max_cost and record.cost_so_far() >= configuration.max_cost:
-                message = (
-                    f"The run reached max_cost (${configuration.max_cost:g}): ${record.cost_so_far():.4f} at "
-                    f"${record.price_per_hour:.2f}/h since pod {pod.id} was created; pod deleted."
-                )
-                capped = Failed(name="CostCapped", message=message)
-                return await self._stop(flow_run, "max_cost reached", capped, flow_started, logger)
+                state = await self._stop(flow_run, "max_runtime passed", timed_out, flow_started, logger)
+                return Outcome("max_runtime passed", before_delete=state, status_code=1)
+            if (capped := self._cost_capped(configuration.max_cost, record)) is not None:
+                state = await self._stop(flow_run, "max_cost reached", capped, flow_started, logger)
+                return Outcome("max_cost reached", before_delete=state, status_code=1)
             if not flow_started and time.monotonic() - created >= configuration.startup_timeout:
                 reason = f"the flow run did not start within startup_timeout ({configuration.startup_timeout} s)"
-                return await self._crash(runpod, flow_run, pod, reason, logger)
+                return await self._before_start(runpod, flow_run, record, reason, logger)
             if time.monotonic() >= next_pod_check:
                 next_pod_check = time.monotonic() + self._poll
                 try:
@@ -686,6 +589,8 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                     self._warn_once(logger, f"get-{pod.id}", f"Cannot read pod {pod.id} now ({exc}); still watching")
                 else:
                     record.pod = pod
+                    if pod.status == "ERROR" and not flow_started:
+                        return await self._before_start(runpod, flow_run, record, "the pod is in ERROR", logger)
                     if pod.status == "ERROR":
                         return await self._crash(runpod, flow_run, pod, "the pod is in ERROR", logger)
                     if pod.status in ("EXITED", "TERMINATED"):
@@ -705,7 +610,9 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                             and not state.is_scheduled()
                         ):
                             reason = "the container exited before the flow run finished"
-                            return await self._crash(runpod, flow_run, pod, reason, logger)
+                            if flow_started or state.type not in (StateType.PENDING, StateType.SCHEDULED):
+                                return await self._crash(runpod, flow_run, pod, reason, logger)
+                            return await self._before_start(runpod, flow_run, record, reason, logger)
                         continue  # the run just finished or moved on: the top of the loop handles it
             await anyio.sleep(self._poll)
 
@@ -724,40 +631,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             "the flow run was cancelled",
             before_delete=Cancelled(message="Cancelled; the RunPod worker deleted the pod."),
         )
-
-    async def _stop(self, flow_run: FlowRun, reason: str, state: Any, flow_started: bool, logger: Any) -> Outcome:
-        """Stop a run that passed max_runtime or max_cost: a running fine-tune is first asked to store a checkpoint
-        (for up to CHECKPOINT_GRACE_SECONDS), so that a rerun resumes; then `state` and the pod is deleted."""
-        if flow_started and await self._stops_at_checkpoint(flow_run.id):
-            logger.info(f"{reason}: asking the run to store a checkpoint before its pod is deleted")
-            self._stopping.add(flow_run.id)
-            await request_stop(flow_run.id, state.message)
-            end = time.monotonic() + CHECKPOINT_GRACE_SECONDS
-            while time.monotonic() < end:
-                current = await self._state(flow_run.id, logger)
-                if current is _GONE or (current is not None and current.is_final()):
-                    if current is not _GONE and current.message:
-                        state = Failed(name=state.name, message=f"{state.message} {current.message}")
-                    break
-                await anyio.sleep(self._poll)
-        return Outcome(reason, before_delete=state, status_code=1)
-
-    async def _live_pod_costs(self, runpod: AsyncRunPodClient) -> list[tuple[float, float]]:
-        """(price per hour, creation time) of this pool's pods that run now: the daily budget's running part."""
-        return [
-            (pod.cost or 0.0, _parse_time(pod.created_at) or time.time())
-            for pod in await runpod.find_pods(POD_PREFIX)
-            if self._work_pool is not None and pod.env.get(POOL_MARKER) == str(self._work_pool.id) and not pod.ended
-        ]
-
-    async def _stops_at_checkpoint(self, flow_run_id: UUID) -> bool:
-        """Whether the run's job type saves a checkpoint when asked (its `ow-type:` tag names the type)."""
-        try:
-            tags = (await self.client.read_flow_run(flow_run_id)).tags
-            types = [tag.partition(":")[2] for tag in tags if tag.startswith("ow-type:")]
-            return any(get_job_type(name).stops_at_checkpoint for name in types)
-        except Exception:  # noqa: BLE001 - an unknown type or an unreachable API: stop it without waiting
-            return False
 
     async def _pod_gone(
         self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any
@@ -779,35 +652,19 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             await anyio.sleep(min(self._poll, 1.0))
         return await self._crash(runpod, flow_run, pod, reason, logger)
 
-    async def _crash(self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any) -> Outcome:
-        lines = await _last_log_lines(runpod, pod.id, LOG_LINES_SEARCHED)
-        if lines:
-            logger.error(f"Last lines of pod {pod.id}'s log:\n" + "\n".join(lines[-LOG_LINES_LOGGED:]))
-        tail = "\n".join(lines[-LOG_LINES_IN_MESSAGE:]) or "(the pod wrote no log lines)"
-        # the first exception is the cause (a failed pull step, say); later ones are Prefect reacting to it
-        errors = [line.strip() for line in lines if ERROR_LINE.match(line)]
-        cause = f" The error: {errors[0]}" if errors else ""
-        if errors:
-            logger.error(f"Pod {pod.id}: the error in its log: {errors[0]}")
-        message = f"Pod {pod.id}: {reason.rstrip('.')}.{cause}\nLast lines of its log:\n{tail}"
-        logger.error(f"Pod {pod.id}: {reason}; marking the run Crashed and deleting the pod")
-        return Outcome(reason, after_delete=Crashed(message=message), status_code=1)
-
     async def _end(self, runpod: AsyncRunPodClient, record: PodRecord, outcome: Outcome, logger: Any) -> None:
         """Set the outcome's states around deleting the pod; then the terminated event and the cost artifact."""
         flow_run_id = record.flow_run_id
         try:
             if outcome.before_delete is not None:
                 await self._force_state(flow_run_id, outcome.before_delete, logger)
-            deleted = await self._delete(runpod, record.pod_id, logger, wait=outcome.after_delete is not None)
+            wait = outcome.after_delete is not None or outcome.elsewhere  # no SIGTERM handler may touch the run after
+            deleted = await self._delete(runpod, record.pod_id, logger, wait=wait)
             if outcome.after_delete is not None:
                 await self._force_state(flow_run_id, outcome.after_delete, logger)
         finally:
             self._watched.pop(record.pod_id, None)
-            if flow_run_id in self._stopping:
-                self._stopping.discard(flow_run_id)
-                with contextlib.suppress(Exception):
-                    await clear_stop(flow_run_id)
+            await self._clear_stop(flow_run_id)
         if deleted != "failed":  # "gone": deleted by kill_infrastructure (a cancellation) or by hand; still ours
             logger.info(f"Pod {record.pod_id} deleted: {outcome.reason}")
             await self._account(record, outcome.reason, logger)
@@ -832,17 +689,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
                     await anyio.sleep(1)
         return "deleted" if deleted else "gone"
 
-    async def _account(self, record: PodRecord, reason: str, logger: Any) -> None:
-        seconds = max(0.0, time.time() - record.created_at)
-        cost = record.price_per_hour * seconds / 3600
-        self._emit(
-            "ow.pod.terminated", record, billed_seconds=round(seconds, 1), cost_usd=round(cost, 6), reason=reason
-        )
-        try:
-            await _add_cost_row(self.client, record, seconds, cost, reason)
-        except Exception:
-            logger.warning("Could not write the cost artifact", exc_info=True)
-
     # ---- kill_infrastructure (cancellation of pending runs, by Prefect) --------------------------------
 
     async def kill_infrastructure(
@@ -855,86 +701,6 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
             raise InfrastructureNotFound(f"{infrastructure_pid!r} is not a RunPod pod of this worker")
         async with configuration.runpod_credentials().get_client() as runpod:
             await runpod.delete_pod(infrastructure_pid.removeprefix(INFRA_PREFIX))
-
-    # ---- reconciler ----------------------------------------------------------------------------------
-
-    async def _reconcile_forever(self) -> None:
-        while True:
-            try:
-                await self.reconcile()
-            except RunPodAuthError as exc:  # said once, without a traceback every pass
-                self._warn_once(self._logger, "reconcile-auth", f"RunPod reconciler cannot list pods: {exc}")
-            except Exception:
-                self._logger.warning("RunPod reconciler pass failed; retrying later", exc_info=True)
-            await anyio.sleep(get_settings().runpod_reconcile_seconds)
-
-    async def reconcile(self) -> list[str]:
-        """Delete this pool's pods that no worker of this process watches and that should not exist: their
-        run is over, deleted, rescheduled, long cancelling or past `max_runtime`. Returns the deleted pod ids."""
-        if self._work_pool is None:
-            return []
-        if not self._credentials:
-            try:
-                self._remember(await self._pool_credentials())
-            except ConfigurationError as exc:  # said once at start: every run of this pool will fail the same way
-                self._warn_once(self._logger, "no-credentials", f"Work pool {self._work_pool.name!r}: {exc}")
-            except Exception:
-                pass
-        deleted = []
-        for credentials in list(self._credentials.values()):
-            async with credentials.get_client() as runpod:
-                for pod in await runpod.find_pods(POD_PREFIX):
-                    if pod.env.get(POOL_MARKER) != str(self._work_pool.id) or pod.id in self._watched:
-                        continue
-                    verdict = await self._orphan_verdict(pod)
-                    if verdict is None:
-                        continue
-                    reason, state = verdict
-                    flow_run_id = _flow_run_id(pod)
-                    self._logger.info(f"Reconciler: deleting pod {pod.id} ({reason})")
-                    if state is not None and flow_run_id:
-                        await self._force_state(flow_run_id, state, self._logger)
-                    if await self._delete(runpod, pod.id, self._logger) == "deleted":  # else another worker did
-                        deleted.append(pod.id)
-                        if flow_run_id:
-                            record = PodRecord.found(pod, flow_run_id, pod.name)
-                            await self._account(record, f"reconciler: {reason}", self._logger)
-        return deleted
-
-    async def _orphan_verdict(self, pod: Pod) -> tuple[str, Any] | None:
-        flow_run_id = _flow_run_id(pod)
-        if flow_run_id is None:
-            return "it names no flow run", None
-        state = await self._state(flow_run_id)
-        if state is None:  # the API did not answer: decide next time
-            return None
-        if state is _GONE:
-            return "its flow run no longer exists", None
-        if pod.ended:
-            return f"it is {pod.status}", None
-        if state.is_final():
-            return f"its flow run is {state.name}", None
-        if state.is_scheduled():
-            return "its flow run was rescheduled", None
-        deadline = _float(pod.env.get(DEADLINE_MARKER))
-        if deadline is not None and time.time() > deadline:
-            message = f"The run exceeded its max_runtime; the reconciler deleted pod {pod.id}."
-            return "past its max_runtime", Failed(name="TimedOut", message=message)
-        max_cost = _float(pod.env.get(MAX_COST_MARKER))
-        spent = (pod.cost or 0.0) * max(0.0, time.time() - (_parse_time(pod.created_at) or time.time())) / 3600
-        if max_cost is not None and spent >= max_cost:
-            message = f"The run reached its max_cost (${max_cost:g}); the reconciler deleted pod {pod.id}."
-            return "past its max_cost", Failed(name="CostCapped", message=message)
-        if state.is_cancelling() and state.timestamp and _age(state.timestamp) > STALE_CANCELLING_SECONDS:
-            return "its flow run has been cancelling for a minute", Cancelled(message="Cancelled; pod deleted.")
-        return None
-
-    async def _pool_credentials(self) -> RunPodCredentials:
-        """The credentials the work pool's defaults resolve to (block or the worker's RUNPOD_API_KEY)."""
-        configuration = await self.job_configuration.from_template_and_values(
-            self._work_pool.base_job_template, {}, client=self.client
-        )
-        return configuration.runpod_credentials()
 
     # ---- helpers -------------------------------------------------------------------------------------
 
@@ -964,237 +730,10 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         except Exception:
             logger.warning(f"Could not set flow run {flow_run_id} to {state.name}", exc_info=True)
 
-    def _emit(self, event: str, record: PodRecord, **payload: Any) -> None:
-        pool = [pool_resource(self._work_pool.id)] if self._work_pool is not None else []  # the daily budget's ledger
-        emit_event(
-            event=event,
-            resource=record.event_resource(),
-            related=[*record.related(), *pool],
-            payload={**record.payload(), **payload},
-        )
-
     def _warn_once(self, logger: Any, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
-
-    def _check_reachable(
-        self, configuration: RunPodJobConfiguration, credentials: RunPodCredentials, logger: Any
-    ) -> None:
-        """Refuse before renting anything when the pod could not reach the Prefect API."""
-        api_url = configuration.env.get("PREFECT_API_URL")
-        if not api_url:
-            raise ValueError(
-                "PREFECT_API_URL is not set for the pod: start the worker against a Prefect server the pod can "
-                "reach (Prefect Cloud or a public self-hosted URL), or set it in the job variables' env"
-            )
-        if _is_loopback(api_url) and not _is_loopback(credentials.api_url):
-            raise ValueError(
-                f"the pod would call the Prefect API at {api_url}, a loopback address it cannot reach: run the "
-                "worker with PREFECT_API_URL set to a public URL (plus PREFECT_API_AUTH_STRING or a Cloud key), "
-                "or override PREFECT_API_URL in the job variables' env"
-            )
-        if not configuration.env.get("OW_STORAGE_BLOCK") and not _is_loopback(credentials.api_url):
-            self._warn_once(
-                logger,
-                "storage",
-                "OW_STORAGE_BLOCK is not set: ow_prefect jobs in this pod keep their outputs on the pod's own disk, "
-                "lost when it is deleted (set it on the worker, e.g. s3-bucket/ow-storage)",
-            )
-
-
-class ContainerTracker:
-    """Counts container starts and exits from successive pod reads. A start: `runtime` or `startedAt` appears.
-    An exit (RunPod then restarts the container): `runtime` disappears while the pod stays RUNNING, the uptime
-    goes back, or `startedAt` changes (a container that lived less than one poll shows only that)."""
-
-    def __init__(self) -> None:
-        self.starts = 0
-        self.exits = 0
-        self._up = False
-        self._uptime: int | None = None
-        self._started_at: str | None = None
-
-    def observe(self, pod: Pod) -> str | None:
-        """ "up" on the first sign of a container, "exited" when one exited since the last read, else None."""
-        uptime = pod.runtime.uptime if pod.started and pod.runtime else None
-        exited = (
-            (self._up and not pod.started)
-            or (uptime is not None and self._uptime is not None and uptime < self._uptime)
-            or bool(pod.started_at and self._started_at and pod.started_at != self._started_at)
-        )
-        first = self.starts == 0 and (pod.started or pod.started_at is not None)
-        self._up, self._uptime = pod.started, uptime
-        self._started_at = pod.started_at or self._started_at
-        if first:
-            self.starts = 1
-        if exited:
-            self.exits += 1
-            return "exited"
-        return "up" if first else None
-
-
-_GONE = object()
-
-
-async def _last_log_lines(runpod: AsyncRunPodClient, pod_id: str, count: int, wait: float = 3.0) -> list[str]:
-    """The pod's last log lines (container and system), read for at most `wait` seconds."""
-    lines: list[str] = []
-    with anyio.move_on_after(wait):
-        try:
-            async for line in runpod.stream_logs(pod_id, source=None, tail=count):
-                lines.append(line.line)
-        except RunPodError:
-            pass
-    return lines[-count:]
-
-
-async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: float, reason: str) -> None:
-    """Append this pod to the run's cost table (key `runpod-cost-<flow run id>`), keeping earlier attempts."""
-    from prefect.client.schemas.actions import ArtifactCreate
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    key = f"runpod-cost-{record.flow_run_id}"
-    previous = await client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
-    )
-    rows: list[dict[str, Any]] = []
-    if previous and isinstance(previous[0].data, str):
-        with contextlib.suppress(Exception):
-            rows = [row for row in json.loads(previous[0].data) if row.get("pod") != record.pod_id]
-    # Column order is what the UI shows first: at 1400 px its table has room for about 850 px, so the cost, the GPU,
-    # the time and the price come before the longer text (`ended`) and the ids.
-    rows.append(
-        {
-            "cost_usd": round(cost, 6),
-            "gpu": record.gpu,  # RunPod's GPU type id, as gpu_types takes it
-            "billed_seconds": round(seconds, 1),
-            "usd_per_hour": round(record.price_per_hour, 4),
-            "cloud": record.cloud,
-            "data_center": record.pod.data_center_id or "",
-            "ended": reason,
-            "pod": record.pod_id,
-            "attempt": len(rows) + 1,
-        }
-    )
-    total = sum(row["cost_usd"] for row in rows)
-    description = (
-        f"**RunPod cost: ${total:.4f}** over {len(rows)} pod{'s' if len(rows) > 1 else ''} "
-        "(price per hour × time from create to delete)."
-    )
-    await client.create_artifact(
-        ArtifactCreate(
-            key=key, type="table", data=json.dumps(rows), description=description, flow_run_id=record.flow_run_id
-        )
-    )
-
-
-# Why offers were left out, and what to change: (reason, phrase with {n}, the fix).
-FILTER_REASONS = {
-    "cloud": ("{n} not offered in cloud {cloud}", "cloud: ANY adds the other cloud"),
-    "gpu_types": ("{n} not in gpu_types", "add types to gpu_types, or leave it empty"),
-    "vram": (
-        "{n} with less than {vram:g} GB over {count} GPU(s)",
-        "lower min_vram_gb (or requires_vram_gb) or vram_margin, or raise gpu_count",
-    ),
-    "stock": ("{n} sold out", "capacity_wait retries for a while"),
-    "data_centers": ("{n} not in data centers {data_centers}", "widen or empty data_center_ids"),
-    "cuda": (
-        "{n} without a free host at the CUDA floor ({cuda})",
-        "lower min_cuda_version / "
-        "data_center_min_cuda_version only for an image built for an older CUDA (docs/runpod.md, CUDA)",
-    ),
-    "price": ("{n} above ${price:g}/h", "raise max_price_per_hour"),
-}
-
-
-def _filter_summary(configuration: RunPodJobConfiguration, ranking: Ranking) -> tuple[str, str]:
-    """(what each filter removed, with counts; what to change), in filter order."""
-    cuda = f"host CUDA >= {configuration.min_cuda_version}" if configuration.min_cuda_version else ""
-    if configuration.data_center_min_cuda_version:
-        cuda = ", ".join(filter(None, [cuda, f">= {configuration.data_center_min_cuda_version} on data-center GPUs"]))
-    values = {
-        "cloud": configuration.cloud,
-        "vram": with_margin(configuration.min_vram_gb, configuration.vram_margin),  # what the filter compares
-        "count": configuration.gpu_count,
-        "data_centers": configuration.data_center_ids,
-        "cuda": cuda or "none",
-        "price": configuration.max_price_per_hour or 0,
-    }
-    removed = [(reason, n) for reason in FILTER_REASONS if (n := ranking.removed.get(reason))]
-    what = "; ".join(FILTER_REASONS[reason][0].format(n=n, **values) for reason, n in removed)
-    fixes = "; ".join(FILTER_REASONS[reason][1] for reason, _ in removed)
-    return what, fixes
-
-
-def _no_capacity_message(configuration: RunPodJobConfiguration, ranking: Ranking, tried: Sequence[str] = ()) -> str:
-    wanted = (
-        f"{configuration.gpu_count} GPU(s) with {configuration.min_vram_gb:g} GB in total "
-        f"(+{configuration.vram_margin:.0%} margin: "
-        f"{with_margin(configuration.min_vram_gb, configuration.vram_margin):g} GB), cloud "
-        f"{configuration.cloud}"
-        + (f", types {configuration.gpu_types}" if configuration.gpu_types else "")
-        + (f", data centers {configuration.data_center_ids}" if configuration.data_center_ids else "")
-        + (f", at most ${configuration.max_price_per_hour:g}/h" if configuration.max_price_per_hour else "")
-        + (f", host CUDA >= {configuration.min_cuda_version}" if configuration.min_cuda_version else "")
-        + (
-            f" (>= {configuration.data_center_min_cuda_version} on data-center GPUs)"
-            if configuration.data_center_min_cuda_version
-            else ""
-        )
-    )
-    what, fixes = _filter_summary(configuration, ranking)
-    filtered = f"Of {ranking.considered} offers (GPU type × cloud) in RunPod's catalog: {what}." if what else ""
-    if not ranking.candidates:
-        change = f" To change: {fixes}." if fixes else ""
-        return f"No RunPod GPU fits {wanted}. {filtered}{change}".strip()
-    waited = f" (waited {configuration.capacity_wait} s)" if configuration.capacity_wait else ""
-    return (
-        f"No capacity on any of {len(ranking.candidates)} candidates{waited} for {wanted}. Tried: "
-        + "; ".join(tried[-20:])
-        + (f". {filtered}" if filtered else "")
-        + " Set capacity_wait to keep trying, or widen the filters."
-    )
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _flow_run_id(pod: Pod) -> UUID | None:
-    try:
-        return UUID(pod.env.get("PREFECT__FLOW_RUN_ID", ""))
-    except ValueError:
-        return None
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _parse_time(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
-def _age(moment: datetime) -> float:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - moment).total_seconds()
 
 
 __all__ = ["RunPodJobConfiguration", "RunPodVariables", "RunPodWorker", "RunPodWorkerResult"]

@@ -127,7 +127,7 @@ def test_a_crash_looping_container_crashes_the_run_with_its_last_lines(prefect_c
 
 def test_a_pod_that_never_leaves_starting_is_deleted_at_startup_timeout(prefect_client, fake, start_run):
     fake.stall_boots(1)  # the image pull never ends: RUNNING with no runtime, forever
-    flow_run = start_run(startup_timeout=4)
+    flow_run = start_run(startup_timeout=4, max_pod_attempts=1)  # one pod: no retry (see test_runpod_retry.py)
     done = wait_for(prefect_client, flow_run.id, finished, timeout=60)
     assert done.state.is_crashed() and "startup_timeout (4 s)" in done.state.message, done.state
     assert "pulling image" in done.state.message  # the pod's own log, for the user to see why
