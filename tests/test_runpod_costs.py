@@ -9,6 +9,7 @@ run an in-process worker on a pool of their own. Pods are light (tests/reliabili
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -161,11 +162,13 @@ def test_hf_home_lives_on_a_cache_volume_in_a_preferred_data_center(prefect_clie
     same price) and share its HF_HOME; with no capacity in EU-RO-1 the next pod runs in US-TX-3 without a cache."""
     folder = fake.add_network_volume("vol-hf-cache", data_center="EU-RO-1")
     fake.set_stock("NVIDIA RTX A6000", 2, "SECURE", "EU-RO-1", price_per_hour=A6000_PRICE)
+    # the image's entrypoint (docker/entrypoint.sh) runs the pod's args as one command: a shell line goes in bash -c
     record = 'mkdir -p "$HF_HOME" && echo "$RUNPOD_POD_ID $RUNPOD_DC_ID" >> "$HF_HOME/pods" && exec '
+    command = "bash -c " + shlex.quote(record + LIGHT_POD_COMMAND)
     seen = set()
     try:
         for _ in range(2):
-            flow_run = start_run(seconds=0.5, cache_volume_ids=["vol-hf-cache"], command=record + LIGHT_POD_COMMAND)
+            flow_run = start_run(seconds=0.5, cache_volume_ids=["vol-hf-cache"], command=command)
             assert wait_for(prefect_client, flow_run.id, finished).state.is_completed()
             (pod,) = pods_of(fake, flow_run.id)
             assert pod.data_center_id == "EU-RO-1"
