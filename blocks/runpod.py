@@ -32,7 +32,9 @@ def upsert_runpod_credentials(name: str, api_key: str, api_url: str | None = Non
 
 
 def ensure_runpod_pool(pool: str, block_id: Any = None, **defaults: Any) -> str:
-    """Create the pool with the block as default credentials, or point an existing pool's default at it.
+    """Create the pool with the block as default credentials, or point an existing pool's default at it and add the
+    job variables this version has that the pool's template lacks (Prefect ignores a variable the template does not
+    have, e.g. `max_cost` on a pool made before it existed; the pool's own values are kept).
 
     Without a block (no RunPod key yet) the pool is created without credentials, so that deployments can be
     registered on it (`prefect --no-prompt deploy --all`); an existing pool is then left as it is."""
@@ -54,6 +56,11 @@ def ensure_runpod_pool(pool: str, block_id: Any = None, **defaults: Any) -> str:
         if block_id is None:
             return "unchanged"
         template = existing.base_job_template
+        current = RunPodWorker.base_job_template()
+        for name, spec in current["variables"]["properties"].items():
+            template["variables"]["properties"].setdefault(name, spec)
+        for name, value in current["job_configuration"].items():
+            template["job_configuration"].setdefault(name, value)
         properties = template["variables"]["properties"]
         properties["credentials"]["default"] = {"$ref": {"block_document_id": str(block_id)}}
         for name, value in defaults.items():

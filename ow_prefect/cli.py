@@ -162,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(repeatable), e.g. --secret HF_TOKEN=hf-token. The command gets no other credential.",
     )
     exec_.add_argument("--wait", action="store_true", help="wait for the job, stream its logs, exit with its code")
+    exec_.add_argument(
+        "--max-cost",
+        type=float,
+        metavar="USD",
+        help="the RunPod worker refuses the job when its estimate is above this, and stops its pod when price × "
+        "time reaches it",
+    )
+    exec_.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="submit nothing: print the GPU the RunPod worker would choose now, its price, the expected runtime "
+        "and cost (mounts are uploaded: the job id depends on their content)",
+    )
+    exec_.add_argument("--json", action="store_true", help="with --dry-run: the estimate as one JSON object")
     exec_.set_defaults(handler=_exec)
 
     dev_pod = commands.add_parser(
@@ -334,8 +348,13 @@ def _exec(args: argparse.Namespace, extra: list[str]) -> int:
     command = args.command[0] if len(args.command) == 1 else shlex.join(args.command)
     mounts = dict(_mount(spec) for spec in args.mount)
     env, secrets = _assignments("--env", args.env), _assignments("--secret", args.secret)
+    params = {"entrypoint": command, "mounts": mounts, "requires_vram_gb": args.vram, "env": env, "secrets": secrets}
+    if args.max_cost is not None:
+        params["max_cost"] = args.max_cost
     ow = _client()
-    job = ow.custom.create(entrypoint=command, mounts=mounts, requires_vram_gb=args.vram, env=env, secrets=secrets)
+    if args.dry_run:
+        return _print_estimate(ow.custom.estimate(**params), args.json)
+    job = ow.custom.create(**params)
     if not args.wait:
         print(job.id)
         return 0
@@ -351,6 +370,12 @@ def _exec(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"{job.id} {job.status}: {job.error or 'no message'}", file=sys.stderr)
     code = COMMAND_EXIT.search(job.error or "")
     return int(code[1]) if code and 0 < int(code[1]) < 256 else 1
+
+
+def _print_estimate(estimate: Any, as_json: bool) -> int:
+    """A dry run's answer on stdout: the estimate, as text or one JSON object."""
+    print(json.dumps(estimate.to_dict(), indent=1, sort_keys=True) if as_json else estimate)
+    return 0
 
 
 def _mount(spec: str) -> tuple[str, str]:

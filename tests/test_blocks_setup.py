@@ -86,3 +86,25 @@ def test_nothing_set_creates_nothing(use_server):
     lines = []
     assert register_blocks({}, say=lines.append) == {}
     assert "no documents" in lines[-1]
+
+
+def test_an_older_pool_gets_the_job_variables_it_lacks_and_keeps_its_values(use_server):
+    """A pool made before `max_cost` existed: Prefect would ignore `max_cost` on its runs. Updating the pool adds the
+    variables its template lacks and keeps what the pool had set."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from blocks.runpod import ensure_runpod_pool
+    from ow_prefect.workers.runpod import RunPodWorker
+
+    old = RunPodWorker.base_job_template(cloud="ANY")
+    for name in ("max_cost", "cache_volume_ids", "daily_budget"):
+        old["variables"]["properties"].pop(name)
+        old["job_configuration"].pop(name, None)
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="older-gpu", type="runpod", base_job_template=old), overwrite=True)
+        assert ensure_runpod_pool("older-gpu", block_id="7f9ec2d2-6b44-4e3c-9c0e-0d6a3c1d3b55") == "updated"
+        template = client.read_work_pool("older-gpu").base_job_template
+    assert {"max_cost", "cache_volume_ids", "daily_budget"} <= set(template["variables"]["properties"])
+    assert template["job_configuration"]["max_cost"] == "{{ max_cost }}"
+    assert template["variables"]["properties"]["cloud"]["default"] == "ANY"

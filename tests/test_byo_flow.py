@@ -32,6 +32,10 @@ def test_runpod_job_variables_are_checked_before_deploying():
         runpod_job_variables(min_vram_gb="lots", ports=["8000"])
     with pytest.raises(ParameterError, match="credentials: not a runpod job variable"):
         runpod_job_variables(credentials=None)
+    with pytest.raises(ParameterError, match="daily_budget: the pool's budget: set it on the pool"):
+        runpod_job_variables(daily_budget=10)
+    capped = runpod_job_variables(max_cost=5, cache_volume_ids=["vol-a"])
+    assert capped == {"max_cost": 5.0, "cache_volume_ids": ["vol-a"]}
 
 
 def _load(path, name):

@@ -342,3 +342,22 @@ def test_leaving_the_context_kills_every_pod_process():
         processes = [fake.pods[pod["id"]].process for pod in pods]
 
     assert all(process.poll() is not None for process in processes)
+
+
+def test_network_volumes_place_pods_in_their_data_center_and_share_a_folder(fake, api):
+    folder = fake.add_network_volume("vol-cache", data_center="EU-RO-1")
+    fake.set_stock(A6000, 2, "SECURE", "EU-RO-1")
+    assert api.get("/network-volumes").json() == {"networkVolumes": [fake.volumes["vol-cache"].json()]}
+    assert api.get("/network-volumes/vol-cache").json()["dataCenter"] == "EU-RO-1"
+    assert_problem(api.get("/network-volumes/vol-nope"), 404)
+
+    mounts = {"network": [{"volumeId": "vol-cache", "path": "/workspace"}]}
+    command = 'echo "$HF_HOME" > "$HF_HOME.where"; exec sleep 60'
+    pod = create(api, mounts=mounts, env={"HF_HOME": "/workspace/hf"}, args=command)
+    assert pod["dataCenterId"] == "EU-RO-1"  # not the default US-TX-3, where the A6000s are too
+    assert eventually(lambda: (folder / "hf.where").exists(), timeout=10)
+    assert (folder / "hf.where").read_text().strip() == str(folder / "hf")
+
+    assert_problem(api.post("/pods", json=pod_body(mounts=mounts, dataCenterIds=["US-TX-3"])), 400)
+    missing = {"network": [{"volumeId": "vol-nope", "path": "/workspace"}]}
+    assert "not found" in assert_problem(api.post("/pods", json=pod_body(mounts=missing)), 400)["detail"]

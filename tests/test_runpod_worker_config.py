@@ -12,13 +12,9 @@ from pydantic import ValidationError
 from ow_prefect.runpod.models import Pod
 from ow_prefect.runpod.offers import Candidate, Ranking
 from ow_prefect.testing.fake_runpod import spec_schemas
-from ow_prefect.workers.runpod import (
-    ContainerTracker,
-    RunPodJobConfiguration,
-    RunPodWorker,
-    _is_loopback,
-    _no_capacity_message,
-)
+from ow_prefect.workers.capacity import _no_capacity_message
+from ow_prefect.workers.preflight import _is_loopback
+from ow_prefect.workers.runpod import ContainerTracker, RunPodJobConfiguration, RunPodWorker
 
 
 def flow_run():

@@ -170,6 +170,35 @@ def _run_on_a_second_worker(prefect_client, prefect_api, fake):
     return wait_for(prefect_client, flow_run.id, finished)
 
 
+def test_a_retried_run_is_estimated_once_and_capped_per_pod(prefect_client, fake, run):
+    """The cost checks (issue 23) and the retry elsewhere compose: the estimate (and its max_cost check) happens once,
+    before the first pod; the estimate artifact names the pod the run ran on; the running max_cost counts each pod
+    on its own (the failed pod's cost does not cap the next); the cost table keeps one row per pod."""
+    fake.gpus.break_type(A6000, "no_gpu")
+    flow_run = run(max_cost=5)
+    done = wait_for(prefect_client, flow_run.id, finished)
+    assert done.state.is_completed(), done.state
+    broken, good = pods_of(fake, flow_run.id)
+    assert (broken.gpu["id"], good.gpu["id"]) == (A6000, RTX4090)
+    rows = cost_rows(prefect_client, flow_run.id, 2)
+    assert [row["pod"] for row in rows] == [broken.id, good.id]
+    assert all(pod.env["OW_POD_MAX_COST"] == "5.0" for pod in (broken, good))
+    created = f"Pod {good.id} created"
+    assert eventually(lambda: created in run_logs(prefect_client, flow_run.id))
+    logs = run_logs(prefect_client, flow_run.id)
+    assert logs.count("Estimate:") == 1, logs
+    estimate = eventually(lambda: _latest_artifact(prefect_client, f"runpod-estimate-{flow_run.id}"))
+    assert RTX4090 in estimate.data, estimate.data
+    assert_clean(fake)
+
+
+def _latest_artifact(prefect_client, key: str):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    found = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return max(found, key=lambda a: a.created) if found else None
+
+
 @pytest.mark.parametrize(
     ("fault", "problem"),
     [("half_vram", "has 23.6 GB, NVIDIA RTX A6000 has 48 GB"), ("old_driver", "supports CUDA 12.2, the image needs")],

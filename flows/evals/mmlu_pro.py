@@ -27,7 +27,7 @@ from prefect.artifacts import create_table_artifact
 from flows._runtime import RESULT_PURPOSE, JobRun, run_job, with_params_signature
 from flows._vllm import adapter_rank, fit_max_model_len
 from flows.inference.flow import run_runner
-from ow_prefect.jobs.evals import MmluProJob, MmluProParams, slug
+from ow_prefect.jobs.evals import MmluProJob, MmluProParams, matching_subjects, slug
 from ow_prefect.storage import ID_RE
 
 LETTERS = "ABCDEFGHIJKLMNOP"
@@ -66,10 +66,7 @@ def load_splits(source: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
 def select_subjects(test: list[dict[str, Any]], selected: str) -> list[str]:
     """'all', or the subjects containing any of the comma-separated names (spaces and underscores alike)."""
     subjects = sorted({row["category"] for row in test})
-    if selected.strip() == "all":
-        return subjects
-    wanted = [name.strip().replace(" ", "_") for name in selected.split(",") if name.strip()]
-    chosen = [s for s in subjects if any(w in s.replace(" ", "_") for w in wanted)]
+    chosen = matching_subjects(subjects, selected)
     if not chosen:
         raise ValueError(f"selected_subjects {selected!r} matches none of the dataset's subjects: {subjects}")
     return chosen

@@ -22,7 +22,7 @@ MODEL_PURPOSE = "model"
 
 
 def _train(job: JobRun) -> dict[str, Any]:
-    from flows.finetune import hub, reporting, train
+    from flows.finetune import hub, reporting, stopping, train
 
     logger = get_run_logger()
     cfg = job.job_cls.params(**job.parameters)
@@ -47,7 +47,12 @@ def _train(job: JobRun) -> dict[str, Any]:
             test_path,
             work / "out",
             resume_from=resume_from,
-            callbacks=[reporting.PrefectReporter(job.id, flow_run_id), checkpoints],
+            # StopOnRequest after checkpoints: it ends training once the checkpoint it asked for is stored
+            callbacks=[
+                reporting.PrefectReporter(job.id, flow_run_id),
+                checkpoints,
+                stopping.StopOnRequest(flow_run_id),
+            ],
             sink=sink,
             dataset_paths=dataset_paths,
         )

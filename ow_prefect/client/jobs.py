@@ -39,11 +39,11 @@ from ow_prefect.jobs.base import (
     project_root,
     raise_for_failure,
 )
-from ow_prefect.jobs.registry import get_job_type, job_types
+from ow_prefect.jobs.registry import get_job_type
 from ow_prefect.jobs.submit import (
-    FLOW_ONLY_PARAMETERS,
     JOB_TAG,
     SubmissionOptions,
+    accepting,
     history_key,
     idempotency_key,
     job_from_run,
@@ -182,6 +182,14 @@ class AsyncJobs:
         deployment = job_cls.deployment_for(validated) + get_settings().deployment_suffix
         return Submission(job_cls, job_id, validated, {**flow_parameters, "ow_job": envelope}, deployment, options)
 
+    def _estimate_parts(self, job_cls: type[Job], kwargs: dict[str, Any]) -> tuple[Submission, Any, dict[str, Any]]:
+        """What an estimate needs from this side: the submission (validated, its id and deployment), its work in
+        tokens (reads the data files' sizes and the model's config) and the job variables a run would get."""
+        sub = self._prepare(job_cls, kwargs)
+        with self._client.prefect_settings():
+            work = job_cls.work(sub.validated, self._client.storage)
+        return sub, work, _job_variables(job_cls, sub)
+
     def _outputs(self, run: Any, job_id: str | None = None) -> dict[str, Any] | None:
         job_id = job_id or tag_value(run.tags, JOB_TAG)
         if status_of(run) != "completed" or job_id is None:
@@ -209,18 +217,12 @@ class AsyncJobs:
         envelope = (run.parameters or {}).get("ow_job") or {}
         if envelope.get("id") and envelope.get("type"):
             return envelope["id"], envelope["type"]
-        candidates = [cls for cls in job_types().values() if cls.entrypoint == entrypoint]
-        if not candidates:
-            return None
-        params = {k: v for k, v in (run.parameters or {}).items() if k not in FLOW_ONLY_PARAMETERS}
-        for cls in candidates:
-            try:
-                with self._client.prefect_settings():
-                    validated = cls.validate_params(**params)
-                return cls.compute_id(cls.flow_parameters(validated)), cls.name
-            except ParameterError:  # invalid for this type (or for all: then the run id names it)
-                continue
-        return str(run.id), candidates[0].name
+        with self._client.prefect_settings():
+            candidates, found = accepting(run.parameters or {}, entrypoint)
+        if found:
+            cls, validated = found
+            return cls.compute_id(cls.flow_parameters(validated)), cls.name
+        return (str(run.id), candidates[0].name) if candidates else None
 
     def _untagged(self, runs: list[Any], entrypoints: dict[Any, str]) -> list[tuple[str, str, Any]]:
         found = []
@@ -263,14 +265,17 @@ class AsyncJobs:
         return runs[0] if runs else None
 
     async def _deployment_id(self, client: Any, name: str) -> Any:
+        if name not in self._deployment_ids:
+            self._deployment_ids[name] = (await self._deployment(client, name)).id
+        return self._deployment_ids[name]
+
+    async def _deployment(self, client: Any, name: str) -> Any:
         from prefect.exceptions import ObjectNotFound
 
-        if name not in self._deployment_ids:
-            try:
-                self._deployment_ids[name] = (await client.read_deployment_by_name(name)).id
-            except ObjectNotFound:
-                raise _missing_deployment(name) from None
-        return self._deployment_ids[name]
+        try:
+            return await client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise _missing_deployment(name) from None
 
     async def _find_untagged(self, client: Any) -> list[tuple[str, str, Any]]:
         runs = await client.read_flow_runs(**untagged_filters(), sort=newest_first(), limit=UNTAGGED_SCAN)
@@ -309,6 +314,27 @@ class AsyncJobs:
                 )
                 return await blocking(self._job, run)
             return await blocking(self._job, await self._find_run(client, sub.job_id))
+
+    async def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
+        """What a job would cost if submitted now, submitting nothing: the GPU the RunPod worker would choose, its
+        price, the expected runtime and the cost range (an `ow_prefect.costs.estimate.Estimate`; print it). On a
+        pool that rents nothing (a process pool, embedded mode) the cost is 0."""
+        from ow_prefect.costs.estimate import local_estimate
+        from ow_prefect.costs.preview import estimate_on_pool
+
+        sub, work, variables = await blocking(self._estimate_parts, job_cls, kwargs)
+        fields = {"job_type": job_cls.name, "job_id": sub.job_id, "deployment": sub.deployment}
+        if self._client.embedded:
+            note = "its runtime on this machine is not estimated"
+            return local_estimate(work, pool="(embedded)", pool_type="embedded", notes=[note], **fields)
+        async with self._prefect() as client:
+            deployment = await self._deployment(client, sub.deployment)
+            pool = await client.read_work_pool(deployment.work_pool_name)
+            if pool.type != "runpod":
+                note = f"pool {pool.name!r} ({pool.type}) rents nothing; the runtime there is not estimated"
+                return local_estimate(work, pool=pool.name, pool_type=pool.type, notes=[note], **fields)
+            values = {**(deployment.job_variables or {}), **variables}
+            return await estimate_on_pool(client, pool.base_job_template, values, work, pool=pool.name, **fields)
 
     async def retrieve(self, job_id: str) -> Job:
         """The job: its newest run (run_count counts every run's attempts). A run started outside the SDK that
@@ -452,6 +478,9 @@ class Jobs:
     def submit(self, job_cls: type[Job], **kwargs: Any) -> Job:
         return run_sync(self._core.submit(job_cls, **kwargs))
 
+    def estimate(self, job_cls: type[Job], **kwargs: Any) -> Any:
+        return run_sync(self._core.estimate(job_cls, **kwargs))
+
     def retrieve(self, job_id: str) -> Job:
         return run_sync(self._core.retrieve(job_id))
 
@@ -544,6 +573,12 @@ class JobTypeResource:
     def create(self, **params: Any):
         """Submit a job (or get the existing one with the same id). Awaitable on the async client."""
         return self._jobs.submit(self.job_cls, **params)
+
+    def estimate(self, **params: Any):
+        """What `create(**params)` would cost now, creating nothing: the GPU the RunPod worker would choose, its
+        price, the expected runtime and cost range (``print(ow.fine_tuning.estimate(...))``). Awaitable on the
+        async client."""
+        return self._jobs.estimate(self.job_cls, **params)
 
     def list(self, status: JobStatus | list[JobStatus] | None = None, limit: int = 100):
         return self._jobs.list(status=status, type=self.job_cls.name, limit=limit)

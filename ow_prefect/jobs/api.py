@@ -152,6 +152,16 @@ class ApiJob(Job):
         )
         return {**vram, "ports": [f"{SERVE_PORT}/http"]}
 
+    @classmethod
+    def work(cls, validated: ApiParams, storage: Any) -> Any:
+        from ow_prefect.costs.work import model_work
+
+        return model_work(
+            validated.base_model,
+            quantized=validated.quantization is not None,
+            open_ended="an API serves until its keep-alive deadline passes (the estimate is per hour)",
+        )
+
 
 def deadline_value(seconds_from_now: float, reason: str) -> dict[str, Any]:
     return {"deadline": time.time() + seconds_from_now, "reason": reason}

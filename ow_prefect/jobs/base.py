@@ -95,6 +95,9 @@ class Job:
     id_prefix: ClassVar[str | None] = None
     base_image: ClassVar[str | None] = None
     image_setting: ClassVar[str] = "train_image"  # the OW_* setting naming the default image (or "serve_image")
+    # Its flow saves a checkpoint and stops when asked (ow_prefect/costs/stop.py), so that a rerun resumes: the
+    # RunPod worker asks before it stops a run for max_cost or max_runtime.
+    stops_at_checkpoint: ClassVar[bool] = False
 
     # ---- the job type -------------------------------------------------------------------------------
 
@@ -122,6 +125,14 @@ class Job:
     def job_variables(cls, validated: BaseModel) -> dict[str, Any]:
         """Job variables for the worker (e.g. ``min_vram_gb``); computed only when a run is created."""
         return {}
+
+    @classmethod
+    def work(cls, validated: BaseModel, storage: Any) -> Any:
+        """What a run computes, in tokens (an `ow_prefect.costs.work.Work`): what its cost estimate is made of. The
+        default knows nothing of the runtime (the estimate is then a price per hour, bounded by ``max_runtime``)."""
+        from ow_prefect.costs.work import Work
+
+        return Work(open_ended=f"{cls.name or cls.__name__} jobs do not say how much work they are")
 
     @classmethod
     def image(cls) -> str:

@@ -201,6 +201,12 @@ class CustomJob(Job):
         return {"min_vram_gb": validated.requires_vram_gb}
 
     @classmethod
+    def work(cls, validated: CustomRunParams, storage: Any) -> Any:
+        from ow_prefect.costs.work import Work
+
+        return Work(open_ended="a custom command runs as long as it runs (cap it with max_runtime or max_cost)")
+
+    @classmethod
     def for_type(cls, name: str, id_prefix: str) -> type[CustomJob]:
         """This type under another name and id prefix: how `custom/run` identifies a run of a job type defined
         only in the client's code (what runs is all in the parameters, so the class itself is not needed)."""

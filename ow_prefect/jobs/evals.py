@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,48 @@ class MmluProParams(EvalParams):
         return value
 
 
+def matching_subjects(subjects: Iterable[str], selected: str) -> list[str]:
+    """MMLU-Pro's `selected_subjects`: 'all', or the subjects containing any of the comma-separated names (spaces
+    and underscores alike)."""
+    if selected.strip() == "all":
+        return list(subjects)
+    wanted = [name.strip().replace(" ", "_") for name in selected.split(",") if name.strip()]
+    return [s for s in subjects if any(w in s.replace(" ", "_") for w in wanted)]
+
+
+def _whole(value: Any) -> int | None:
+    """An inspect option's whole number (`limit` may also be a range 'a,b': no count then)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# Questions per subject in MMLU-Pro's test split (TIGER-Lab/MMLU-Pro: 12,032 in all), for the cost estimate.
+MMLU_PRO_SUBJECTS = {
+    "biology": 717,
+    "business": 789,
+    "chemistry": 1132,
+    "computer science": 410,
+    "economics": 844,
+    "engineering": 969,
+    "health": 818,
+    "history": 381,
+    "law": 1101,
+    "math": 1351,
+    "other": 924,
+    "philosophy": 499,
+    "physics": 1299,
+    "psychology": 798,
+}
+# Tokens of one question with its options, of one chain-of-thought example (question and worked answer), and of a
+# typical chain-of-thought answer: rough averages of MMLU-Pro's test and validation rows (~4 characters a token).
+MMLU_PRO_QUESTION_TOKENS = 250
+MMLU_PRO_SHOT_TOKENS = 450
+MMLU_PRO_ANSWER_TOKENS = 400
+INSPECT_PROMPT_TOKENS = 1000  # per sample, when the task does not say (its dataset decides)
+
+
 @register("inspect_ai")
 class InspectJob(ServingJob):
     """Serves the model with vLLM inside the run and runs `inspect eval` against it."""
@@ -239,6 +282,27 @@ class InspectJob(ServingJob):
         eval_name = target if local.is_file() else path.rstrip("/").rsplit("/", 1)[-1]
         return {**params, "mounts": mounts, "eval_name": f"{eval_name}@{task}" if task else eval_name}
 
+    @classmethod
+    def work(cls, validated: InspectParams, storage: Any) -> Any:
+        """Samples × epochs from `options` (`limit`, `epochs`): the task's dataset decides how many samples there are
+        otherwise, and the flow does not load it before the run."""
+        from ow_prefect.costs.work import generation, model_work
+
+        work = model_work(validated.base_model, quantized=validated.quantization is not None)
+        options = validated.options  # from a command line, numbers are strings
+        limit, epochs, max_tokens = (
+            _whole(options.get(name, default))
+            for name, default in (("limit", None), ("epochs", 1), ("max_tokens", 1024))
+        )
+        if limit is None or epochs is None:
+            work.open_ended = "inspect's task decides how many samples it has: set options={'limit': N} to estimate"
+            return work
+        samples = limit * epochs
+        work.prefill_tokens = samples * INSPECT_PROMPT_TOKENS
+        work.decode_tokens = generation(samples, max_tokens or 1024)
+        work.notes.append(f"{INSPECT_PROMPT_TOKENS} prompt tokens per sample assumed (the task's own may differ)")
+        return work
+
 
 @register("mmlu_pro")
 class MmluProJob(ServingJob):
@@ -257,3 +321,22 @@ class MmluProJob(ServingJob):
         if isinstance(dataset, str) and not ID_RE.match(dataset) and Path(dataset).expanduser().is_dir():
             return {**params, "dataset": storage.put_path(Path(dataset).expanduser(), "dataset").id}
         return params
+
+    @classmethod
+    def work(cls, validated: MmluProParams, storage: Any) -> Any:
+        """The selected subjects' questions (at most `limit` each), each prompted with `ntrain` chain-of-thought
+        examples and answered greedily up to max_tokens. Question counts are the Hub dataset's (a local copy is
+        assumed to be the same)."""
+        from ow_prefect.costs.work import generation, model_work
+
+        subjects = matching_subjects(MMLU_PRO_SUBJECTS, validated.selected_subjects)
+        questions = sum(min(MMLU_PRO_SUBJECTS[s], validated.limit or MMLU_PRO_SUBJECTS[s]) for s in subjects)
+        prompt = min(
+            validated.max_model_len - validated.max_tokens,
+            MMLU_PRO_QUESTION_TOKENS + validated.ntrain * MMLU_PRO_SHOT_TOKENS,
+        )
+        work = model_work(validated.base_model, quantized=validated.quantization is not None)
+        work.prefill_tokens = questions * max(prompt, MMLU_PRO_QUESTION_TOKENS)
+        work.decode_tokens = generation(questions, validated.max_tokens, typical=MMLU_PRO_ANSWER_TOKENS)
+        work.sequence_tokens = min(validated.max_model_len, prompt + MMLU_PRO_ANSWER_TOKENS)
+        return work

@@ -353,6 +353,7 @@ class FineTuneJob(Job):
     code = ("flows/finetune", "flows/_runtime.py")
     id_prefix = "ftjob"
     losses: tuple[str, ...] = ("sft", "dpo", "orpo")
+    stops_at_checkpoint = True
 
     @classmethod
     def validate_params(cls, **kwargs: Any) -> BaseModel:
@@ -396,6 +397,37 @@ class FineTuneJob(Job):
             max_seq_length=validated.max_seq_length,
             batch_size=validated.per_device_train_batch_size,
         )
+
+    @classmethod
+    def work(cls, validated: FineTuningParams, storage: Any) -> Any:
+        """Training tokens: each row of the training file cut at max_seq_length, times the epochs (or max_steps ×
+        batch × accumulation rows); preference rows hold the prompt once but train it with each answer (×1.3), and
+        DPO runs the reference model's forward too. Evaluations on test_file count as forward passes; merging and
+        storing the merged model as the finish."""
+        from ow_prefect.costs.work import file_tokens, model_work
+
+        work = model_work(validated.model, quantized=validated.load_in_4bit)
+        data = file_tokens(storage, validated.training_file, cap=validated.max_seq_length)
+        per_epoch = data.capped * (1.3 if validated.loss in ("dpo", "orpo") else 1.0)
+        rows_per_step = validated.per_device_train_batch_size * validated.gradient_accumulation_steps
+        steps, tokens = None, per_epoch * validated.epochs
+        if data.rows:
+            steps = validated.max_steps or validated.epochs * data.rows / rows_per_step
+            tokens = per_epoch / data.rows * steps * rows_per_step
+        if validated.test_file and validated.test_file_eval_strategy != "no":
+            evaluations = validated.epochs
+            if validated.test_file_eval_strategy == "steps" and steps:
+                evaluations = steps / (validated.test_file_eval_steps or validated.logging_steps)
+            eval_tokens = file_tokens(storage, validated.test_file, cap=validated.max_seq_length).capped
+            tokens += eval_tokens * evaluations / 3  # a forward pass is a third of a training step's FLOPs
+        work.train_tokens = tokens
+        work.train_flops_factor = 8 / 6 if validated.loss == "dpo" else 1.0
+        work.sequence_tokens = validated.max_seq_length
+        if validated.merge_before_push and work.params:
+            work.extra_seconds = 2 * work.download_bytes / 1e9  # merge, save and store ~16-bit weights at ~1 GB/s
+        if data.rows is None:
+            work.notes.append("training file over 64 MB: its tokens come from its size, rows not cut")
+        return work
 
 
 @register("weighted_sft")

@@ -259,5 +259,21 @@ class InferenceJob(ServingJob):
     def job_variables(cls, validated: InferenceParams) -> dict[str, Any]:
         return {} if validated.is_openai else super().job_variables(validated)
 
+    @classmethod
+    def work(cls, validated: InferenceParams, storage: Any) -> Any:
+        """Every prompt once (vLLM's prefix cache shares it between the n completions of a row), and up to
+        max_tokens generated per completion (half of it expected)."""
+        from ow_prefect.costs.work import Work, file_tokens, generation, model_work
+
+        if validated.is_openai:
+            return Work(notes=["an OpenAI model: OpenAI bills the tokens (half price with use_batch); no GPU"])
+        work = model_work(validated.base_model, quantized=validated.quantization is not None)
+        data = file_tokens(storage, validated.input_file_id)
+        rows = data.rows or data.tokens / 500  # a prompt of ~500 tokens when the file is too big to count rows
+        work.prefill_tokens = data.tokens
+        work.decode_tokens = generation(rows, validated.max_tokens, validated.n_completions_per_prompt)
+        work.sequence_tokens = min(validated.max_model_len, data.per_row + validated.max_tokens / 2)
+        return work
+
 
 OPENAI_DEPLOYMENT = InferenceJob.other_deployments[0]

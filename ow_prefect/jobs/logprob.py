@@ -67,3 +67,13 @@ class LogprobJob(Job):
             max_seq_length=2048,
             batch_size=validated.batch_size,
         )
+
+    @classmethod
+    def work(cls, validated: LogprobParams, storage: Any) -> Any:
+        """One forward pass over every row (transformers, as training does: a third of a training step's FLOPs)."""
+        from ow_prefect.costs.work import file_tokens, model_work
+
+        work = model_work(validated.base_model)
+        work.train_tokens = file_tokens(storage, validated.dataset).tokens
+        work.train_flops_factor = 1 / 3
+        return work

@@ -12,10 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ow_prefect.errors import StorageError
+from ow_prefect.errors import ParameterError, StorageError
 from ow_prefect.hashing import is_job_id
 from ow_prefect.jobs.base import Job, JobStatus
-from ow_prefect.jobs.registry import get_job_type
+from ow_prefect.jobs.registry import get_job_type, job_types
 
 JOB_TAG = "ow-job"
 STATE_STATUS: dict[str, JobStatus] = {
@@ -91,8 +91,9 @@ class SubmissionOptions:
 
 def submission_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], SubmissionOptions]:
     """Take OpenWeights' submission keywords out of `kwargs`: ``allowed_hardware`` and ``cloud_type`` (the RunPod
-    worker's ``gpu_types``/``gpu_count``/``cloud``), ``worker_max_uptime`` (hours: ``max_runtime``),
-    ``create_on_failed_status`` / ``create_on_canceled_status`` (False: return such a job as it is), and
+    worker's ``gpu_types``/``gpu_count``/``cloud``), ``worker_max_uptime`` (hours: ``max_runtime``), ``max_cost``
+    (dollars: the worker's cost cap), ``create_on_failed_status`` / ``create_on_canceled_status`` (False: return
+    such a job as it is), and
     ``requires_vram_gb="guess"`` (the estimate). ``base_image`` / ``docker_image`` name OpenWeights' images, which
     cannot run ow_prefect's flows: they are ignored with a warning."""
     from ow_prefect.jobs.hardware import cloud_variable, hardware_variables
@@ -107,6 +108,8 @@ def submission_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Submissi
         options.job_variables |= cloud_variable(cloud)
     if (hours := kwargs.pop("worker_max_uptime", None)) is not None:
         options.job_variables["max_runtime"] = max(1, round(float(hours) * 3600))
+    if (cap := kwargs.pop("max_cost", None)) is not None:
+        options.job_variables["max_cost"] = float(cap)
     for key in ("base_image", "docker_image"):
         if (image := kwargs.pop(key, None)) is not None:
             warnings.warn(
@@ -121,6 +124,20 @@ def submission_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Submissi
             rerun.discard(status)
     options.rerun = frozenset(rerun)
     return kwargs, options
+
+
+def accepting(parameters: dict[str, Any], entrypoint: str | None) -> tuple[list[type[Job]], Any]:
+    """The job types whose flow is `entrypoint`, and the first of them that accepts the run's `parameters` with its
+    validated parameters (None when none does): how a run started without the SDK is identified, as its flow would.
+    Validation may ask Prefect or storage (``model="ftjob:latest"``)."""
+    candidates = [cls for cls in job_types().values() if cls.entrypoint == entrypoint]
+    params = {k: v for k, v in parameters.items() if k not in FLOW_ONLY_PARAMETERS}
+    for cls in candidates:
+        try:
+            return candidates, (cls, cls.validate_params(**params))
+        except ParameterError:  # invalid for this type (or for all of them); an outage is not hidden
+            continue
+    return candidates, None
 
 
 def tag_value(tags: list[str], prefix: str) -> str | None:

@@ -27,7 +27,7 @@ from ow_prefect.runpod.errors import (
     RunPodUnreachable,
     translate,
 )
-from ow_prefect.runpod.models import GpuType, LogLine, Pod
+from ow_prefect.runpod.models import GpuType, LogLine, NetworkVolume, Pod
 
 DEFAULT_BASE_URL = "https://api.runpod.io/v2"
 CATALOG_TTL_S = 30.0
@@ -97,6 +97,12 @@ class AsyncRunPodClient:
     async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """An idempotent request, retried by the rules above."""
         return await self._retry.acall(self._send_once, method, path, **kwargs)
+
+    # ---- network volumes ---------------------------------------------------------------------------
+
+    async def get_network_volume(self, volume_id: str) -> NetworkVolume:
+        response = await self._send("GET", f"/network-volumes/{quote(volume_id, safe='')}")
+        return NetworkVolume.model_validate(response.json())
 
     # ---- pods ----------------------------------------------------------------------------------------
 

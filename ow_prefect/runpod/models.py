@@ -85,6 +85,13 @@ class GpuType(_Record):
         return self.secure if cloud == "SECURE" else self.community
 
 
+class NetworkVolume(_Record):
+    id: str
+    name: str | None = None
+    size: int | None = Field(default=None, description="GB")
+    data_center: str = Field(alias="dataCenter", description="where it is, and so where pods mounting it run")
+
+
 class LogLine(BaseModel):
     """One log event: RunPod sends `data: {"ts", "source", "line"}` with a resumable `id:`."""
 

@@ -3,7 +3,14 @@
 `PodRecord` is one pod of one attempt of a flow run (its GPU, cloud, price and creation time). From it the worker
 emits `ow.pod.created`, `ow.pod.running` and `ow.pod.terminated` events related to the flow run, and, when the pod
 is deleted (by the run's watch or by the reconciler), appends a row to the run's `runpod-cost-<flow run id>` table
-artifact: price × time from create to delete, one row per pod over every attempt.
+artifact: price × time from create to delete, one row per pod over every attempt. Each event is also related to the
+pod's work pool: the `ow.pod.terminated` events are the ledger of the pool's `daily_budget`
+(ow_prefect/costs/budget.py).
+
+`CostAccounting` also says when a pod costs too much: once its price × time since its create reaches the run's
+`max_cost`, the run ends (Failed, CostCapped; each pod of a run counted on its own, as its cost row). How the run is
+stopped (a checkpoint first) is in workers/stopping.py; the checks before a pod exists (estimate, `max_cost`, daily
+budget) in ow_prefect/costs/guard.py.
 """
 
 from __future__ import annotations
@@ -18,9 +25,13 @@ from uuid import UUID
 
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
+from prefect.states import Failed
 
+from ow_prefect.costs.budget import pool_resource
 from ow_prefect.runpod.models import Pod
 from ow_prefect.runpod.offers import Candidate
+
+MAX_COST_MARKER = "OW_POD_MAX_COST"  # USD: the reconciler stops a pod whose price × age reaches it
 
 
 @dataclass
@@ -57,6 +68,9 @@ class PodRecord:
     @property
     def pod_id(self) -> str:
         return self.pod.id
+
+    def cost_so_far(self) -> float:
+        return self.price_per_hour * max(0.0, time.time() - self.created_at) / 3600
 
     def event_resource(self) -> dict[str, str]:
         return {
@@ -100,12 +114,23 @@ class CostAccounting:
             logger.warning("Could not write the cost artifact", exc_info=True)
 
     def _emit(self, event: str, record: PodRecord, **payload: Any) -> None:
+        pool = [pool_resource(self._work_pool.id)] if self._work_pool is not None else []  # the daily budget's ledger
         emit_event(
             event=event,
             resource=record.event_resource(),
-            related=record.related(),
+            related=[*record.related(), *pool],
             payload={**record.payload(), **payload},
         )
+
+    def _cost_capped(self, max_cost: float | None, record: PodRecord) -> Any:
+        """The CostCapped state of a pod whose price × time since its create reached `max_cost`, or None."""
+        if not max_cost or record.cost_so_far() < max_cost:
+            return None
+        message = (
+            f"The run reached max_cost (${max_cost:g}): ${record.cost_so_far():.4f} at "
+            f"${record.price_per_hour:.2f}/h since pod {record.pod_id} was created; pod deleted."
+        )
+        return Failed(name="CostCapped", message=message)
 
 
 async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: float, reason: str) -> None:

@@ -3,8 +3,9 @@
 A worker that dies mid-run leaves its pod billing. At start, then every `OW_RUNPOD_RECONCILE_SECONDS`, the
 reconciler lists the pods named `ow-<flow run id>` that carry this work pool's marker in their env (RunPod v2 has
 no labels), skips the ones a worker of this process watches, and deletes those whose run is over, gone,
-rescheduled, long cancelling or past its `max_runtime` (another env marker), setting the run's state where that
-says more (TimedOut, Cancelled) and writing the pod's cost row. Several workers on one pool may reconcile it at
+rescheduled, long cancelling or past its `max_runtime` or `max_cost` (other env markers: its deadline, and the cap
+its price × age is held to), setting the run's state where that says more (TimedOut, CostCapped, Cancelled) and
+writing the pod's cost row. Several workers on one pool may reconcile it at
 once: a delete that answers 404 was another worker's, and only the worker that deleted the pod accounts for it.
 
 Without RunPod credentials it can do nothing, and says so once in the worker's log.
@@ -21,11 +22,12 @@ import anyio
 from prefect.states import Cancelled, Failed
 
 from ow_prefect.errors import ConfigurationError
+from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodAuthError
 from ow_prefect.runpod.models import Pod
 from ow_prefect.settings import get_settings
-from ow_prefect.workers.costs import PodRecord
+from ow_prefect.workers.costs import MAX_COST_MARKER, PodRecord, _parse_time
 
 POD_PREFIX = "ow-"
 POOL_MARKER = "OW_WORK_POOL_ID"  # env markers: how the reconciler knows a pod is this pool's (v2 has no labels)
@@ -50,7 +52,8 @@ class PodReconciler:
 
     async def reconcile(self) -> list[str]:
         """Delete this pool's pods that no worker of this process watches and that should not exist: their
-        run is over, deleted, rescheduled, long cancelling or past `max_runtime`. Returns the deleted pod ids."""
+        run is over, deleted, rescheduled, long cancelling or past `max_runtime` or `max_cost`. Returns the deleted
+        pod ids."""
         if self._work_pool is None:
             return []
         if not self._credentials:
@@ -112,9 +115,22 @@ class PodReconciler:
         if deadline is not None and time.time() > deadline:
             message = f"The run exceeded its max_runtime; the reconciler deleted pod {pod.id}."
             return "past its max_runtime", Failed(name="TimedOut", message=message)
+        max_cost = _float(pod.env.get(MAX_COST_MARKER))
+        spent = (pod.cost or 0.0) * max(0.0, time.time() - (_parse_time(pod.created_at) or time.time())) / 3600
+        if max_cost is not None and spent >= max_cost:
+            message = f"The run reached its max_cost (${max_cost:g}); the reconciler deleted pod {pod.id}."
+            return "past its max_cost", Failed(name="CostCapped", message=message)
         if state.is_cancelling() and state.timestamp and _age(state.timestamp) > STALE_CANCELLING_SECONDS:
             return "its flow run has been cancelling for a minute", Cancelled(message="Cancelled; pod deleted.")
         return None
+
+    async def _live_pod_costs(self, runpod: AsyncRunPodClient) -> list[tuple[float, float]]:
+        """(price per hour, creation time) of this pool's pods that run now: the daily budget's running part."""
+        return [
+            (pod.cost or 0.0, _parse_time(pod.created_at) or time.time())
+            for pod in await runpod.find_pods(POD_PREFIX)
+            if self._work_pool is not None and pod.env.get(POOL_MARKER) == str(self._work_pool.id) and not pod.ended
+        ]
 
     async def _pool_credentials(self) -> RunPodCredentials:
         """The credentials the work pool's defaults resolve to (block or the worker's RUNPOD_API_KEY)."""

@@ -17,18 +17,27 @@ watches the run and the pod together until one of them ends:
 - pod in ERROR, its container exiting before the run finished, or the run not started within
   `startup_timeout`, after its check passed → the run is Crashed with the pod's last log lines, and the pod
   deleted;
-- `max_runtime` passed → the run is Failed (TimedOut) and the pod deleted.
+- `max_runtime` passed → the run is Failed (TimedOut) and the pod deleted;
+- `max_cost` reached (the pod's price × time) → the run is Failed (CostCapped) and the pod deleted. Before either, a
+  fine-tune is asked to save a checkpoint (workers/stopping.py), so that a rerun resumes.
+
+Before the first pod, the worker estimates the run (ow_prefect/costs: the GPU it would take, runtime from the job's
+tokens, cost range) into a `runpod-estimate-<flow run id>` artifact and refuses a run whose expected cost is above
+`max_cost`; before each pod, it refuses every run of a pool whose `daily_budget` is spent. A network volume holds
+the Hugging Face cache (`HF_HOME`); `cache_volume_ids` makes the worker prefer the data centers that hold one
+(ow_prefect/runpod/volumes.py).
 
 A reconciler (at start, then every `OW_RUNPOD_RECONCILE_SECONDS`) deletes pods of this work pool that no
-worker watches and whose run is over, gone, rescheduled or past its `max_runtime`: a worker that died
+worker watches and whose run is over, gone, rescheduled or past its `max_runtime` or `max_cost`: a worker that died
 mid-run leaves nothing billing for long. Every pod emits `ow.pod.created`, `ow.pod.running`, `ow.pod.healthy` or
 `ow.pod.unhealthy` and `ow.pod.terminated` events related to its flow run, and its run gets a
 `runpod-cost-<flow run id>` table artifact (price × time from create to delete, one row per pod over every attempt).
 
 Like Prefect's own workers (prefect-aws's ECS worker), this module keeps the job variables, the job
 configuration and the worker side by side, one concern read whole; what those workers do not have lives in rooms
-of its own: the reconciler (`reconciler.py`), pod events and cost rows (`costs.py`) and the no-capacity message
-(`capacity.py`).
+of its own: the reconciler (`reconciler.py`), pod events, cost rows and the cost cap (`costs.py`), the pod create
+and the no-capacity message (`capacity.py`), a run's pods and their GPU health check (`attempts.py`, with
+`placement.py` and `cooldown.py`) and stopping a run at a checkpoint (`stopping.py`).
 
 The pod's environment holds only what the run needs: the Prefect API URL and its key or auth string, the flow
 run id, `PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule`, `OW_STORAGE_BLOCK` / `OW_HF_*` when set, the
@@ -40,12 +49,11 @@ logged; pods are named
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import functools
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
-from urllib.parse import urlparse
 from uuid import UUID
 
 import anyio
@@ -57,29 +65,24 @@ from prefect.utilities.engine import propose_state
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from ow_prefect.costs.guard import RunCosts
 from ow_prefect.errors import ConfigurationError, ParameterError
 from ow_prefect.jobs.base import validation_problems
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
-from ow_prefect.runpod.health import Report, parse_report
 from ow_prefect.runpod.models import Pod
-from ow_prefect.runpod.offers import (
-    CLOUDS,
-    DEFAULT_VRAM_MARGIN,
-    Candidate,
-    create_on_first,
-    find_offers,
-    with_margin,
-)
+from ow_prefect.runpod.offers import CLOUDS, DEFAULT_VRAM_MARGIN, Ranking, find_offers, with_margin
+from ow_prefect.runpod.volumes import hf_home
 from ow_prefect.settings import get_settings
-from ow_prefect.workers.capacity import _no_capacity_message
-from ow_prefect.workers.cooldown import CooldownStore
-from ow_prefect.workers.costs import CostAccounting, PodRecord
-from ow_prefect.workers.placement import DEFAULT_MAX_POD_ATTEMPTS, HEALTH_LOG_LINES, VERIFIED, Placement
+from ow_prefect.workers.attempts import INFRA_PREFIX, ContainerTracker, Outcome, PodAttempts
+from ow_prefect.workers.capacity import PodCreation
+from ow_prefect.workers.costs import MAX_COST_MARKER, CostAccounting, PodRecord
+from ow_prefect.workers.placement import DEFAULT_MAX_POD_ATTEMPTS, VERIFIED, Placement
+from ow_prefect.workers.preflight import Preflight
 from ow_prefect.workers.reconciler import _GONE, DEADLINE_MARKER, POD_PREFIX, POOL_MARKER, PodReconciler
+from ow_prefect.workers.stopping import CheckpointStop
 
-INFRA_PREFIX = "runpod::"
 # Prefect settings a pod needs to reach the API; every other setting of the worker stays on the worker.
 POD_PREFECT_SETTINGS = (
     "PREFECT_API_URL",
@@ -95,15 +98,11 @@ POD_OW_SETTINGS = (
     "OW_STORAGE_RETRY_SECONDS",
     "OW_POD_CODE_DIR",  # where the pod finds the code (ow_prefect.workers.pull)
 )
+ESTIMATE_TIMEOUT_SECONDS = 60.0  # the estimate reads the data files' sizes and the model's config: never wait longer
 PORT_SPEC = re.compile(r"^\d{1,5}/(http|tcp)$")
 DEFAULT_QUERY_SECONDS = 2.0  # GPU runs deserve a faster pick-up than Prefect's 10 s; PREFECT_WORKER_QUERY_SECONDS wins
-CAPACITY_RETRY_SECONDS = (5.0, 60.0)  # first and longest pause between rounds while waiting for capacity
 CANCEL_GRACE_SECONDS = 5.0  # lets the supervisor in the pod finish a cancellation it already saw
 PREEMPT_GRACE_SECONDS = 60.0  # lets a pod that RunPod stopped reschedule its run through its SIGTERM handler
-LOG_LINES_IN_MESSAGE = 15
-LOG_LINES_LOGGED = 40
-LOG_LINES_SEARCHED = 400  # for the first exception: a crash loop repeats it, Prefect's reactions follow it
-ERROR_LINE = re.compile(r"^\s*[\w.]*(Error|Exception|Exit)\b.*: ")  # a Python exception's last line
 
 
 class RunPodFields(BaseModel):
@@ -180,12 +179,22 @@ class RunPodFields(BaseModel):
     network_volume_id: str | None = Field(
         default=None,
         title="Network volume",
-        description="Id of a RunPod network volume to mount at `volume_mount_path` (instead of a volume).",
+        description="Id of a RunPod network volume to mount at `volume_mount_path` (instead of a volume); the pod "
+        "runs in its data center, and the Hugging Face cache (HF_HOME) lives on it.",
+    )
+    cache_volume_ids: list[str] = Field(
+        default_factory=list,
+        title="Model cache volumes",
+        description="RunPod network volumes (one per data center) that hold the Hugging Face cache: offers in their "
+        "data centers are tried first, with the volume at `volume_mount_path` and HF_HOME on it, so a model an "
+        "earlier pod downloaded there is not downloaded again; with no capacity there, the pod runs elsewhere "
+        "without a cache.",
     )
     volume_mount_path: str = Field(
         default="/workspace",
         title="Volume mount path",
-        description="Where the volume (`volume_gb`) or network volume (`network_volume_id`) is mounted in the pod.",
+        description="Where the volume (`volume_gb`) or network volume (`network_volume_id`, `cache_volume_ids`) is "
+        "mounted in the pod.",
     )
     ports: list[str] = Field(
         default_factory=list,
@@ -200,7 +209,22 @@ class RunPodFields(BaseModel):
         default=86400,
         ge=1,
         title="Max runtime (seconds)",
-        description="Hard cap from pod creation: past it the run fails (TimedOut) and the pod is deleted.",
+        description="Hard cap from pod creation: past it the run fails (TimedOut) and the pod is deleted (a "
+        "fine-tune stores a checkpoint first).",
+    )
+    max_cost: float | None = Field(
+        default=None,
+        gt=0,
+        title="Max cost (USD)",
+        description="A run whose estimated cost is above this is refused before any pod exists; a pod whose price "
+        "× time reaches it is stopped (the run fails, CostCapped; a fine-tune stores a checkpoint first).",
+    )
+    daily_budget: float | None = Field(
+        default=None,
+        gt=0,
+        title="Daily budget (USD)",
+        description="Set on the pool: once its pods cost this much today (UTC), no new pod is created until "
+        "tomorrow. Values on deployments or runs are ignored.",
     )
     startup_timeout: int = Field(
         default=1200,
@@ -247,8 +271,9 @@ class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
 
     @model_validator(mode="after")
     def _one_volume(self) -> RunPodJobConfiguration:
-        if self.volume_gb and self.network_volume_id:
-            raise ValueError("set volume_gb or network_volume_id, not both (RunPod mounts one volume per pod)")
+        volumes = [name for name in ("volume_gb", "network_volume_id", "cache_volume_ids") if getattr(self, name)]
+        if len(volumes) > 1:
+            raise ValueError(f"set one of {' and '.join(volumes)}, not both (RunPod mounts one volume per pod)")
         return self
 
     @property
@@ -258,6 +283,24 @@ class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
     @property
     def preferred_gpu_types(self) -> list[str]:
         return [] if self.gpu_types == VERIFIED else self.gpu_types
+
+    async def find_offers(
+        self, runpod: AsyncRunPodClient, *, fresh: bool = False, data_centers: Sequence[str] | None = None
+    ) -> Ranking:
+        """The offers this run may take, in the order the worker tries them (`data_centers`: only those), and why
+        the others were left out. The worker's create and the cost estimate (ow_prefect/costs) both use it."""
+        return await find_offers(
+            runpod,
+            min_vram_gb=with_margin(self.min_vram_gb, self.vram_margin),
+            gpu_count=self.gpu_count,
+            preferred=self.preferred_gpu_types,
+            clouds=self.clouds,
+            max_price_per_hour=self.max_price_per_hour,
+            data_centers=self.data_center_ids if data_centers is None else data_centers,
+            min_cuda_version=self.min_cuda_version,
+            data_center_min_cuda_version=self.data_center_min_cuda_version,
+            fresh=fresh,
+        )
 
     def prepare_for_flow_run(
         self,
@@ -288,11 +331,16 @@ class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
 
     def pod_request(self, name: str, deadline: float) -> dict[str, Any]:
         """The create body, without the GPU and cloud (filled per candidate)."""
+        env = {**self.env, DEADLINE_MARKER: str(int(deadline))}
+        if self.max_cost:
+            env[MAX_COST_MARKER] = str(self.max_cost)
+        if self.network_volume_id:  # the model cache on the volume; a job's own HF_HOME wins
+            env.setdefault("HF_HOME", hf_home(self.volume_mount_path))
         body: dict[str, Any] = {
             "name": name,
             "image": self.image,
             "args": self.command or "prefect flow-run execute",
-            "env": {**self.env, DEADLINE_MARKER: str(int(deadline))},
+            "env": env,
             "disk": self.container_disk_gb,
             "ports": list(self.ports),
         }
@@ -321,8 +369,11 @@ def runpod_job_variables(**variables: Any) -> dict[str, Any]:
     only with an HTTP error; this names every problem. Credentials stay on the pool (`ow setup`), never in a
     deployment.
     """
-    allowed = set(RunPodVariables.model_fields) - {"credentials"}
-    problems = [f"{name}: not a runpod job variable" for name in sorted(set(variables) - allowed)]
+    pool_only = {"daily_budget": "the pool's budget: set it on the pool, a deployment's value is ignored"}
+    allowed = set(RunPodVariables.model_fields) - {"credentials", *pool_only}
+    problems = [
+        f"{name}: {pool_only.get(name, 'not a runpod job variable')}" for name in sorted(set(variables) - allowed)
+    ]
     if not problems:
         try:
             checked = RunPodJobConfiguration.model_validate(variables)
@@ -338,20 +389,14 @@ class RunPodWorkerResult(BaseWorkerResult):
     """`identifier` is the pod id; `status_code` 0 unless the worker crashed or timed the run out."""
 
 
-@dataclass
-class Outcome:
-    """How a watch ended: the state to set before and after deleting the pod, and the worker's exit code."""
-
-    reason: str
-    before_delete: Any = None  # a state proposed (forced) before the delete: final states block a reschedule
-    after_delete: Any = None  # a state forced once the pod is gone (Crashed does not block a reschedule)
-    status_code: int = 0
-    elsewhere: bool = False  # the pod failed before its flow started, not through its command: try another one
-    log_tail: str = ""
-
-
 class RunPodWorker(
-    PodReconciler, CostAccounting, BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWorkerResult]
+    PodReconciler,
+    CostAccounting,
+    CheckpointStop,
+    PodAttempts,
+    PodCreation,
+    Preflight,
+    BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWorkerResult],
 ):
     """Runs each flow run in its own RunPod GPU pod and deletes the pod when the run ends."""
 
@@ -370,6 +415,7 @@ class RunPodWorker(
         self._credentials: dict[tuple[str, str], RunPodCredentials] = {}
         self._reconciler: asyncio.Task | None = None
         self._warned: set[str] = set()
+        self._stopping: set[UUID] = set()  # runs asked to stop at a checkpoint (workers/stopping.py)
 
     @classmethod
     def base_job_template(cls, credentials_block_id: UUID | str | None = None, **defaults: Any) -> dict[str, Any]:
@@ -425,7 +471,13 @@ class RunPodWorker(
         request = configuration.pod_request(f"{POD_PREFIX}{flow_run.id}", deadline)
         placement = self._placement(configuration, logger)
         async with credentials.get_client() as runpod:
+            costs = RunCosts(self.client, self._work_pool, flow_run, configuration, logger)
+            live_pods = functools.partial(self._live_pod_costs, runpod)
+            if (refused := await costs.refusal(runpod, ESTIMATE_TIMEOUT_SECONDS, live_pods)) is not None:
+                return await self._refuse(flow_run, refused, logger, task_status)
             while True:  # one pod, or more while pods fail before their flow starts (ow_prefect/workers/placement.py)
+                if placement.attempts and (refused := await costs.budget_refusal(live_pods)) is not None:
+                    return await self._refuse(flow_run, refused, logger, None)  # the run's infrastructure was said
                 try:
                     created = await self._create(runpod, flow_run, configuration, request, logger, placement)
                 except RunPodNoCapacity as exc:  # expected: one line, not a traceback
@@ -440,13 +492,14 @@ class RunPodWorker(
                     if task_status and not placement.attempts:
                         task_status.started("")
                     return RunPodWorkerResult(identifier="", status_code=0)
-                pod, candidate = created
+                pod, candidate, choice = created
                 record = PodRecord.of(pod, flow_run, candidate)
                 self._watched[pod.id] = flow_run.id
                 await self._report_infrastructure(flow_run, pod, task_status, placement, logger)
                 logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
                 pod_attempt = len(placement.attempts) + 1
                 self._emit("ow.pod.created", record, attempt=flow_run.run_count + 1, pod_attempt=pod_attempt)
+                await costs.publish(candidate, choice.cached)
                 try:
                     outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger, placement)
                 except BaseException as exc:
@@ -471,101 +524,16 @@ class RunPodWorker(
                 await self._end(runpod, record, outcome, logger)
                 return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
 
-    def _placement(self, configuration: RunPodJobConfiguration, logger: Any) -> Placement:
-        return Placement(
-            configuration.image,
-            store=CooldownStore(self.client),
-            min_cuda=configuration.min_cuda_version,
-            container_disk_gb=configuration.container_disk_gb,
-            verified_only=configuration.gpu_types == VERIFIED,
-            log=logger.info,
-        )
-
-    async def _report_infrastructure(
-        self, flow_run: FlowRun, pod: Pod, task_status: Any, placement: Placement, logger: Any
-    ) -> None:
-        """The run's infrastructure is its pod: said once with `started`, then updated for each new pod."""
-        if not placement.attempts:
-            if task_status:
-                task_status.started(f"{INFRA_PREFIX}{pod.id}")
-            return
-        try:
-            await self.client.update_flow_run(flow_run.id, infrastructure_pid=f"{INFRA_PREFIX}{pod.id}")
-        except Exception as exc:  # the watch deletes the pod all the same; only the UI shows the old id
-            logger.warning(f"Could not record pod {pod.id} as the run's infrastructure ({exc})")
-
-    def _out_of_attempts(self, placement: Placement, configuration: RunPodJobConfiguration, last: Outcome) -> Outcome:
-        message = (
-            f"{placement.failures()} max_pod_attempts ({configuration.max_pod_attempts}) reached. Last lines of the "
-            f"last pod's log:\n{last.log_tail}"
-        )
-        return Outcome(last.reason, after_delete=Crashed(message=message), status_code=1)
-
     async def _refuse(
         self, flow_run: FlowRun, state: Any, logger: Any, task_status: anyio.abc.TaskStatus | None
     ) -> RunPodWorkerResult:
-        """End a run that cannot get a pod (no capacity, no credentials): its state says why, the log one line."""
+        """End a run that gets no pod (no capacity, no credentials, over its max_cost or the pool's daily budget):
+        its state says why, the log one line."""
         logger.error(f"{state.name}: {state.message}")
         await propose_state(self.client, state, flow_run_id=flow_run.id)
         if task_status:
             task_status.started("")
         return RunPodWorkerResult(identifier="", status_code=0)
-
-    async def _create(
-        self,
-        runpod: AsyncRunPodClient,
-        flow_run: FlowRun,
-        configuration: RunPodJobConfiguration,
-        request: dict[str, Any],
-        logger: Any,
-        placement: Placement,
-    ) -> tuple[Pod, Candidate] | None:
-        """Walk the candidates, cheapest first, until one has capacity; wait for capacity if configured. The
-        placement leaves out the types and data centers that failed (and unverified types when asked)."""
-        give_up = time.monotonic() + configuration.capacity_wait
-        fresh = False
-        pause = CAPACITY_RETRY_SECONDS[0]
-        while True:
-            ranking = await find_offers(
-                runpod,
-                min_vram_gb=with_margin(configuration.min_vram_gb, configuration.vram_margin),
-                gpu_count=configuration.gpu_count,
-                preferred=configuration.preferred_gpu_types,
-                clouds=configuration.clouds,
-                max_price_per_hour=configuration.max_price_per_hour,
-                data_centers=configuration.data_center_ids,
-                min_cuda_version=configuration.min_cuda_version,
-                data_center_min_cuda_version=configuration.data_center_min_cuda_version,
-                fresh=fresh,
-            )
-            ranking.candidates = await placement.candidates(runpod, ranking.candidates, configuration.data_center_ids)
-            ranking.removed |= placement.skipped
-            try:
-                return await create_on_first(
-                    runpod, request, ranking.candidates, log=logger.info, request_for=placement.request_for
-                )
-            except RunPodNoCapacity as exc:
-                tried = exc.tried
-            if time.monotonic() >= give_up:
-                raise RunPodNoCapacity(_no_capacity_message(configuration, ranking, tried))
-            wait = min(pause, give_up - time.monotonic())
-            pause = min(pause * 2, CAPACITY_RETRY_SECONDS[1])
-            logger.info(f"No candidate has capacity; trying again in {wait:.0f} s (capacity_wait)")
-            if await self._cancelled_within(flow_run, wait):
-                await self._mark_flow_run_as_cancelled(
-                    flow_run, {"message": "Cancelled while waiting for GPU capacity; no pod was created."}
-                )
-                return None
-            fresh = True
-
-    async def _cancelled_within(self, flow_run: FlowRun, seconds: float) -> bool:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            await anyio.sleep(min(self._poll, max(0.0, end - time.monotonic())))
-            state = await self._state(flow_run.id)
-            if state is not None and (state.is_cancelling() or state.is_cancelled()):
-                return True
-        return False
 
     async def _watch(
         self,
@@ -602,9 +570,12 @@ class RunPodWorker(
                     await self._flow_started(runpod, record, placement, logger)
             if time.time() >= deadline:
                 message = f"The run exceeded max_runtime ({configuration.max_runtime} s); pod {pod.id} deleted."
-                return Outcome(
-                    "max_runtime passed", before_delete=Failed(name="TimedOut", message=message), status_code=1
-                )
+                timed_out = Failed(name="TimedOut", message=message)
+                state = await self._stop(flow_run, "max_runtime passed", timed_out, flow_started, logger)
+                return Outcome("max_runtime passed", before_delete=state, status_code=1)
+            if (capped := self._cost_capped(configuration.max_cost, record)) is not None:
+                state = await self._stop(flow_run, "max_cost reached", capped, flow_started, logger)
+                return Outcome("max_cost reached", before_delete=state, status_code=1)
             if not flow_started and time.monotonic() - created >= configuration.startup_timeout:
                 reason = f"the flow run did not start within startup_timeout ({configuration.startup_timeout} s)"
                 return await self._before_start(runpod, flow_run, record, reason, logger)
@@ -681,60 +652,6 @@ class RunPodWorker(
             await anyio.sleep(min(self._poll, 1.0))
         return await self._crash(runpod, flow_run, pod, reason, logger)
 
-    # ---- before the flow starts: the GPU health check (ow_prefect/runpod/health.py, workers/placement.py) -------
-
-    async def _flow_started(
-        self, runpod: AsyncRunPodClient, record: PodRecord, placement: Placement, logger: Any
-    ) -> None:
-        """The pod works: its health report becomes an event, and its (type, data center, image) leaves the
-        cooldown."""
-        report = parse_report(await _last_log_lines(runpod, record.pod_id, HEALTH_LOG_LINES))
-        if report is not None:
-            self._emit_health(record, report, logger)
-        await placement.started(record.pod, record.created_at)
-
-    async def _before_start(
-        self, runpod: AsyncRunPodClient, flow_run: FlowRun, record: PodRecord, reason: str, logger: Any
-    ) -> Outcome:
-        """A pod that failed before its flow started. Its health check passed: the command or the image is at
-        fault, the run crashes as always. Else (the check failed, or never reported): try another pod."""
-        lines = await _last_log_lines(runpod, record.pod_id, HEALTH_LOG_LINES)
-        report = parse_report(lines)
-        if report is not None:
-            self._emit_health(record, report, logger)
-            if report.ok:
-                return await self._crash(runpod, flow_run, record.pod, reason, logger)
-            reason = f"its GPU health check failed: {'; '.join(report.problems)}"
-        tail = "\n".join(lines[-LOG_LINES_IN_MESSAGE:]) or "(the pod wrote no log lines)"
-        return Outcome(reason, status_code=1, elsewhere=True, log_tail=tail)
-
-    def _emit_health(self, record: PodRecord, report: Report, logger: Any) -> None:
-        (logger.info if report.ok else logger.error)(f"Pod {record.pod_id}: {report.summary()}")
-        payload = {
-            "ok": report.ok,
-            "problems": report.problems,
-            "gpus_seen": report.gpus,
-            "driver": report.driver,
-            "cuda": report.cuda,
-            "torch": report.torch,
-            "disk_free_gb": report.disk_free_gb,
-        }
-        self._emit("ow.pod.healthy" if report.ok else "ow.pod.unhealthy", record, **payload)
-
-    async def _crash(self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any) -> Outcome:
-        lines = await _last_log_lines(runpod, pod.id, LOG_LINES_SEARCHED)
-        if lines:
-            logger.error(f"Last lines of pod {pod.id}'s log:\n" + "\n".join(lines[-LOG_LINES_LOGGED:]))
-        tail = "\n".join(lines[-LOG_LINES_IN_MESSAGE:]) or "(the pod wrote no log lines)"
-        # the first exception is the cause (a failed pull step, say); later ones are Prefect reacting to it
-        errors = [line.strip() for line in lines if ERROR_LINE.match(line)]
-        cause = f" The error: {errors[0]}" if errors else ""
-        if errors:
-            logger.error(f"Pod {pod.id}: the error in its log: {errors[0]}")
-        message = f"Pod {pod.id}: {reason.rstrip('.')}.{cause}\nLast lines of its log:\n{tail}"
-        logger.error(f"Pod {pod.id}: {reason}; marking the run Crashed and deleting the pod")
-        return Outcome(reason, after_delete=Crashed(message=message), status_code=1)
-
     async def _end(self, runpod: AsyncRunPodClient, record: PodRecord, outcome: Outcome, logger: Any) -> None:
         """Set the outcome's states around deleting the pod; then the terminated event and the cost artifact."""
         flow_run_id = record.flow_run_id
@@ -747,6 +664,7 @@ class RunPodWorker(
                 await self._force_state(flow_run_id, outcome.after_delete, logger)
         finally:
             self._watched.pop(record.pod_id, None)
+            await self._clear_stop(flow_run_id)
         if deleted != "failed":  # "gone": deleted by kill_infrastructure (a cancellation) or by hand; still ours
             logger.info(f"Pod {record.pod_id} deleted: {outcome.reason}")
             await self._account(record, outcome.reason, logger)
@@ -816,83 +734,6 @@ class RunPodWorker(
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
-
-    def _check_reachable(
-        self, configuration: RunPodJobConfiguration, credentials: RunPodCredentials, logger: Any
-    ) -> None:
-        """Refuse before renting anything when the pod could not reach the Prefect API."""
-        api_url = configuration.env.get("PREFECT_API_URL")
-        if not api_url:
-            raise ValueError(
-                "PREFECT_API_URL is not set for the pod: start the worker against a Prefect server the pod can "
-                "reach (Prefect Cloud or a public self-hosted URL), or set it in the job variables' env"
-            )
-        if _is_loopback(api_url) and not _is_loopback(credentials.api_url):
-            raise ValueError(
-                f"the pod would call the Prefect API at {api_url}, a loopback address it cannot reach: run the "
-                "worker with PREFECT_API_URL set to a public URL (plus PREFECT_API_AUTH_STRING or a Cloud key), "
-                "or override PREFECT_API_URL in the job variables' env"
-            )
-        if not configuration.env.get("OW_STORAGE_BLOCK") and not _is_loopback(credentials.api_url):
-            self._warn_once(
-                logger,
-                "storage",
-                "OW_STORAGE_BLOCK is not set: ow_prefect jobs in this pod keep their outputs on the pod's own disk, "
-                "lost when it is deleted (set it on the worker, e.g. s3-bucket/ow-storage)",
-            )
-
-
-class ContainerTracker:
-    """Counts container starts and exits from successive pod reads. A start: `runtime` or `startedAt` appears.
-    An exit (RunPod then restarts the container): `runtime` disappears while the pod stays RUNNING, the uptime
-    goes back, or `startedAt` changes (a container that lived less than one poll shows only that)."""
-
-    def __init__(self) -> None:
-        self.starts = 0
-        self.exits = 0
-        self._up = False
-        self._uptime: int | None = None
-        self._started_at: str | None = None
-
-    def observe(self, pod: Pod) -> str | None:
-        """ "up" on the first sign of a container, "exited" when one exited since the last read, else None."""
-        uptime = pod.runtime.uptime if pod.started and pod.runtime else None
-        exited = (
-            (self._up and not pod.started)
-            or (uptime is not None and self._uptime is not None and uptime < self._uptime)
-            or bool(pod.started_at and self._started_at and pod.started_at != self._started_at)
-        )
-        first = self.starts == 0 and (pod.started or pod.started_at is not None)
-        self._up, self._uptime = pod.started, uptime
-        self._started_at = pod.started_at or self._started_at
-        if first:
-            self.starts = 1
-        if exited:
-            self.exits += 1
-            return "exited"
-        return "up" if first else None
-
-
-async def _last_log_lines(runpod: AsyncRunPodClient, pod_id: str, count: int, wait: float = 3.0) -> list[str]:
-    """The pod's last log lines (container and system), read for at most `wait` seconds."""
-    lines: list[str] = []
-    with anyio.move_on_after(wait):
-        try:
-            async for line in runpod.stream_logs(pod_id, source=None, tail=count):
-                lines.append(line.line)
-        except RunPodError:
-            pass
-    return lines[-count:]
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 __all__ = ["RunPodJobConfiguration", "RunPodVariables", "RunPodWorker", "RunPodWorkerResult"]

@@ -10,7 +10,9 @@ what the worker sees the same: a pod whose run goes Running, then final, on the 
 Without SECONDS it does what tests/runpod_flows.py's `sleeper` does with the run's parameters: sleeps `seconds`,
 fails when `fail`, stores `payload` in ow_prefect's storage. On SIGTERM with
 `PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR=reschedule` (what the worker sets) it puts a run that is not final
-back to AwaitingRetry, as `prefect flow-run execute` does when a pod is preempted.
+back to AwaitingRetry, as `prefect flow-run execute` does when a pod is preempted. A run tagged as a fine-tune
+(`ow-type:fine_tuning`) does what a fine-tune's trainer does when the worker asks it to stop (ow_prefect/costs/stop.py):
+it looks for its stop Variable while it works and, when it appears, fails saying it stored a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import httpx
 import tenacity
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+STOPS_AT_CHECKPOINT = "ow-type:fine_tuning"
 
 
 class ServerBusy(Exception):
@@ -74,20 +77,36 @@ def reschedule_on_sigterm(client: httpx.Client, flow_run_id: str) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def sleep_unless_stopped(client: httpx.Client, flow_run_id: str, seconds: float) -> str | None:
+    """Sleep `seconds`, looking for the run's stop Variable every half second: its reason, or None."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        response = client.get(f"/variables/name/ow-stop-{flow_run_id}")
+        if response.status_code == 200:
+            return (response.json().get("value") or {}).get("reason") or "asked to stop"
+        time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+    return None
+
+
 def main() -> int:
     flow_run_id = os.environ["PREFECT__FLOW_RUN_ID"]
     with httpx.Client(base_url=os.environ["PREFECT_API_URL"].rstrip("/"), timeout=60) as client:
         if os.environ.get("PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR") == "reschedule":
             reschedule_on_sigterm(client, flow_run_id)
-        if len(sys.argv) > 1:
-            parameters = {"seconds": float(sys.argv[1])}
-        else:
-            parameters = client.get(f"/flow_runs/{flow_run_id}").json()["parameters"]
+        run = client.get(f"/flow_runs/{flow_run_id}").json()
+        parameters = {"seconds": float(sys.argv[1])} if len(sys.argv) > 1 else run["parameters"]
         if set_state(client, flow_run_id, {"type": "RUNNING"}) != "ACCEPT":
             print(f"flow run {flow_run_id} is not to run now", flush=True)
             return 0
         print(f"sleeping {parameters.get('seconds', 1.0)} s", flush=True)
-        time.sleep(float(parameters.get("seconds", 1.0)))
+        seconds = float(parameters.get("seconds", 1.0))
+        if STOPS_AT_CHECKPOINT in run.get("tags", []):
+            reason = sleep_unless_stopped(client, flow_run_id, seconds)
+            if reason:
+                set_state(client, flow_run_id, {"type": "FAILED", "message": f"Stopped at a checkpoint: {reason}"})
+                return 1
+        else:
+            time.sleep(seconds)
         if parameters.get("fail"):
             set_state(client, flow_run_id, {"type": "FAILED", "message": "asked to fail"})
             return 1

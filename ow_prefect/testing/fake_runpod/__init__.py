@@ -31,15 +31,18 @@ Where the fake departs from the spec, and why:
   cope with a pod that ends under it anyway.
 - `GET /v2/pods` pages with `?cursor=` and `pagination.nextCursor` only when built with `page_size`: the spec
   has no pagination yet, RunPod's notes say to follow `nextCursor` when present.
-- There are no templates, clusters or network volumes: a `templateId` is a 404, other spec routes are a 501.
+- There are no templates or clusters: a `templateId` is a 404, other spec routes are a 501. Network volumes are
+  read-only (`add_network_volume()` makes one; GET lists and reads them) and a pod mounting one is placed in its
+  data center. A mount path does not exist on this machine: the pod's env values that start with it point into the
+  volume's local folder instead, which every pod mounting the volume shares.
 - Every host reports CUDA 12.8; the catalog's `countryCodes` filter is a 501.
 - A PATCH of container settings takes effect at the container's next start (restart action or exit).
 
 The package's rooms: `spec` (the shipped spec, request validation, problem+json errors), `catalog` (GPU types,
 stock, prices, data centers), `pods` (the pod record and the process supervisor), `logs` (pod logs and their
-server-sent events), `app` (the ASGI app: routes, auth, injected faults) and `fake` (`FakeRunPod`: the server a
-test enters, its test controls and the pod handlers). Everything importable from the old module is importable
-from here.
+server-sent events), `volumes` (network volumes), `app` (the ASGI app: routes, auth, injected faults) and `fake`
+(`FakeRunPod`: the server a test enters, its test controls and the pod handlers). Everything importable from the
+old module is importable from here.
 """
 
 from ow_prefect.testing.fake_runpod.catalog import (
@@ -60,6 +63,7 @@ from ow_prefect.testing.fake_runpod.fake import PATCHABLE_FIELDS, FakeRunPod, Fa
 from ow_prefect.testing.fake_runpod.logs import LOG_LINES_KEPT, LogLine
 from ow_prefect.testing.fake_runpod.pods import IMAGE_VARIABLES, VCPUS_PER_GPU, FakePod, default_image_env
 from ow_prefect.testing.fake_runpod.spec import PORT_PATTERN, SPEC_FILE, SPEC_URI, Problem, SpecSchemas, spec_schemas
+from ow_prefect.testing.fake_runpod.volumes import FakeVolume
 
 __all__ = [
     "AVAILABILITY_LEVELS",
@@ -83,6 +87,7 @@ __all__ = [
     "AvailabilityFilters",
     "FakePod",
     "FakeRunPod",
+    "FakeVolume",
     "Fault",
     "LogLine",
     "Problem",

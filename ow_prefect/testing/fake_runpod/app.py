@@ -75,6 +75,14 @@ class Routes:
         ):
             return self._open_log_stream(pod_id, source, tail, _as_utc(since), last_event_id)
 
+        @app.get("/v2/network-volumes")
+        def list_network_volumes():
+            return self._list_network_volumes()
+
+        @app.get("/v2/network-volumes/{volume_id}")
+        def get_network_volume(volume_id: str):
+            return self._get_network_volume(volume_id)
+
         @app.get("/v2/catalog/gpus")
         def list_gpu_types(filters: CatalogFilters):
             return self._list_gpu_types(filters)

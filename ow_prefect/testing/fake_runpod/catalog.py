@@ -205,6 +205,7 @@ class Catalog:
         preferred = body.get("dataCenterIds") or []
         if "cpu" in body:
             return (preferred or [DEFAULT_DATA_CENTER])[0], CPU_PRICE_PER_VCPU * body["cpu"]["vcpuCount"], None
+        preferred = self._volume_data_center(body, preferred)
         gpu = body["gpu"]
         gpu_id, count, cloud = gpu["id"], gpu.get("count", 1), body.get("cloud", "SECURE")
         if gpu_id not in GPU_TYPES:

@@ -1,5 +1,5 @@
 """`FakeRunPod`: the server object a test enters, its test controls (stock, injected faults, stalled boots,
-preemption) and the pod routes' handlers; its rooms are `spec`, `catalog`, `pods`, `logs` and `app` (see the
+preemption) and the pod routes' handlers; its rooms are `spec`, `catalog`, `pods`, `logs`, `volumes` and `app` (see the
 package's docstring)."""
 
 import contextlib
@@ -46,6 +46,7 @@ from ow_prefect.testing.fake_runpod.pods import (
     default_image_env,
 )
 from ow_prefect.testing.fake_runpod.spec import Problem, _check_create_rules, _check_ports, spec_schemas
+from ow_prefect.testing.fake_runpod.volumes import FakeVolume, NetworkVolumes
 
 # The fields a PATCH may change, by their JSON name (mounts aside: an empty one changes nothing).
 PATCHABLE_FIELDS = {
@@ -79,7 +80,7 @@ class Fault:
         return Problem(self.status, self.detail or f"injected fault: {HTTPStatus(self.status).phrase}", headers=headers)
 
 
-class FakeRunPod(Catalog, LogStreams, PodSupervisor, Routes):
+class FakeRunPod(Catalog, LogStreams, NetworkVolumes, PodSupervisor, Routes):
     """RunPod's REST API v2 for pods and the GPU catalog, served on a free loopback port while entered.
 
     `api_key` is the one bearer token it accepts; `page_size` pages `GET /v2/pods` (None: one page);
@@ -123,6 +124,7 @@ class FakeRunPod(Catalog, LogStreams, PodSupervisor, Routes):
         self.log_follow_seconds = log_follow_seconds
         self.url = ""
         self.pods: dict[str, FakePod] = {}
+        self.volumes: dict[str, FakeVolume] = {}
         self.stock: dict[tuple[str, str, str], StockEntry] = {}
         self.requests: list[tuple[str, str, Any]] = []
         self.request_times: list[float] = []  # time.monotonic() of each entry in `requests`

@@ -171,9 +171,11 @@ class PodSupervisor:
             "RUNPOD_PUBLIC_IP": "127.0.0.1",
         }
         injected |= {f"RUNPOD_TCP_PORT_{_private_port(spec)}": str(public) for spec, public in pod.port_map.items()}
+        env = {**self.image_env, "HOME": str(pod.workdir), **pod.env}
         if pod.mounts.get("network"):
             injected["RUNPOD_VOLUME_ID"] = pod.mounts["network"][0]["volumeId"]
-        env = {**self.image_env, "HOME": str(pod.workdir), **pod.env, **injected}
+            env = self._volume_env(pod.mounts, env)
+        env = {**env, **injected}
         return self.gpus.pod_env(pod.workdir, pod.gpu, pod.data_center_id, env)  # its simulated nvidia-smi
 
     def _pump_output(self, pod: FakePod, stream: Any) -> None:
