@@ -32,6 +32,12 @@ if [[ -n "${compat_dir}" && -d "${compat_dir}" ]]; then
   fi
 fi
 
+# A restarted container whose flow run is already over (RunPod restarts a command that exited; the worker deletes
+# the pod moments later) must not run it again: it stays idle until the worker deletes it (ow_prefect/runpod/run_state.py).
+if [[ -n "${PREFECT__FLOW_RUN_ID:-}" ]] && python -m ow_prefect.runpod.run_state; then
+  exec sleep infinity
+fi
+
 # The GPU health check (docs/runpod.md, "GPU health check"): the RunPod worker passes what it rented in
 # OW_HEALTH_EXPECT. A pod that does not see it (no GPU, less memory, a driver too old for the image, a full disk)
 # stops here, before the flow starts: the worker deletes it and retries the run on another GPU type or data center.
