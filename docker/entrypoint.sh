@@ -33,8 +33,9 @@ if [[ -n "${compat_dir}" && -d "${compat_dir}" ]]; then
 fi
 
 # A restarted container whose flow run is already over (RunPod restarts a command that exited; the worker deletes
-# the pod moments later) must not run it again: it stays idle until the worker deletes it (ow_prefect/runpod/run_state.py).
-if [[ -n "${PREFECT__FLOW_RUN_ID:-}" ]] && python -m ow_prefect.runpod.run_state; then
+# the pod moments later) must not run it again: it stays idle until the worker deletes it (ow_prefect/runpod/run_state.py;
+# whatever it cannot tell, a failed import included, means "run it").
+if [[ -n "${PREFECT__FLOW_RUN_ID:-}" ]] && python -m ow_prefect.runpod.run_state 2>/dev/null; then
   exec sleep infinity
 fi
 

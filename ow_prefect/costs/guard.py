@@ -15,6 +15,7 @@ from prefect.states import Failed
 from ow_prefect.costs.budget import daily_budget, refusal, spent_today
 from ow_prefect.costs.estimate import Estimate, estimate_on
 from ow_prefect.costs.plan import estimate_flow_run
+from ow_prefect.runpod.errors import RunPodAuthError
 
 ESTIMATE_ARTIFACT = "runpod-estimate-{flow_run_id}"
 LivePods = Callable[[], Awaitable[list[tuple[float, float]]]]
@@ -41,6 +42,8 @@ class RunCosts:
             with anyio.fail_after(timeout):
                 pool = self.work_pool.name if self.work_pool is not None else None
                 self.estimate = await estimate_flow_run(self.client, self.flow_run, self.configuration, runpod, pool)
+        except RunPodAuthError:  # the create would be refused the same way: the run ends on it, without asking again
+            raise
         except Exception as exc:  # noqa: BLE001 - an estimate must never stop a run by failing
             self.logger.warning(f"No cost estimate for this run ({type(exc).__name__}: {exc})")
             return None
