@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from deployments.register import load_deployments
-from ow_prefect.testing.servers import _stop, free_port, prefect_server
+from ow_prefect.testing.servers import PortTaken, _stop, free_port, prefect_server
 from tests.conftest import ROOT
 from tests.helpers import eventually
 
@@ -93,10 +93,21 @@ class Shell:
 @pytest.fixture(scope="module")
 def docs_server(session_dir):
     """A Prefect server for this module only, with its UI on."""
-    port = free_port()
-    env = {"PREFECT_SERVER_UI_ENABLED": "true", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
-    with prefect_server(session_dir / "prefect-docs-server", port=port, env=env) as url:
-        yield url
+    for attempt in range(3):  # a free port can be lost to the other pytest process's server before ours binds it
+        port = free_port()
+        env = {"PREFECT_SERVER_UI_ENABLED": "true", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+        try:
+            server = prefect_server(session_dir / f"prefect-docs-server-{attempt}", port=port, env=env)
+            url = server.__enter__()
+        except (PortTaken, RuntimeError):
+            if attempt == 2:
+                raise
+            continue
+        try:
+            yield url
+        finally:
+            server.__exit__(None, None, None)
+        return
 
 
 @pytest.fixture(scope="module")

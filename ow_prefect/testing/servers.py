@@ -58,9 +58,9 @@ def prefect_server(
 ) -> Iterator[str]:
     """Run `prefect server start` (SQLite in `home`, unless `env` names another database) on `port` or a free
     loopback port; yield its API URL. Started again with the same home and port, it is the same server after a
-    restart."""
+    restart. A free port lost to another process before the server bound it is tried again with another one
+    (a `port` given is not: `PortTaken`)."""
     home.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -70,20 +70,54 @@ def prefect_server(
         **(env or {}),
     }
     log = home / "server.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [*_prefect_cli(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        _wait_healthy(f"{url}/health", proc, timeout, log)
-        yield url
-    finally:
-        _stop(proc)
+    for attempt in range(1 if port else 3):
+        chosen = port or free_port()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                [*_prefect_cli(), "server", "start", "--host", "127.0.0.1", "--port", str(chosen)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        url = f"http://127.0.0.1:{chosen}/api"
+        try:
+            _wait_healthy(f"{url}/health", proc, timeout, log)
+            _check_listening(proc, chosen, log)
+        except PortTaken:
+            _stop(proc)
+            if port or attempt == 2:
+                raise
+            continue
+        except BaseException:
+            _stop(proc)
+            raise
+        try:
+            yield url
+        finally:
+            _stop(proc)
+        return
+
+
+class PortTaken(RuntimeError):
+    """Another process answered on the port a server of ours was started on (a free port lost to a race)."""
+
+
+def _check_listening(proc: subprocess.Popen, port: int, log: Path) -> None:
+    """The healthy server on `port` is `proc` (or a child of it), not another process that took the port between
+    `free_port()` and the bind: two pytest processes start servers at the same time, and whichever answers on the
+    port would otherwise be taken for ours."""
+    import psutil
+
+    root = psutil.Process(proc.pid)
+    for process in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            if any(
+                c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                for c in process.net_connections("tcp")
+            ):
+                return
+    raise PortTaken(f"port {port} answers, but not from the server started there (pid {proc.pid}); see {log}")
 
 
 @contextlib.contextmanager
