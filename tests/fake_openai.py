@@ -101,12 +101,12 @@ class FakeOpenAI:
                     await asyncio.sleep(faults.delay)
                 if drop:
                     raise ConnectionAbortedError  # uvicorn closes the connection without a response
-                if "FAIL" in str(body["messages"][-1]["content"]):
-                    return JSONResponse(INJECTED_400, 400)
-                if fail:
+                if fail:  # before the content check, as a rate limit is: whichever request it hits is retried
                     headers = {"retry-after": str(faults.retry_after)} if faults.retry_after is not None else {}
                     error = {"error": {"message": f"injected {faults.status}", "type": "server_error"}}
                     return JSONResponse(error, faults.status, headers=headers)
+                if "FAIL" in str(body["messages"][-1]["content"]):
+                    return JSONResponse(INJECTED_400, 400)
                 return JSONResponse(completion(body))
             finally:
                 with lock:

@@ -111,9 +111,9 @@ def billed_until(pod: FakePod) -> datetime | None:
 def assert_clean(fake: FakeRunPod, timeout: float = 30) -> None:
     """The invariants every fault scenario ends with: no pod left (each one deleted), and never two billed pods
     for one flow run at the same time (a retried create, a second worker or a reschedule must not double up)."""
-    assert eventually(lambda: all(pod.deleted_at for pod in list(fake.pods.values())), timeout=timeout), [
-        (pod.id, pod.name, pod.status) for pod in fake.pods.values() if not pod.deleted_at
-    ]
+    if not eventually(lambda: all(pod.deleted_at for pod in list(fake.pods.values())), timeout=timeout):
+        left = [pod for pod in list(fake.pods.values()) if not pod.deleted_at]
+        raise AssertionError(f"pods left: {[(p.id, p.name, p.status) for p in left]}\n{_what_workers_said(left)}")
     by_run: dict[str, list[FakePod]] = {}
     for pod in fake.pods.values():
         by_run.setdefault(pod.name, []).append(pod)
@@ -123,6 +123,20 @@ def assert_clean(fake: FakeRunPod, timeout: float = 30) -> None:
             assert billed_until(earlier) <= later.created_at, (
                 f"{name}: pod {later.id} was created while {earlier.id} was still billed"
             )
+
+
+def _what_workers_said(pods: list[FakePod]) -> str:
+    """The session worker's log lines about the pods (to diagnose a leftover pod from a CI log)."""
+    if _WORKER_LOG is None or not _WORKER_LOG.exists():
+        return "(no session worker log)"
+    names = {pod.id for pod in pods} | {pod.name.removeprefix("ow-") for pod in pods}
+    lines = _WORKER_LOG.read_text(errors="replace").splitlines()
+    said = [line for line in lines if any(name in line for name in names)]
+    tail = "\n".join(lines[-40:])
+    return "the session worker's lines about them:\n" + "\n".join(said[-60:]) + f"\n...its last lines:\n{tail}"
+
+
+_WORKER_LOG: Path | None = None
 
 
 # Fixtures (a pytest plugin: tests/conftest.py loads this module). One fake, pool and worker for the session:
@@ -136,8 +150,35 @@ def fake(tmp_path_factory):
     # The images set HF_HOME (docker/Dockerfile); the entrypoint creates it.
     image_env = {"HF_HOME": str(tmp_path_factory.mktemp("hf-home")), **default_image_env()}
     timings = {"boot_seconds": 0.3, "restart_backoff": 0.5, "kill_grace": 2, "log_follow_seconds": 0.3}
+    global _SESSION_FAKE
     with FakeRunPod(api_key=API_KEY, entrypoint=str(ENTRYPOINT), image_env=image_env, **timings) as f:
+        _SESSION_FAKE = f
         yield f
+    _SESSION_FAKE = None
+
+
+_SESSION_FAKE: FakeRunPod | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_pod_outlives_its_module(request):
+    """A module that leaves a pod of the session's fake running fails here (its teardown), with what the worker
+    said about it, and the pod is deleted: a pod left by one module (say through a worker of its own that stopped
+    before deleting it) must not fail the next module's `assert_clean` in its place."""
+    created_before = len(_SESSION_FAKE.pods) if _SESSION_FAKE is not None else 0
+    yield
+    fake = _SESSION_FAKE
+    if fake is None:
+        return
+    ours = lambda: [pod for pod in list(fake.pods.values())[created_before:] if not pod.deleted_at]  # noqa: E731
+    if not eventually(lambda: not ours(), timeout=30):
+        left = ours()
+        for pod in left:
+            fake.delete(pod.id)
+        pytest.fail(
+            f"{request.module.__name__} left pods of the session's FakeRunPod running (now deleted): "
+            f"{[(p.id, p.name, p.status) for p in left]}\n{_what_workers_said(left)}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +203,9 @@ def runpod_pool(prefect_api, fake):
 
 @pytest.fixture(scope="session")
 def runpod_worker_log(tmp_path_factory):
-    return tmp_path_factory.mktemp("runpod-worker") / "worker.log"
+    global _WORKER_LOG
+    _WORKER_LOG = tmp_path_factory.mktemp("runpod-worker") / "worker.log"
+    return _WORKER_LOG
 
 
 @pytest.fixture(scope="session")

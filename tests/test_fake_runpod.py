@@ -159,6 +159,16 @@ def test_delete_kills_the_process_and_gives_the_gpu_back(api, fake):
     assert api.get("/pods").json() == {"pods": []}
 
 
+def test_a_pod_whose_stock_entry_a_test_removed_is_still_deleted(api, fake):
+    """A test that takes a data center out of the catalog (`del fake.stock[...]`) while a pod there is still being
+    deleted must not make that delete fail (it left the pod running for the rest of the session)."""
+    fake.set_stock(A6000, 1, "SECURE", "EU-RO-1")
+    pod = create(api, args=KEEP_RUNNING, dataCenterIds=["EU-RO-1"])
+    del fake.stock[(A6000, "SECURE", "EU-RO-1")]
+    assert api.delete(f"/pods/{pod['id']}").status_code == 204
+    assert fake.pods[pod["id"]].deleted_at and (A6000, "SECURE", "EU-RO-1") not in fake.stock
+
+
 def test_no_stock_left_is_a_400_with_runpods_sentence(api, fake):
     fake.set_stock("NVIDIA A100 80GB PCIe", 1)
     a100 = {"id": "NVIDIA A100 80GB PCIe", "count": 1}

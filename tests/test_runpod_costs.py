@@ -197,6 +197,7 @@ def test_a_network_volume_pins_its_data_center_and_holds_hf_home(prefect_client,
         assert wait_for(prefect_client, flow_run.id, finished).state.is_completed()
         (pod,) = pods_of(fake, flow_run.id)
         assert pod.data_center_id == "EU-RO-1" and pod.env["HF_HOME"] == "/workspace/.cache/huggingface"
+        assert all_deleted(fake, flow_run.id)  # its GPU back in stock before the entry goes
     finally:
         del fake.stock[("NVIDIA RTX A6000", "SECURE", "EU-RO-1")]
 

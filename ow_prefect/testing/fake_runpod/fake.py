@@ -244,6 +244,10 @@ class FakeRunPod(Catalog, LogStreams, NetworkVolumes, PodSupervisor, Routes):
             peak = max(peak, live)
         return peak
 
+    def delete(self, pod_id: str) -> None:
+        """Delete a pod as `DELETE /pods/{podId}` does (a test's clean-up of a pod its worker left)."""
+        self._delete_pod(pod_id)
+
     def preempt(self, pod_id: str) -> None:
         """End a pod the way a spot interruption does: SIGTERM to its processes and status EXITED at once, then
         TERMINATED when they are gone (SIGKILL after `kill_grace`). It is not restarted and stays listed."""
