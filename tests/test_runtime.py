@@ -13,13 +13,20 @@ from ow_prefect.jobs.api import ApiJob
 from ow_prefect.jobs.submit import cached_tag, lock_name
 
 
-def logs_of(flow_run_id) -> str:
+def logs_of(flow_run_id, expecting: str, timeout: float = 30) -> str:
+    """The run's Prefect logs once `expecting` is among them (or all there are after `timeout`): an in-process
+    run's log lines reach the server in batches, so the last ones can arrive after the run is Completed."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return "\n".join(log.message for log in logs)
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            text = "\n".join(log.message for log in logs)
+            if expecting in text or time.monotonic() > deadline:
+                return text
+            time.sleep(0.5)
 
 
 def test_a_lock_that_no_run_holds_is_cleared(monkeypatch):
@@ -39,7 +46,8 @@ def test_a_lock_that_no_run_holds_is_cleared(monkeypatch):
         )
     state = custom_run(entrypoint=entrypoint, return_state=True)
     assert state.is_completed(), state
-    assert f"the lock of job {job_id} is held by no active run: clearing it" in logs_of(state.state_details.flow_run_id)
+    expected = f"the lock of job {job_id} is held by no active run: clearing it"
+    assert expected in logs_of(state.state_details.flow_run_id, expected)
     with get_client(sync_client=True) as client:
         assert not [lim for lim in client.read_global_concurrency_limits(limit=200) if job_id in lim.name]
 
