@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ow-tests-"))
@@ -161,7 +162,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: -UNIT_SECONDS.get(unit_of(item.nodeid), 0))
+    tests = Counter(unit_of(item.nodeid) for item in items)  # units not in UNIT_SECONDS: the most tests first
+    items.sort(key=lambda item: (-UNIT_SECONDS.get(unit := unit_of(item.nodeid), 0), -tests[unit], unit))
 
 
 def pytest_terminal_summary(terminalreporter, config):
