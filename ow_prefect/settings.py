@@ -40,6 +40,13 @@ class OWSettings(BaseSettings):
     )
     max_file_mb: float = Field(default=2048, gt=0, description="Largest file ow.files accepts, in MiB.")
     vllm_python: Path | None = Field(default=None, description="Interpreter of the vLLM environment.")
+    vllm_optimization_level: int | None = Field(
+        default=None,
+        ge=0,
+        le=3,
+        description="vLLM's --optimization-level for the engines the flows start (unset: vLLM's default, which "
+        "compiles the model at each start; 0: no compiling, faster starts, slower decoding of big models).",
+    )
     mode: Literal["auto", "server", "embedded"] = Field(default="auto", description="How jobs are run.")
     train_image: str = Field(default="ow-prefect-train:0.1", description="Image of training and custom jobs.")
     serve_image: str = Field(default="ow-prefect-serve:0.1", description="Image of vLLM jobs.")

@@ -26,7 +26,8 @@ Parallel runs: `make test` is `pytest -n 2 --dist loadgroup`. Each module runs w
 module fixtures are set up once), and the modules that start vLLM (VLLM_MODULES) form two groups, each run on
 one process, one module after another: never more than two vLLM servers of the tests at once (plus the idle
 `served_api`). A new module that starts vLLM belongs in VLLM_MODULES. Everything session-scoped above exists
-once per process.
+once per process. The grouping and the order (longest unit first, UNIT_SECONDS) are this file's own scheduler
+(`pytest_xdist_make_scheduler`); `make test` ends with each unit's seconds.
 
 Prefect's home is set before Prefect is imported, so the embedded (ephemeral) tests never touch the
 developer's own ~/.prefect.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ow-tests-"))
@@ -59,6 +61,10 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # flows/_vllm.py binds every core otherwise
+# vLLM without torch.compile (flows/_vllm.py's optimization_level): about 15 vLLM engines start in a run, and
+# compiling the tiny model cost each 7 s (warm compile cache) to 18 s (cold) of CPU. Pods get it too (IMAGE_VARIABLES
+# of the fake). OW_VLLM_OPTIMIZATION_LEVEL=2 runs the suite at vLLM's default level.
+os.environ.setdefault("OW_VLLM_OPTIMIZATION_LEVEL", "0")
 
 import pytest  # noqa: E402
 
@@ -98,19 +104,100 @@ SERVER_FIXTURES = {
 }
 
 
+# Seconds each long unit of work (a module, or a vLLM group) took in a full `make test` (two processes on 2 shared
+# cores; measured Dec 1 while another full suite ran on the machine, about twice a quiet run's times). The units
+# run longest first, so the two processes end together instead of one finishing the last long module alone (in
+# that run: 2196 s and 2180 s of tests); units not listed (each well under a minute) come after them, the most
+# tests first. `make test` prints the units' times (`pytest_terminal_summary` below): update these when a
+# module's time changes by a minute or more.
+UNIT_SECONDS = {
+    "vllm-other": 420,
+    "vllm-served": 380,
+    "tests/test_cli.py": 370,
+    "tests/test_docs_recipes.py": 355,
+    "tests/test_worker_placement.py": 330,
+    "tests/reliability/test_worker_faults.py": 315,
+    "tests/test_job_identity.py": 265,
+    "tests/test_docker.py": 260,
+    "tests/test_server.py": 235,
+    "tests/test_openweights_compat.py": 225,
+    "tests/reliability/test_finetune_preemption.py": 155,
+    "tests/test_demo.py": 120,
+    "tests/test_runpod_worker.py": 100,
+    "tests/reliability/test_server_restart.py": 90,
+    "tests/test_runpod_costs.py": 90,
+    "tests/test_custom_jobs.py": 85,
+    "tests/test_inference_openai.py": 65,
+    "tests/reliability/test_storage_outage.py": 55,
+    "tests/test_deploy_cli.py": 50,
+    "tests/test_finetune_train.py": 40,
+    "tests/test_finetune_flow.py": 35,
+    "tests/test_gpu_kit.py": 35,
+    "tests/test_envs.py": 30,
+}
+
+
+def unit_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module, or its module's vLLM group."""
+    path = nodeid.split("::", 1)[0]
+    return VLLM_MODULES.get(Path(path).name) or path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with our units (`unit_of`) handed out in the order of the collected items. xdist's own
+    loadgroup reads the groups from the `@group` suffix it gives test ids, which pytest 9.2 no longer lets it
+    change (Node.nodeid is derived from Node._id; xdist 3.8 sets _nodeid): every test became a unit of its own, a
+    module's tests ran on both processes (each setting up the module's fixtures and the session's served_api).
+    And its default order (most tests first) put the vLLM groups in the middle and the one-test modules of a
+    minute or more last."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    config.option.loadscopereorder = False
+    return UnitScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`slow` for tests that need a server (above); under xdist's `loadgroup`, a module is one unit of work, and the
-    vLLM modules are one unit together."""
+    """`slow` for tests that need a server (above); the units (`unit_of`) longest first (UNIT_SECONDS): xdist gives
+    each process one unit, and the next one whenever a process is down to its last two tests. The two vLLM groups
+    are the longest, so each process starts on one of them."""
     for item in items:
         if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        name = item.path.name
-        group = VLLM_MODULES.get(name) or str(item.path.relative_to(ROOT))
-        item.add_marker(pytest.mark.xdist_group(group))
-    # The two vLLM groups first: xdist hands out the first units round-robin, so each process starts on one of the
-    # two longest units and the rest fill in around them.
-    first = {group: rank for rank, group in enumerate(("vllm-other", "vllm-served"))}
-    items.sort(key=lambda item: first.get(VLLM_MODULES.get(item.path.name), len(first)))
+    tests = Counter(unit_of(item.nodeid) for item in items)  # units not in UNIT_SECONDS: the most tests first
+    items.sort(key=lambda item: (-UNIT_SECONDS.get(unit := unit_of(item.nodeid), 0), -tests[unit], unit))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Under xdist: each unit's seconds (setup + call + teardown of its tests) and each process's total, longest
+    first, to keep UNIT_SECONDS true."""
+    if not _UNIT_TIMES:
+        return
+    terminalreporter.write_sep("=", "units of work (tests/conftest.py UNIT_SECONDS), seconds")
+    for worker, total in sorted(_WORKER_TIMES.items()):
+        terminalreporter.write_line(f"{worker}: {total:7.1f} s of tests")
+    for unit, (worker, seconds) in sorted(_UNIT_TIMES.items(), key=lambda kv: -kv[1][1])[:30]:
+        terminalreporter.write_line(f"{seconds:7.1f}  {worker}  {unit}")
+
+
+_UNIT_TIMES: dict[str, tuple[str, float]] = {}
+_WORKER_TIMES: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    worker = getattr(getattr(report, "node", None), "gateway", None)
+    if worker is None:  # not the xdist controller
+        return
+    unit = unit_of(report.nodeid)
+    _, seconds = _UNIT_TIMES.get(unit, (worker.id, 0.0))
+    _UNIT_TIMES[unit] = (worker.id, seconds + report.duration)
+    _WORKER_TIMES[worker.id] = _WORKER_TIMES.get(worker.id, 0.0) + report.duration
 
 
 @pytest.fixture(scope="session")

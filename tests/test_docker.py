@@ -118,23 +118,40 @@ def pypi_reachable() -> bool:
         return False
 
 
-@pytest.mark.registry
-@pytest.mark.timeout(900)
-@pytest.mark.parametrize(
-    "requirements",
-    ["docker/requirements-train.txt", "docker/requirements-serve.txt", "ow_prefect/envs/vllm-cuda.txt"],
-)
-def test_image_requirements_resolve_for_linux_x86_64(requirements, tmp_path):
-    """pip's resolver, wheels only, for the image's Python and platform, against pypi.org alone (--isolated: no
-    local wheel folders or constraints), so a pin that cannot be installed fails here, not in a build."""
+REQUIREMENTS = ["docker/requirements-train.txt", "docker/requirements-serve.txt", "ow_prefect/envs/vllm-cuda.txt"]
+
+
+@pytest.fixture(scope="module")
+def resolving(tmp_path_factory):
+    """The three resolves, started together (each waits on pypi.org more than it computes: one after another they
+    took 40-65 s each): requirements file -> (its pip process, its output folder)."""
     if not pypi_reachable():
         pytest.skip("pypi.org is not reachable from here")
-    command = [sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--ignore-installed"]
-    command += ["--index-url", "https://pypi.org/simple", "--only-binary=:all:", "--target", str(tmp_path / "t")]
-    command += ["--python-version", IMAGE_PYTHON, "--implementation", "cp"]
-    for platform in linux_platforms():
-        command += ["--platform", platform]
-    command += ["-r", str(ROOT / requirements)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=880)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Would install" in result.stdout
+    started = {}
+    for requirements in REQUIREMENTS:
+        out = tmp_path_factory.mktemp("resolve")
+        command = [sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--ignore-installed"]
+        command += ["--index-url", "https://pypi.org/simple", "--only-binary=:all:", "--target", str(out / "t")]
+        command += ["--python-version", IMAGE_PYTHON, "--implementation", "cp"]
+        for platform in linux_platforms():
+            command += ["--platform", platform]
+        command += ["-r", str(ROOT / requirements)]
+        with open(out / "stdout", "wb") as stdout, open(out / "stderr", "wb") as stderr:
+            started[requirements] = (subprocess.Popen(command, stdout=stdout, stderr=stderr), out)
+    yield started
+    for proc, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.registry
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("requirements", REQUIREMENTS)
+def test_image_requirements_resolve_for_linux_x86_64(requirements, resolving):
+    """pip's resolver, wheels only, for the image's Python and platform, against pypi.org alone (--isolated: no
+    local wheel folders or constraints), so a pin that cannot be installed fails here, not in a build."""
+    proc, out = resolving[requirements]
+    returncode = proc.wait(timeout=880)
+    assert returncode == 0, (out / "stderr").read_text()[-4000:]
+    assert "Would install" in (out / "stdout").read_text()

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Cancelled
 
 from flows._runtime import RESULT_PURPOSE, JobRun, run_job, stream_command, with_params_signature
-from flows._vllm import adapter_rank, fit_max_model_len, vllm_env, vllm_python
+from flows._vllm import adapter_rank, fit_max_model_len, optimization_level, vllm_env, vllm_python
 from flows.inference.openai_models import BatchesCancelled, run_openai
 from ow_prefect.jobs.inference import InferenceJob, InferenceParams
 
@@ -67,7 +67,7 @@ def _infer(job: JobRun) -> dict[str, Any]:
 def run_runner(config: dict[str, Any], work: Path) -> dict[str, Any]:
     """Run `runner.py` in vLLM's environment with `config` (its keys: see the runner), its progress lines
     streamed into the run's logs; returns its summary ({rows, generated_tokens, seconds})."""
-    config = {**config, "summary": str(work / "summary.json")}
+    config = {**config, "summary": str(work / "summary.json"), "optimization_level": optimization_level()}
     (work / "config.json").write_text(json.dumps(config))
     python, config_path = shlex.quote(str(vllm_python())), shlex.quote(str(work / "config.json"))
     stream_command(f"{python} {shlex.quote(str(RUNNER))} --config {config_path}", cwd=str(work), env=vllm_env())

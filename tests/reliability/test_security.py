@@ -147,7 +147,7 @@ def _refused_by_gateway(answer: httpx.Response) -> bool:
     return answer.headers.get(REFUSED_HEADER) == "gateway"
 
 
-@pytest.mark.timeout(1500)  # five runs on pods, two vLLM starts: ~10 minutes on 2 busy cores
+@pytest.mark.timeout(1500)  # four runs on pods (three at once at most), two vLLM starts: minutes on 2 busy cores
 def test_gated_models_routes_keys_and_environments_and_no_secret_anywhere(
     fake, hub, prefect_client, use_server, s3_endpoint, tiny_model, tmp_path, monkeypatch
 ):
@@ -177,6 +177,7 @@ def test_gated_models_routes_keys_and_environments_and_no_secret_anywhere(
     worker_log = tmp_path / "worker.log"
     ow = OpenWeights()
     with prefect_worker(use_server, POOL, "runpod", worker_env, worker_log):
+        env_job = ow.custom.create(entrypoint="env | sort")  # on a pod of its own while the fine-tune trains
         data = ow.files.upload(write_jsonl(sample_conversations(64), tmp_path / "train.jsonl"), "conversations")
         job = ow.fine_tuning.create(
             model=GATED_MODEL, training_file=data.id, max_steps=4, merge_before_push=False, learning_rate=1e-3
@@ -189,22 +190,8 @@ def test_gated_models_routes_keys_and_environments_and_no_secret_anywhere(
         assert "adapter_model.safetensors" in pushed and hub.private[job.outputs["hub_model_id"]]
 
         prompts = ow.files.upload(write_jsonl(sample_conversations(3), tmp_path / "prompts.jsonl"), "conversations")
+        # the batch job runs on its pod while the API below starts on another
         batch = ow.inference.create(model=job.id, input_file_id=prompts.id, max_tokens=3, max_model_len=256)
-        env_job = ow.custom.create(entrypoint="env | sort")
-        for submitted in (batch, env_job):
-            ended = wait_for(prefect_client, submitted.flow_run_id, finished, timeout=300)
-            assert ended.state.is_completed(), f"{ended.state}\n{worker_log.read_text()[-3000:]}"
-        rows = [
-            json.loads(line)
-            for line in ow.files.content(ow.jobs.retrieve(batch.id).outputs["result_file"]).splitlines()
-        ]
-        assert len(rows) == 3 and all(row["completion"] is not None for row in rows)
-        printed = ow.jobs.retrieve(env_job.id).logs()
-        variables = set(re.findall(r"^\S+ ([A-Za-z_][A-Za-z0-9_]*)=", printed, re.MULTILINE))  # time NAME=value
-        assert {"PATH", "OW_JOB_ID", "RUNPOD_POD_ID"} <= variables, printed  # the command printed its environment
-        assert not variables & {"RUNPOD_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY", "HF_TOKEN"}, variables
-        assert not {v for v in variables if v.startswith("AWS_")}, variables
-
         routes = [tuple(route) for route in json.loads(routes_reader.communicate(timeout=300)[0])]
         assert ("/invocations", ["POST"]) in routes and ("/v1/chat/completions", ["POST"]) in routes
         api = ow.api.deploy(job.id, max_model_len=256, max_num_seqs=2, keep_alive=60)
@@ -223,6 +210,19 @@ def test_gated_models_routes_keys_and_environments_and_no_secret_anywhere(
         assert api_key and len(api_key) >= 32
         with pytest.raises(ValueError):  # the run deleted its key when it ended
             Secret.load(key_secret(api.job_id), _sync=True)
+        for submitted in (batch, env_job):
+            ended = wait_for(prefect_client, submitted.flow_run_id, finished, timeout=300)
+            assert ended.state.is_completed(), f"{ended.state}\n{worker_log.read_text()[-3000:]}"
+        rows = [
+            json.loads(line)
+            for line in ow.files.content(ow.jobs.retrieve(batch.id).outputs["result_file"]).splitlines()
+        ]
+        assert len(rows) == 3 and all(row["completion"] is not None for row in rows)
+        printed = ow.jobs.retrieve(env_job.id).logs()
+        variables = set(re.findall(r"^\S+ ([A-Za-z_][A-Za-z0-9_]*)=", printed, re.MULTILINE))  # time NAME=value
+        assert {"PATH", "OW_JOB_ID", "RUNPOD_POD_ID"} <= variables, printed  # the command printed its environment
+        assert not variables & {"RUNPOD_API_KEY", "PREFECT_API_AUTH_STRING", "PREFECT_API_KEY", "HF_TOKEN"}, variables
+        assert not {v for v in variables if v.startswith("AWS_")}, variables
         assert_clean(fake, timeout=60)
 
     assert set(hub.tokens) == {HF_TOKEN}, "every pod used the HF token (from its Secret block) and only it"

@@ -1,5 +1,7 @@
 """The Prefect server restarts (an upgrade, a crash) while pods run: the worker keeps watching through the outage
-instead of deleting pods it cannot account for, the flows finish, and every pod is deleted afterwards."""
+instead of deleting pods it cannot account for, the flows finish, and every pod is deleted afterwards. One run is a
+real `prefect flow-run execute`, the other two light pods (tests/reliability/light_pod.py: the same states through
+the same REST API, retried while the server is away, without seconds of CPU for Prefect's start-up)."""
 
 import contextlib
 import time
@@ -9,6 +11,8 @@ import pytest
 
 from ow_prefect.testing.servers import free_port, prefect_server, prefect_worker
 from tests.runpod_support import (
+    LIGHT_POD_COMMAND,
+    POD_COMMAND,
     WORKER_ENV,
     assert_clean,
     assert_outputs_intact,
@@ -33,12 +37,13 @@ def test_runs_survive_a_prefect_server_restart(fake, tmp_path):
     with contextlib.ExitStack() as first_server:
         api = first_server.enter_context(prefect_server(home, port=port))
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            make_pool(client, fake, POOL)
-            deployment_id = deploy(client, POOL, "server-restart")
+            make_pool(client, fake, POOL, command=LIGHT_POD_COMMAND)
+            real = deploy(client, POOL, "server-restart", command=POD_COMMAND)
+            light = deploy(client, POOL, "server-restart-light")
             worker = prefect_worker(api, POOL, "runpod", WORKER_ENV, tmp_path / "worker.log")
             with worker:
                 outputs = {}
-                for _ in range(3):
+                for deployment_id in (real, light, light):
                     output = f"output-{uuid.uuid4()}"
                     flow_run = client.create_flow_run_from_deployment(
                         deployment_id, parameters={"seconds": 20, "payload": output}

@@ -22,7 +22,8 @@ from ow_prefect.testing.servers import free_port
 VCPUS_PER_GPU = 8
 # What a test machine's environment contributes to a fake pod, standing in for the image's ENV lines (the real
 # images set PATH, OW_HOME, OW_VLLM_PYTHON, HF_HOME, PYTHONPATH: docker/Dockerfile). OW_TRAIN_BACKEND too: a machine
-# playing a GPU image without a GPU says so once (docs/runpod.md's fake recipe exports it), as an image would.
+# playing a GPU image without a GPU says so once (docs/runpod.md's fake recipe exports it), as an image would;
+# OW_VLLM_OPTIMIZATION_LEVEL likewise (the test suite starts vLLM without compiling: flows/_vllm.py).
 IMAGE_VARIABLES = (
     "PATH",
     "LANG",
@@ -36,6 +37,7 @@ IMAGE_VARIABLES = (
     "HF_HUB_OFFLINE",
     "TOKENIZERS_PARALLELISM",
     "OW_TRAIN_BACKEND",
+    "OW_VLLM_OPTIMIZATION_LEVEL",
 )
 
 
