@@ -232,6 +232,27 @@ def test_a_warm_pod_preempted_between_runs_is_deleted_and_the_next_run_gets_a_ne
     assert len(new_pods(fake, before)) == 3
 
 
+def test_a_warm_pod_that_does_not_start_its_run_is_replaced_by_a_new_pod(prefect_client, fake, warm_deployment):
+    """The pod's agent does not look for its next run in time (here: it looks every 1000 s): past the hand-over's
+    start timeout (startup_timeout, at most 2 minutes) the worker deletes the pod and, the run still Pending,
+    creates a new one for it. The run is executed once."""
+    before = set(fake.pods)
+    deployment_id = warm_deployment(env={"OW_AGENT_POLL_SECONDS": "1000"}, startup_timeout=10)
+    run_one(prefect_client, deployment_id)
+    second, _ = run_one(prefect_client, deployment_id)
+    warm_pod = infrastructure_pod(prefect_client, second.id)
+    assert eventually(lambda: "kept warm" in run_logs_of(prefect_client, second.id), timeout=20)
+    third, output = run_one(prefect_client, deployment_id, timeout=120)
+    assert "did not start the run" in run_logs_of(prefect_client, third.id)
+    assert fake.pods[warm_pod].deleted_at is not None
+    (own,) = pods_of(fake, third.id)
+    assert infrastructure_pod(prefect_client, third.id) == own.id
+    assert executions(fake, third.id) == 1 and third.run_count == 1
+    assert_clean(fake, timeout=KEEP + 20)
+    assert_outputs_intact({third.id: output})
+    assert len(new_pods(fake, before)) == 3
+
+
 def test_workers_killed_during_and_between_handed_off_runs_leave_no_orphan(prefect_client, fake, prefect_api, tmp_path):
     """Worker A hands its warm pod to a run and is killed while that run works: the pod's env names an earlier
     (finished) run, but its assignment names the running one, so worker B's reconciler leaves it until that run
