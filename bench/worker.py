@@ -4,7 +4,8 @@ on the same job traces (bench/traces.py: sparse, a burst of sequential short job
     .venv/bin/python bench/worker.py [--jobs 10] [--boot-pull 90] [--boot-start 10] [--keep-warm 60]
 
 Ours, measured: a Prefect server (SQLite, loopback), FakeRunPod, and `prefect worker start --type runpod` at its
-defaults (a 2 s work-pool poll, a 2 s run/pod watch); every pod runs a real `prefect flow-run execute` of
+defaults (a 2 s work-pool poll, a 2 s run/pod watch); every pod runs docker/entrypoint.sh as the images do (its GPU
+health check, then the command, or the warm agent with hand-off) and a real `prefect flow-run execute` of
 bench/pod_flow.py:job, which writes the moment its body starts (the job's first step) and then works. Each trace
 is replayed as submitted: all at once for the parallel burst, each job once the previous one's run is final for
 the sequential burst. Without hand-off our worker keeps nothing between runs (a pod per run), so the sparse
@@ -49,6 +50,7 @@ from bench.results import emit, row  # noqa: E402
 from bench.traces import BootModel, TraceJob, traces  # noqa: E402
 from bench.upstream_sim import simulate_many  # noqa: E402
 
+ENTRYPOINT = str(ROOT / "docker" / "entrypoint.sh")  # as in the images: the health check, then the command or agent
 FAKE_BOOT_S = 1.0
 FAKE_WORK_S = 1.0
 SPARSE_GAP_S = 3.0
@@ -141,7 +143,9 @@ def main() -> None:
     with (
         prefect_server(work / "prefect-server") as url,
         temporary_settings(updates={PREFECT_API_URL: url}),
-        FakeRunPod(api_key="bench-key", boot_seconds=FAKE_BOOT_S, kill_grace=1, image_env=image_env) as fake,
+        FakeRunPod(
+            api_key="bench-key", boot_seconds=FAKE_BOOT_S, kill_grace=1, image_env=image_env, entrypoint=ENTRYPOINT
+        ) as fake,
         get_client(sync_client=True) as client,
     ):
         for gpu in ("NVIDIA RTX A6000", "NVIDIA GeForce RTX 4090"):
