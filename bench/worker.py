@@ -1,18 +1,26 @@
 """Submit → first step and GPU-seconds billed per job, our `runpod` worker against OpenWeights' cluster manager,
 on the same job traces (bench/traces.py: sparse, a burst of sequential short jobs, a parallel burst).
 
-    .venv/bin/python bench/worker.py [--jobs 10] [--boot-pull 90] [--boot-start 10]
+    .venv/bin/python bench/worker.py [--jobs 10] [--boot-pull 90] [--boot-start 10] [--keep-warm 60]
 
 Ours, measured: a Prefect server (SQLite, loopback), FakeRunPod, and `prefect worker start --type runpod` at its
-defaults (a 2 s work-pool poll, a 2 s run/pod watch); every pod runs a real `prefect flow-run execute` of
+defaults (a 2 s work-pool poll, a 2 s run/pod watch); every pod runs docker/entrypoint.sh as the images do (its GPU
+health check, then the command, or the warm agent with hand-off) and a real `prefect flow-run execute` of
 bench/pod_flow.py:job, which writes the moment its body starts (the job's first step) and then works. Each trace
 is replayed as submitted: all at once for the parallel burst, each job once the previous one's run is final for
-the sequential burst. Our worker keeps nothing between runs (a pod per run), so the sparse trace's 30-minute gaps
-are replayed as a few seconds: they cannot change a run's figures.
+the sequential burst. Without hand-off our worker keeps nothing between runs (a pod per run), so the sparse
+trace's 30-minute gaps are replayed as a few seconds: they cannot change a run's figures.
+
+With warm hand-off (`keep_warm_seconds` = --keep-warm, a second deployment on the same worker, ow_prefect/workers/
+handoff.py) the sparse and sequential traces are replayed again: the sequential one as it is (its 5 s gaps are real
+gaps, and so is the warm time of its last pod); the sparse one with gaps of keep-warm + 5 s, which like its real
+30 minutes are longer than the warm time (what a pod does then does not depend on how much longer). A run handed a
+warm pod boots nothing: its figures are measured as they are; a new pod's boot is modelled as below.
 
 The pods boot in FakeRunPod's `boot_seconds` (1 s) and work 1 s; the boot model (bench/traces.BootModel: image
 pull + container start, stated there) and each trace job's work are then put in their place: submit → first
-step = measured − 1 s + boot; billed = measured create → delete − 2 s + boot + work. The worker only waits
+step = measured − 1 s + boot (measured as is on a handed-over pod); billed = Σ over pods (measured create →
+delete − 1 s + boot) + Σ over jobs (work − 1 s). The worker only waits
 through a boot and a run (it polls; nothing it does depends on their length), so they add one to one.
 
 OpenWeights, simulated (bench/upstream_sim.py, which cites the files and commit it follows): its manager's
@@ -20,7 +28,7 @@ OpenWeights, simulated (bench/upstream_sim.py, which cites the files and commit 
 300 s after their last run; the same boot model; a job's first step the moment a worker takes it; 20 phases of
 its loop against the trace, pooled.
 
-Prints per trace: median and p90 of submit → first step, and GPU-seconds billed per job, side by side.
+Prints per trace: median and p90 of submit → first step, GPU-seconds billed per job and pods created, side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,54 +50,69 @@ from bench.results import emit, row  # noqa: E402
 from bench.traces import BootModel, TraceJob, traces  # noqa: E402
 from bench.upstream_sim import simulate_many  # noqa: E402
 
+ENTRYPOINT = str(ROOT / "docker" / "entrypoint.sh")  # as in the images: the health check, then the command or agent
 FAKE_BOOT_S = 1.0
 FAKE_WORK_S = 1.0
 SPARSE_GAP_S = 3.0
 SEEDS = 20  # upstream_sim.simulate_many's default: the manager's loop phase sampled 20 times
+HANDOFF_TRACES = ("sparse", "sequential")  # replayed again with hand-off (the parallel burst has nothing to hand on)
 
 
 def p90(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=10)[-1] if len(samples) > 1 else samples[0]
 
 
-def replay_ours(client, fake, deployment_id, trace: list[TraceJob], marks: Path, boot: BootModel):
-    """Run the trace through the worker; (submit → first step, billed seconds) per job, boot and work modelled."""
+@dataclass
+class Replay:
+    latencies: list[float]  # submit → first step per job, boot modelled
+    gpu_s_per_job: float  # billed, boot and work modelled
+    pods: int  # pods created
+    handed_over: int  # runs that got a warm pod
+
+
+def replay_ours(client, fake, deployment_id, trace: list[TraceJob], marks: Path, boot: BootModel, gap: float):
+    """Run the trace through the worker (a sparse trace's gaps replayed as `gap` seconds); its figures with the
+    boot and the work modelled."""
 
     def submit():
         run = client.create_flow_run_from_deployment(deployment_id, parameters={"work_s": FAKE_WORK_S})
         return run.id, client.read_flow_run(run.id).created.timestamp()
 
-    def done(run_id) -> bool:
-        pods = [p for p in fake.pods.values() if p.name == f"ow-{run_id}"]
-        return bool(pods) and all(p.deleted_at for p in pods)
-
-    def wait(run_ids, timeout=300):
+    def wait(check, what: str, timeout=300):
         deadline = time.monotonic() + timeout
-        while not all(done(r) for r in run_ids):
+        while not check():
             if time.monotonic() > deadline:
-                sys.exit(f"runs {run_ids} did not end with their pods deleted within {timeout} s")
+                sys.exit(f"{what} within {timeout} s")
             time.sleep(0.2)
+
+    def final(run_ids) -> bool:
+        return all(client.read_flow_run(run_id).state.is_final() for run_id in run_ids)
 
     submitted = {}
     if all(job.at == 0 for job in trace):  # the parallel burst: everything at once
         for _ in trace:
             run_id, at = submit()
             submitted[run_id] = at
-        wait(list(submitted))
-    else:  # one after another (a sparse trace's gaps shortened: nothing carries over between runs)
+        wait(lambda: final(submitted), f"runs {list(submitted)} did not end")
+    else:  # one after another, each once the previous one's run is final
         for job in trace:
-            time.sleep(job.after if job.after is not None else SPARSE_GAP_S)
+            time.sleep(job.after if job.after is not None else gap)
             run_id, at = submit()
             submitted[run_id] = at
-            wait([run_id])
-    results = []
-    for (run_id, submitted_at), job in zip(submitted.items(), trace, strict=True):
-        (pod,) = [p for p in fake.pods.values() if p.name == f"ow-{run_id}"]
+            wait(lambda run_id=run_id: final([run_id]), f"run {run_id} did not end")
+    names = {f"ow-{run_id}" for run_id in submitted}
+    pods = [p for p in list(fake.pods.values()) if p.name in names]
+    wait(lambda: all(p.deleted_at for p in pods), "the trace's pods were not deleted")
+    latencies, handed = [], 0
+    for run_id, submitted_at in submitted.items():
         first_step = float((marks / str(run_id)).read_text())
-        latency = first_step - submitted_at - FAKE_BOOT_S + boot.seconds
-        billed = (pod.deleted_at - pod.created_at).total_seconds() - FAKE_BOOT_S - FAKE_WORK_S
-        results.append((latency, billed + boot.seconds + job.work_s))
-    return results
+        pod_id = (client.read_flow_run(run_id).infrastructure_pid or "").removeprefix("runpod::")
+        warm = fake.pods[pod_id].name != f"ow-{run_id}"
+        handed += warm
+        latencies.append(first_step - submitted_at - (0.0 if warm else FAKE_BOOT_S - boot.seconds))
+    billed = sum((p.deleted_at - p.created_at).total_seconds() - FAKE_BOOT_S + boot.seconds for p in pods)
+    billed += sum(job.work_s - FAKE_WORK_S for job in trace)
+    return Replay(latencies, billed / len(trace), len(pods), handed)
 
 
 def main() -> None:
@@ -96,6 +120,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10, help="jobs per burst (the sparse trace has half)")
     parser.add_argument("--boot-pull", type=float, default=BootModel.pull_s)
     parser.add_argument("--boot-start", type=float, default=BootModel.start_s)
+    parser.add_argument("--keep-warm", type=int, default=60, help="keep_warm_seconds of the hand-off replays")
     args = parser.parse_args()
     boot = BootModel(args.boot_pull, args.boot_start)
     work = Path(tempfile.mkdtemp(prefix="ow-bench-worker-"))
@@ -108,16 +133,19 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from ow_prefect.runpod.credentials import RunPodCredentials
-    from ow_prefect.testing.fake_runpod import FakeRunPod
+    from ow_prefect.testing.fake_runpod import FakeRunPod, default_image_env
     from ow_prefect.testing.servers import prefect_server, prefect_worker
     from ow_prefect.workers.runpod import RunPodWorker
 
+    image_env = {**default_image_env(), "OW_BENCH_MARKS": str(marks)}  # the pods' flow marks its first step there
     print(f"boot model: {boot.pull_s:g} s image pull + {boot.start_s:g} s container start = {boot.seconds:g} s")
     ours = {}
     with (
         prefect_server(work / "prefect-server") as url,
         temporary_settings(updates={PREFECT_API_URL: url}),
-        FakeRunPod(api_key="bench-key", boot_seconds=FAKE_BOOT_S, kill_grace=1) as fake,
+        FakeRunPod(
+            api_key="bench-key", boot_seconds=FAKE_BOOT_S, kill_grace=1, image_env=image_env, entrypoint=ENTRYPOINT
+        ) as fake,
         get_client(sync_client=True) as client,
     ):
         for gpu in ("NVIDIA RTX A6000", "NVIDIA GeForce RTX 4090"):
@@ -125,38 +153,50 @@ def main() -> None:
         block_id = RunPodCredentials(api_key="bench-key", api_url=fake.url).save("bench", _sync=True)
         template = RunPodWorker.base_job_template(block_id, command=f"{sys.executable} -m prefect flow-run execute")
         client.create_work_pool(WorkPoolCreate(name="bench-gpu", type="runpod", base_job_template=template))
-        deployment_id = client.create_deployment(
-            flow_id=client.create_flow_from_name("bench-pod-flow"),
-            name="bench",
-            entrypoint="bench/pod_flow.py:job",
-            work_pool_name="bench-gpu",
-            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
-        )
+        deployments = {
+            keep: client.create_deployment(
+                flow_id=client.create_flow_from_name("bench-pod-flow"),
+                name=f"bench-keep-warm-{keep}",
+                entrypoint="bench/pod_flow.py:job",
+                work_pool_name="bench-gpu",
+                job_variables={"keep_warm_seconds": keep},
+                pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
+            )
+            for keep in (0, args.keep_warm)
+        }
         with prefect_worker(url, "bench-gpu", "runpod", {}, work / "worker.log", query_seconds=None):
             time.sleep(5)  # the worker's start; not part of any run's latency
             for name, trace in traces(args.jobs).items():
-                ours[name] = replay_ours(client, fake, deployment_id, trace, marks, boot)
+                ours[name] = replay_ours(client, fake, deployments[0], trace, marks, boot, SPARSE_GAP_S)
                 print(f"ours, {name}: {len(trace)} runs done", flush=True)
+            for name in HANDOFF_TRACES:
+                trace, warm = traces(args.jobs)[name], deployments[args.keep_warm]
+                gap = args.keep_warm + SPARSE_GAP_S + 2  # longer than the warm time, as the trace's 30 minutes
+                ours[f"{name}+handoff"] = replay_ours(client, fake, warm, trace, marks, boot, gap)
+                print(f"ours with hand-off, {name}: {len(trace)} runs done", flush=True)
 
     rows, summary = [], {}
-    print(f"\n{'trace':11} {'jobs':>4}  {'submit → first step: median / p90 (s)':>40}  {'GPU-s billed per job':>28}")
-    print(f"{'':11} {'':>4}  {'ours':>19} {'OpenWeights':>20}  {'ours':>13} {'OpenWeights':>14}")
-    for name, trace in traces(args.jobs).items():
+    print(f"\nhand-off: keep_warm_seconds {args.keep_warm}")
+    print(f"\n{'trace':20} {'jobs':>4}  {'submit → first step: median / p90 (s)':>40}  {'GPU-s billed per job':>28}")
+    print(f"{'':20} {'':>4}  {'ours':>19} {'OpenWeights':>20}  {'ours':>13} {'OpenWeights':>14}  pods: ours / OW")
+    for name, replay in ours.items():
+        trace = traces(args.jobs)[name.removesuffix("+handoff")]
         upstream = simulate_many(trace, boot)
-        ours_latency = [latency for latency, _ in ours[name]]
-        ours_gpu_s = sum(billed for _, billed in ours[name]) / len(trace)
+        ours_latency, ours_gpu_s = replay.latencies, replay.gpu_s_per_job
         theirs_latency = upstream.first_step_latencies()
         theirs_gpu_s = upstream.gpu_seconds_per_job()
         print(
-            f"{name:11} {len(trace):>4}  {statistics.median(ours_latency):8.1f} / {p90(ours_latency):6.1f}"
+            f"{name:20} {len(trace):>4}  {statistics.median(ours_latency):8.1f} / {p90(ours_latency):6.1f}"
             f"   {statistics.median(theirs_latency):8.1f} / {p90(theirs_latency):6.1f}"
-            f"  {ours_gpu_s:13.0f} {theirs_gpu_s:14.0f}   ({len(upstream.pods) / SEEDS:g} upstream pods)"
+            f"  {ours_gpu_s:13.0f} {theirs_gpu_s:14.0f}   {replay.pods:>5} / {len(upstream.pods) / SEEDS:g}"
         )
         summary[name] = {
             "ours_first_step_s": [round(x, 2) for x in ours_latency],
             "upstream_first_step_s": [round(x, 2) for x in theirs_latency],
             "ours_gpu_s_per_job": round(ours_gpu_s, 1),
             "upstream_gpu_s_per_job": round(theirs_gpu_s, 1),
+            "ours_pods": replay.pods,
+            "ours_handed_over": replay.handed_over,
             "upstream_pods_per_trace": len(upstream.pods) / SEEDS,
         }
         median_ours, median_theirs = round(statistics.median(ours_latency), 2), statistics.median(theirs_latency)
@@ -180,7 +220,27 @@ def main() -> None:
                 ours_gpu_s <= theirs_gpu_s,
             )
         )
-    print(json.dumps({"boot_s": boot.seconds, "traces": summary}))
+    on, off = ours["sequential+handoff"], ours["sequential"]
+    rows.append(row("sequential: pods created, hand-off on vs off", on.pods, off.pods, "pods", "", None))
+    rows.append(
+        row(
+            "sequential: submit → first step median, hand-off on vs off",
+            round(statistics.median(on.latencies), 2),
+            round(statistics.median(off.latencies), 2),
+            "s",
+        )
+    )
+    rows.append(  # a pool whose runs do not follow each other pays nothing for hand-off (2%: the 2 s polls' noise)
+        row(
+            "sparse, hand-off on: GPU-s billed per job vs off",
+            round(ours["sparse+handoff"].gpu_s_per_job, 1),
+            round(ours["sparse"].gpu_s_per_job, 1),
+            "s",
+            "ratio ≤ 1.02",
+            ours["sparse+handoff"].gpu_s_per_job <= ours["sparse"].gpu_s_per_job * 1.02,
+        )
+    )
+    print(json.dumps({"boot_s": boot.seconds, "keep_warm_s": args.keep_warm, "traces": summary}))
     emit("worker", rows)
 
 

@@ -32,10 +32,17 @@ if [[ -n "${compat_dir}" && -d "${compat_dir}" ]]; then
   fi
 fi
 
+# A pod kept warm between runs (keep_warm_seconds > 0: OW_KEEP_WARM_SECONDS) runs its commands through the agent
+# (ow_prefect/runpod/agent.py), which asks for its next run itself, after the health check below.
+warm=""
+if [[ -n "${PREFECT__FLOW_RUN_ID:-}" && "${OW_KEEP_WARM_SECONDS:-0}" != "0" ]]; then
+  warm=1
+fi
+
 # A restarted container whose flow run is already over (RunPod restarts a command that exited; the worker deletes
 # the pod moments later) must not run it again: it stays idle until the worker deletes it (ow_prefect/runpod/run_state.py;
-# whatever it cannot tell, a failed import included, means "run it").
-if [[ -n "${PREFECT__FLOW_RUN_ID:-}" ]] && python -m ow_prefect.runpod.run_state 2>/dev/null; then
+# whatever it cannot tell, a failed import included, means "run it"). The agent makes the same check per run.
+if [[ -z "${warm}" && -n "${PREFECT__FLOW_RUN_ID:-}" ]] && python -m ow_prefect.runpod.run_state 2>/dev/null; then
   exec sleep infinity
 fi
 
@@ -46,6 +53,9 @@ if [[ -n "${OW_HEALTH_EXPECT:-}" ]]; then
   python -m ow_prefect.runpod.health || exit $?
 fi
 
+if [[ -n "${warm}" ]]; then
+  exec python -m ow_prefect.runpod.agent "$@"
+fi
 if [[ $# -gt 0 ]]; then
   exec "$@"
 fi

@@ -1,8 +1,9 @@
 """A work pool's daily budget: the RunPod worker creates no new pod once what the pool's pods cost today (UTC)
 reaches `daily_budget`, a field of the pool's form.
 
-What a pool cost today is what the workers recorded: every `ow.pod.terminated` event of the pool's pods since
-00:00 UTC (its `cost_usd`: a pod counts on the day it ended) plus what the pool's pods still running have cost
+What a pool cost today is what the workers recorded: every `ow.pod.terminated` (and `ow.pod.handed_off`: a run's
+share of a pod handed to the next run) event of the pool's pods since 00:00 UTC (its `cost_usd`: a pod counts on
+the day it ended) plus what the pool's pods still running have cost
 since 00:00 UTC (their price × time). The budget is the pool's: a value set on a deployment or a run is ignored.
 """
 
@@ -15,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 TERMINATED_EVENT = "ow.pod.terminated"
+HANDED_OFF_EVENT = "ow.pod.handed_off"  # a run's time on a pod that went on to the next run (workers/handoff.py)
 EVENTS_PAGE = 50  # the most the events API returns per page
 
 
@@ -52,7 +54,7 @@ async def spent_today(client: Any, work_pool_id: Any, running: Sequence[tuple[fl
     page = await client.read_events(
         filter=EventFilter(
             occurred=EventOccurredFilter(since=midnight, until=now),
-            event=EventNameFilter(name=[TERMINATED_EVENT]),
+            event=EventNameFilter(name=[TERMINATED_EVENT, HANDED_OFF_EVENT]),
             related=EventRelatedFilter(id=[pool_resource(work_pool_id)["prefect.resource.id"]]),
         ),
         limit=EVENTS_PAGE,

@@ -11,7 +11,7 @@ work that was done. So a restarted pod whose run is final stays idle until the w
 It reads `PREFECT__FLOW_RUN_ID`, `PREFECT_API_URL` and the credentials the worker gives pods
 (`PREFECT_API_KEY` or `PREFECT_API_AUTH_STRING`; `PREFECT_API_TLS_INSECURE_SKIP_VERIFY`) through httpx, and
 nothing of Prefect's client (it runs on every pod start). Anything it cannot tell (no run id, no answer, an
-error) means "run it", as before.
+error) means "run it", as before. The warm pod's agent (ow_prefect/runpod/agent.py) reads the API the same way.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from __future__ import annotations
 import base64
 import os
 import sys
+from typing import Any
 
 FINAL_TYPES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 
 
-def final_state() -> str | None:
-    """The run's final state type, or None (not final, or not known)."""
-    run_id, api = os.environ.get("PREFECT__FLOW_RUN_ID"), os.environ.get("PREFECT_API_URL")
-    if not run_id or not api:
+def prefect_api() -> Any:
+    """An httpx client on the pod's Prefect API with the credentials the worker gave the pod, or None."""
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
         return None
     import httpx
 
@@ -36,20 +37,37 @@ def final_state() -> str | None:
     elif auth := os.environ.get("PREFECT_API_AUTH_STRING"):
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
     verify = os.environ.get("PREFECT_API_TLS_INSECURE_SKIP_VERIFY", "").lower() not in ("1", "true")
+    return httpx.Client(base_url=api.rstrip("/"), headers=headers, verify=verify, timeout=10)
+
+
+def state_type(client: Any, flow_run_id: str) -> str | None:
+    """The run's state type (COMPLETED, PENDING, ...), or None when the API does not say."""
+    import httpx
+
     try:
-        response = httpx.get(f"{api.rstrip('/')}/flow_runs/{run_id}", headers=headers, verify=verify, timeout=10)
+        response = client.get(f"/flow_runs/{flow_run_id}")
         response.raise_for_status()
-        state_type = ((response.json().get("state") or {}).get("type") or "").upper()
+        return ((response.json().get("state") or {}).get("type") or "").upper() or None
     except (httpx.HTTPError, ValueError):
         return None
-    return state_type if state_type in FINAL_TYPES else None
+
+
+def final_state() -> str | None:
+    """The run's final state type, or None (not final, or not known)."""
+    run_id = os.environ.get("PREFECT__FLOW_RUN_ID")
+    client = prefect_api()
+    if not run_id or client is None:
+        return None
+    with client:
+        found = state_type(client, run_id)
+    return found if found in FINAL_TYPES else None
 
 
 def main() -> int:
-    state_type = final_state()
-    if state_type is None:
+    found = final_state()
+    if found is None:
         return 1
-    print(f"flow run {os.environ['PREFECT__FLOW_RUN_ID']} is already {state_type}: not running it again", flush=True)
+    print(f"flow run {os.environ['PREFECT__FLOW_RUN_ID']} is already {found}: not running it again", flush=True)
     return 0
 
 

@@ -48,6 +48,7 @@ class Outcome:
     after_delete: Any = None  # a state forced once the pod is gone (Crashed does not block a reschedule)
     status_code: int = 0
     elsewhere: bool = False  # the pod failed before its flow started, not through its command: try another one
+    reusable: bool = False  # the run completed on a working pod: it may go on to the next run (workers/handoff.py)
     log_tail: str = ""
 
 

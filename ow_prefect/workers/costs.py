@@ -3,7 +3,9 @@
 `PodRecord` is one pod of one attempt of a flow run (its GPU, cloud, price and creation time). From it the worker
 emits `ow.pod.created`, `ow.pod.running` and `ow.pod.terminated` events related to the flow run, and, when the pod
 is deleted (by the run's watch or by the reconciler), appends a row to the run's `runpod-cost-<flow run id>` table
-artifact: price × time from create to delete, one row per pod over every attempt. Each event is also related to the
+artifact: price × time from create to delete, one row per pod over every attempt. A pod handed from run to run
+(workers/handoff.py) gives each run a row of its own: from the create or the hand-over to the delete or the next
+hand-over, its warm idle time included (`warm_idle_s`). Each event is also related to the
 pod's work pool: the `ow.pod.terminated` events are the ledger of the pool's `daily_budget`
 (ow_prefect/costs/budget.py).
 
@@ -45,6 +47,10 @@ class PodRecord:
     created_at: float = field(default_factory=time.time)
     gpu: str = ""
     cloud: str = ""
+    memory_gb: float = 0.0  # over all its GPUs: what a run handed this pod may need at most
+    handed_from: UUID | None = None  # the run this pod was handed over from (workers/handoff.py)
+    warm_idle: float = 0.0  # seconds it waited warm for the next run after this run completed
+    flow_started: bool = False
 
     @classmethod
     def of(cls, pod: Pod, flow_run: FlowRun, candidate: Candidate) -> PodRecord:
@@ -56,6 +62,7 @@ class PodRecord:
             price,
             gpu=f"{candidate.count}x {candidate.gpu_id}",
             cloud=pod.cloud or candidate.cloud,
+            memory_gb=candidate.memory_gb * candidate.count,
         )
 
     @classmethod
@@ -102,12 +109,13 @@ class PodRecord:
 class CostAccounting:
     """The worker's side of accounting (a mixin of `RunPodWorker`, which gives it `client`): events and cost rows."""
 
-    async def _account(self, record: PodRecord, reason: str, logger: Any) -> None:
+    async def _account(
+        self, record: PodRecord, reason: str, logger: Any, event: str = "ow.pod.terminated", **payload: Any
+    ) -> None:
+        """The run's time on the pod ends (the pod deleted, or handed over): its event and its cost row."""
         seconds = max(0.0, time.time() - record.created_at)
         cost = record.price_per_hour * seconds / 3600
-        self._emit(
-            "ow.pod.terminated", record, billed_seconds=round(seconds, 1), cost_usd=round(cost, 6), reason=reason
-        )
+        self._emit(event, record, billed_seconds=round(seconds, 1), cost_usd=round(cost, 6), reason=reason, **payload)
         try:
             await _add_cost_row(self.client, record, seconds, cost, reason)
         except Exception:
@@ -157,7 +165,8 @@ async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: fl
             "usd_per_hour": round(record.price_per_hour, 4),
             "cloud": record.cloud,
             "data_center": record.pod.data_center_id or "",
-            "ended": reason,
+            **({"warm_idle_s": round(record.warm_idle, 1)} if record.warm_idle or record.handed_from else {}),
+            "ended": reason if record.handed_from is None else f"{reason} (handed over from {record.handed_from})",
             "pod": record.pod_id,
             "attempt": len(rows) + 1,
         }
@@ -165,7 +174,7 @@ async def _add_cost_row(client: Any, record: PodRecord, seconds: float, cost: fl
     total = sum(row["cost_usd"] for row in rows)
     description = (
         f"**RunPod cost: ${total:.4f}** over {len(rows)} pod{'s' if len(rows) > 1 else ''} "
-        "(price per hour × time from create to delete)."
+        "(price per hour × time from create, or hand-over, to delete, or hand-over)."
     )
     await client.create_artifact(
         ArtifactCreate(

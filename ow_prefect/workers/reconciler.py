@@ -5,8 +5,11 @@ reconciler lists the pods named `ow-<flow run id>` that carry this work pool's m
 no labels), skips the ones a worker of this process watches, and deletes those whose run is over, gone,
 rescheduled, long cancelling or past its `max_runtime` or `max_cost` (other env markers: its deadline, and the cap
 its price × age is held to), setting the run's state where that says more (TimedOut, CostCapped, Cancelled) and
-writing the pod's cost row. Several workers on one pool may reconcile it at
-once: a delete that answers 404 was another worker's, and only the worker that deleted the pod accounts for it.
+writing the pod's cost row. A pod that runs the warm agent (workers/handoff.py) is judged by its assignment
+Variable instead: the run it names now (not the one in its env), that assignment's deadline and cap, and a pod
+whose run is over but that is warm until `warm_until` is left alone until then. Several workers on one pool may
+reconcile it at once: a delete that answers 404 was another worker's, and only the worker that deleted the pod
+accounts for it.
 
 Without RunPod credentials it can do nothing, and says so once in the worker's log.
 """
@@ -22,6 +25,7 @@ import anyio
 from prefect.states import Cancelled, Failed
 
 from ow_prefect.errors import ConfigurationError
+from ow_prefect.runpod.agent import KEEP_WARM_ENV, assignment_variable
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodAuthError
@@ -34,6 +38,7 @@ POOL_MARKER = "OW_WORK_POOL_ID"  # env markers: how the reconciler knows a pod i
 DEADLINE_MARKER = "OW_POD_DEADLINE"  # epoch seconds after which the pod is past its max_runtime
 STALE_CANCELLING_SECONDS = 60.0
 _GONE = object()  # what the worker's `_state` returns for a flow run that no longer exists
+_UNKNOWN = object()  # a warm pod's assignment could not be read
 
 
 class PodReconciler:
@@ -81,11 +86,14 @@ class PodReconciler:
                 for pod in await runpod.find_pods(POD_PREFIX):
                     if pod.env.get(POOL_MARKER) != str(self._work_pool.id) or pod.id in self._watched:
                         continue
-                    verdict = await self._orphan_verdict(pod)
+                    assignment = await _assignment(pod)
+                    if assignment is _UNKNOWN:  # its current run is not known now: decide next time
+                        continue
+                    verdict = await self._orphan_verdict(pod, assignment)
                     if verdict is None:
                         continue
                     reason, state = verdict
-                    flow_run_id = _flow_run_id(pod)
+                    flow_run_id = assignment["flow_run_id"] if assignment else _flow_run_id(pod)
                     self._logger.info(f"Reconciler: deleting pod {pod.id} ({reason})")
                     if state is not None and flow_run_id:
                         await self._force_state(flow_run_id, state, self._logger)
@@ -93,11 +101,15 @@ class PodReconciler:
                         deleted.append(pod.id)
                         if flow_run_id:
                             record = PodRecord.found(pod, flow_run_id, pod.name)
+                            if assignment and isinstance(assignment.get("assigned_at"), int | float):
+                                record.created_at = float(assignment["assigned_at"])
                             await self._account(record, f"reconciler: {reason}", self._logger)
+                        if assignment is not None:
+                            await self._clear_assignment(pod.id)
         return deleted
 
-    async def _orphan_verdict(self, pod: Pod) -> tuple[str, Any] | None:
-        flow_run_id = _flow_run_id(pod)
+    async def _orphan_verdict(self, pod: Pod, assignment: dict[str, Any] | None = None) -> tuple[str, Any] | None:
+        flow_run_id = assignment["flow_run_id"] if assignment else _flow_run_id(pod)
         if flow_run_id is None:
             return "it names no flow run", None
         state = await self._state(flow_run_id)
@@ -108,15 +120,20 @@ class PodReconciler:
         if pod.ended:
             return f"it is {pod.status}", None
         if state.is_final():
+            warm_until = _float(str((assignment or {}).get("warm_until")))
+            if warm_until is not None and time.time() < warm_until:
+                return None  # warm: waiting for its next run (workers/handoff.py)
             return f"its flow run is {state.name}", None
         if state.is_scheduled():
             return "its flow run was rescheduled", None
-        deadline = _float(pod.env.get(DEADLINE_MARKER))
+        assigned = assignment if assignment and "assigned_at" in assignment else None  # handed over: its own caps
+        deadline = _float(str(assigned.get("deadline")) if assigned else pod.env.get(DEADLINE_MARKER))
         if deadline is not None and time.time() > deadline:
             message = f"The run exceeded its max_runtime; the reconciler deleted pod {pod.id}."
             return "past its max_runtime", Failed(name="TimedOut", message=message)
-        max_cost = _float(pod.env.get(MAX_COST_MARKER))
-        spent = (pod.cost or 0.0) * max(0.0, time.time() - (_parse_time(pod.created_at) or time.time())) / 3600
+        max_cost = _float(str(assigned.get("max_cost")) if assigned else pod.env.get(MAX_COST_MARKER))
+        since = _float(str(assigned.get("assigned_at"))) if assigned else _parse_time(pod.created_at)
+        spent = (pod.cost or 0.0) * max(0.0, time.time() - (since or time.time())) / 3600
         if max_cost is not None and spent >= max_cost:
             message = f"The run reached its max_cost (${max_cost:g}); the reconciler deleted pod {pod.id}."
             return "past its max_cost", Failed(name="CostCapped", message=message)
@@ -127,7 +144,7 @@ class PodReconciler:
     async def _live_pod_costs(self, runpod: AsyncRunPodClient) -> list[tuple[float, float]]:
         """(price per hour, creation time) of this pool's pods that run now: the daily budget's running part."""
         return [
-            (pod.cost or 0.0, _parse_time(pod.created_at) or time.time())
+            (pod.cost or 0.0, self._assigned_at.get(pod.id) or _parse_time(pod.created_at) or time.time())
             for pod in await runpod.find_pods(POD_PREFIX)
             if self._work_pool is not None and pod.env.get(POOL_MARKER) == str(self._work_pool.id) and not pod.ended
         ]
@@ -138,6 +155,24 @@ class PodReconciler:
             self._work_pool.base_job_template, {}, client=self.client
         )
         return configuration.runpod_credentials()
+
+
+async def _assignment(pod: Pod) -> Any:
+    """The assignment of a pod that runs the warm agent (workers/handoff.py), or None."""
+    if pod.env.get(KEEP_WARM_ENV, "0") in ("", "0"):
+        return None
+    from prefect.variables import Variable
+
+    try:
+        value = await Variable.aget(assignment_variable(pod.id), default=None)
+    except Exception:  # noqa: BLE001 - unreadable now: the caller decides next time
+        return _UNKNOWN
+    if not isinstance(value, dict):
+        return None
+    try:
+        return {**value, "flow_run_id": UUID(str(value.get("flow_run_id")))}
+    except ValueError:
+        return None
 
 
 def _flow_run_id(pod: Pod) -> UUID | None:

@@ -68,6 +68,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from ow_prefect.costs.guard import RunCosts
 from ow_prefect.errors import ConfigurationError, ParameterError
 from ow_prefect.jobs.base import validation_problems
+from ow_prefect.runpod.agent import KEEP_WARM_ENV
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
@@ -78,6 +79,7 @@ from ow_prefect.settings import get_settings
 from ow_prefect.workers.attempts import INFRA_PREFIX, ContainerTracker, Outcome, PodAttempts
 from ow_prefect.workers.capacity import PodCreation
 from ow_prefect.workers.costs import MAX_COST_MARKER, CostAccounting, PodRecord
+from ow_prefect.workers.handoff import HANDOFF_START_TIMEOUT, WarmHandoff, WarmPod, fit_key
 from ow_prefect.workers.placement import DEFAULT_MAX_POD_ATTEMPTS, VERIFIED, Placement
 from ow_prefect.workers.preflight import Preflight
 from ow_prefect.workers.reconciler import _GONE, DEADLINE_MARKER, POD_PREFIX, POOL_MARKER, PodReconciler
@@ -239,6 +241,16 @@ class RunPodFields(BaseModel):
         title="Wait for capacity (seconds)",
         description="When no candidate has capacity, keep retrying this long instead of failing at once.",
     )
+    keep_warm_seconds: int = Field(
+        default=0,
+        ge=0,
+        le=3600,
+        title="Keep warm (seconds)",
+        description="After a run completes, keep its pod up to this long for the next run of the pool that fits it "
+        "(same image, env, volume and placement; enough GPU memory), which then starts at once on it: no boot, no "
+        "image pull. The pod waits only when a follower is expected (one queued in the pool, or runs of this shape "
+        "arriving within this time of each other); the run that kept it pays its warm time. 0: delete at once.",
+    )
     max_pod_attempts: int = Field(
         default=DEFAULT_MAX_POD_ATTEMPTS,
         ge=1,
@@ -334,6 +346,8 @@ class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
         env = {**self.env, DEADLINE_MARKER: str(int(deadline))}
         if self.max_cost:
             env[MAX_COST_MARKER] = str(self.max_cost)
+        if self.keep_warm_seconds:  # the pod runs the warm agent (ow_prefect/runpod/agent.py)
+            env[KEEP_WARM_ENV] = str(self.keep_warm_seconds)
         if self.network_volume_id:  # the model cache on the volume; a job's own HF_HOME wins
             env.setdefault("HF_HOME", hf_home(self.volume_mount_path))
         body: dict[str, Any] = {
@@ -390,6 +404,7 @@ class RunPodWorkerResult(BaseWorkerResult):
 
 
 class RunPodWorker(
+    WarmHandoff,
     PodReconciler,
     CostAccounting,
     CheckpointStop,
@@ -416,6 +431,8 @@ class RunPodWorker(
         self._reconciler: asyncio.Task | None = None
         self._warned: set[str] = set()
         self._stopping: set[UUID] = set()  # runs asked to stop at a checkpoint (workers/stopping.py)
+        self._assigned_at: dict[str, float] = {}  # pod id -> when it was handed to the run it serves now
+        self._init_handoff()  # warm pods and what they fit (workers/handoff.py)
 
     @classmethod
     def base_job_template(cls, credentials_block_id: UUID | str | None = None, **defaults: Any) -> dict[str, Any]:
@@ -475,6 +492,15 @@ class RunPodWorker(
             live_pods = functools.partial(self._live_pod_costs, runpod)
             if (refused := await costs.refusal(runpod, ESTIMATE_TIMEOUT_SECONDS, live_pods)) is not None:
                 return await self._refuse(flow_run, refused, logger, task_status)
+            fit = fit_key(configuration, credentials)
+            self._noted_arrival(fit, flow_run, configuration.keep_warm_seconds)
+            if (warm := await self._take_warm_pod(flow_run, configuration, fit, logger)) is not None:
+                result = await self._run_on_warm_pod(
+                    runpod, warm, flow_run, configuration, placement, task_status, logger
+                )
+                if result is not None:
+                    return result
+                task_status = _Reported(self.client, flow_run.id)  # the run's infrastructure was said once already
             while True:  # one pod, or more while pods fail before their flow starts (ow_prefect/workers/placement.py)
                 if placement.attempts and (refused := await costs.budget_refusal(live_pods)) is not None:
                     return await self._refuse(flow_run, refused, logger, None)  # the run's infrastructure was said
@@ -495,6 +521,8 @@ class RunPodWorker(
                 pod, candidate, choice = created
                 record = PodRecord.of(pod, flow_run, candidate)
                 self._watched[pod.id] = flow_run.id
+                if configuration.keep_warm_seconds:
+                    self._agent_pods[pod.id] = fit
                 await self._report_infrastructure(flow_run, pod, task_status, placement, logger)
                 logger.info(f"Pod {pod.id} created: {candidate}, data center {pod.data_center_id or 'any'}")
                 pod_attempt = len(placement.attempts) + 1
@@ -521,8 +549,73 @@ class RunPodWorker(
                         await self._end(runpod, record, retried, logger)
                         continue
                     outcome = self._out_of_attempts(placement, configuration, outcome)
-                await self._end(runpod, record, outcome, logger)
+                await self._finish(runpod, record, flow_run, outcome, configuration, logger)
                 return RunPodWorkerResult(identifier=pod.id, status_code=outcome.status_code)
+
+    async def _run_on_warm_pod(
+        self,
+        runpod: AsyncRunPodClient,
+        warm: WarmPod,
+        flow_run: FlowRun,
+        configuration: RunPodJobConfiguration,
+        placement: Placement,
+        task_status: anyio.abc.TaskStatus | None,
+        logger: Any,
+    ) -> RunPodWorkerResult | None:
+        """Run on a warm pod handed over from another run (workers/handoff.py); None: it did not take the run (the
+        pod is deleted), and the run gets a new pod."""
+        deadline = time.time() + configuration.max_runtime
+        record, written = await self._assign(warm, flow_run, configuration, deadline, logger)
+        pod_id = record.pod_id
+        self._agent_pods[pod_id] = warm.fit
+        self._assigned_at[pod_id] = record.created_at
+        if not written:
+            await self._end(runpod, record, Outcome("its assignment could not be written", elsewhere=True), logger)
+            return None
+        if task_status:
+            task_status.started(f"{INFRA_PREFIX}{pod_id}")
+        logger.info(
+            f"Pod {pod_id} ({record.gpu}) handed over from flow run {warm.record.flow_run_name}: no new pod, no boot"
+        )
+        startup = min(configuration.startup_timeout, HANDOFF_START_TIMEOUT)
+        try:
+            outcome = await self._watch(runpod, flow_run, configuration, record, deadline, logger, placement, startup)
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                logger.warning(f"Worker stopping: pod {pod_id} keeps running; a restarted worker reconciles it")
+                self._watched.pop(pod_id, None)
+                raise
+            logger.exception(f"Watching pod {pod_id} failed; deleting it")
+            reason = f"the worker failed while watching it: {type(exc).__name__}: {exc}"
+            outcome = Outcome(reason, after_delete=Crashed(message=f"Pod {pod_id}: {reason}"), status_code=1)
+        if not record.flow_started and _is_pending(await self._state(flow_run.id, logger)):
+            logger.warning(f"Warm pod {pod_id} did not start the run ({outcome.reason}); deleting it for a new pod")
+            not_started = Outcome(f"it did not start the run: {outcome.reason}", elsewhere=True)
+            await self._end(runpod, record, not_started, logger)
+            if _is_pending(await self._state(flow_run.id, logger)):
+                return None
+            return RunPodWorkerResult(identifier=pod_id, status_code=0)
+        await self._finish(runpod, record, flow_run, outcome, configuration, logger)
+        return RunPodWorkerResult(identifier=pod_id, status_code=outcome.status_code)
+
+    async def _finish(
+        self,
+        runpod: AsyncRunPodClient,
+        record: PodRecord,
+        flow_run: FlowRun,
+        outcome: Outcome,
+        configuration: RunPodJobConfiguration,
+        logger: Any,
+    ) -> None:
+        """The run's time on the pod is over: hand the pod to the next run that fits (workers/handoff.py), or delete
+        it."""
+        if outcome.reusable and await self._keep_warm(runpod, record, flow_run, configuration, logger):
+            return
+        if record.warm_idle:
+            outcome.reason = f"{outcome.reason}; kept warm {record.warm_idle:.0f} s, no run came"
+        if outcome.reusable:
+            self._noted_end(self._agent_pods.get(record.pod_id))
+        await self._end(runpod, record, outcome, logger)
 
     async def _refuse(
         self, flow_run: FlowRun, state: Any, logger: Any, task_status: anyio.abc.TaskStatus | None
@@ -544,9 +637,11 @@ class RunPodWorker(
         deadline: float,
         logger: Any,
         placement: Placement,
+        startup_timeout: float | None = None,
     ) -> Outcome:
         pod = record.pod
         created = time.monotonic()
+        startup_timeout = configuration.startup_timeout if startup_timeout is None else startup_timeout
         flow_started = False
         container: ContainerTracker = ContainerTracker()
         next_pod_check = 0.0
@@ -558,7 +653,7 @@ class RunPodWorker(
                 if state.is_crashed():  # e.g. the pull step failed in the pod: Prefect says only "exited with 1"
                     return await self._crash(runpod, flow_run, pod, state.message or "the flow run crashed", logger)
                 if state.is_final():
-                    return Outcome(f"the flow run is {state.name}")
+                    return Outcome(f"the flow run is {state.name}", reusable=state.is_completed())
                 if state.is_cancelling():
                     return await self._cancel(flow_run, flow_started, logger)
                 if state.is_scheduled():
@@ -566,7 +661,7 @@ class RunPodWorker(
                 if state.is_paused() and state.name == "Suspended":
                     return Outcome("the flow run was suspended")
                 if not flow_started and state.type not in (StateType.PENDING, StateType.SCHEDULED):
-                    flow_started = True
+                    flow_started = record.flow_started = True
                     await self._flow_started(runpod, record, placement, logger)
             if time.time() >= deadline:
                 message = f"The run exceeded max_runtime ({configuration.max_runtime} s); pod {pod.id} deleted."
@@ -576,14 +671,16 @@ class RunPodWorker(
             if (capped := self._cost_capped(configuration.max_cost, record)) is not None:
                 state = await self._stop(flow_run, "max_cost reached", capped, flow_started, logger)
                 return Outcome("max_cost reached", before_delete=state, status_code=1)
-            if not flow_started and time.monotonic() - created >= configuration.startup_timeout:
-                reason = f"the flow run did not start within startup_timeout ({configuration.startup_timeout} s)"
+            if not flow_started and time.monotonic() - created >= startup_timeout:
+                reason = f"the flow run did not start within startup_timeout ({startup_timeout:g} s)"
                 return await self._before_start(runpod, flow_run, record, reason, logger)
             if time.monotonic() >= next_pod_check:
                 next_pod_check = time.monotonic() + self._poll
                 try:
                     pod = await runpod.get_pod(pod.id)
                 except RunPodNotFound:
+                    if record.handed_from and not flow_started:  # a warm pod lost before it took the run
+                        return Outcome("the pod was deleted outside the worker")
                     return await self._pod_gone(runpod, flow_run, pod, "the pod was deleted outside the worker", logger)
                 except RunPodError as exc:
                     self._warn_once(logger, f"get-{pod.id}", f"Cannot read pod {pod.id} now ({exc}); still watching")
@@ -593,11 +690,13 @@ class RunPodWorker(
                         return await self._before_start(runpod, flow_run, record, "the pod is in ERROR", logger)
                     if pod.status == "ERROR":
                         return await self._crash(runpod, flow_run, pod, "the pod is in ERROR", logger)
+                    if pod.status in ("EXITED", "TERMINATED") and record.handed_from and not flow_started:
+                        return Outcome(f"RunPod stopped the pod ({pod.status})")
                     if pod.status in ("EXITED", "TERMINATED"):
                         return await self._pod_gone(
                             runpod, flow_run, pod, f"RunPod stopped the pod ({pod.status})", logger
                         )
-                    if container.observe(pod) == "up":
+                    if container.observe(pod) == "up" and not record.handed_from:
                         boot = time.monotonic() - created
                         logger.info(f"Pod {pod.id} is running (container up after {boot:.0f} s)")
                         self._emit("ow.pod.running", record, boot_seconds=round(boot, 1))
@@ -664,6 +763,9 @@ class RunPodWorker(
                 await self._force_state(flow_run_id, outcome.after_delete, logger)
         finally:
             self._watched.pop(record.pod_id, None)
+            self._assigned_at.pop(record.pod_id, None)
+            if self._agent_pods.pop(record.pod_id, None) is not None:
+                await self._clear_assignment(record.pod_id)
             await self._clear_stop(flow_run_id)
         if deleted != "failed":  # "gone": deleted by kill_infrastructure (a cancellation) or by hand; still ours
             logger.info(f"Pod {record.pod_id} deleted: {outcome.reason}")
@@ -734,6 +836,23 @@ class RunPodWorker(
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message)
+
+
+def _is_pending(state: Any) -> bool:
+    return hasattr(state, "is_pending") and state.is_pending()
+
+
+class _Reported:
+    """What a run's submission reports once its infrastructure was said: a new pod updates the run's
+    infrastructure id instead (anyio's `task_status.started` may be called only once)."""
+
+    def __init__(self, client: Any, flow_run_id: UUID) -> None:
+        self.client, self.flow_run_id = client, flow_run_id
+
+    def started(self, value: str) -> None:
+        self.task = asyncio.get_running_loop().create_task(
+            self.client.update_flow_run(self.flow_run_id, infrastructure_pid=value)
+        )
 
 
 __all__ = ["RunPodJobConfiguration", "RunPodVariables", "RunPodWorker", "RunPodWorkerResult"]
