@@ -219,6 +219,38 @@ async def test_kill_infrastructure_deletes_the_pod_and_a_gone_pod_counts_as_done
         await worker.kill_infrastructure(f"runpod::{pod.id}", config)  # 404: already gone, no error
 
 
+async def test_cancelling_an_earlier_run_of_a_handed_on_pod_leaves_it_to_its_current_run(use_server):
+    """A warm pod's assignment (workers/handoff.py) names the run it serves now; a cancel of the run it served
+    before must not delete it (Prefect then marks that run Cancelled, infrastructure not found)."""
+    from prefect.exceptions import InfrastructureNotFound
+    from prefect.variables import Variable
+
+    from ow_prefect.runpod import AsyncRunPodClient
+    from ow_prefect.runpod.agent import assignment_variable
+    from ow_prefect.runpod.credentials import RunPodCredentials
+    from ow_prefect.testing.fake_runpod import FakeRunPod
+
+    earlier, current = str(uuid4()), str(uuid4())
+    with FakeRunPod(api_key="k") as fake:
+        async with AsyncRunPodClient("k", base_url=fake.url) as runpod:
+            pod = await runpod.create_pod({"name": "ow-x", "image": "i", "gpu": {"id": "NVIDIA RTX A6000"}})
+        await Variable.aset(assignment_variable(pod.id), {"flow_run_id": current}, overwrite=True)
+        try:
+            credentials = RunPodCredentials(api_key="k", api_url=fake.url)
+            worker = RunPodWorker(work_pool_name="unused")
+            for_run = {
+                run: RunPodJobConfiguration(credentials=credentials, env={"PREFECT__FLOW_RUN_ID": run})
+                for run in (earlier, current)
+            }
+            with pytest.raises(InfrastructureNotFound, match=f"handed on to flow run {current}"):
+                await worker.kill_infrastructure(f"runpod::{pod.id}", for_run[earlier])
+            assert fake.pods[pod.id].deleted_at is None
+            await worker.kill_infrastructure(f"runpod::{pod.id}", for_run[current])
+            assert fake.pods[pod.id].deleted_at is not None
+        finally:
+            await Variable.aunset(assignment_variable(pod.id))
+
+
 def test_a_pod_that_could_not_reach_the_prefect_api_is_never_created():
     from ow_prefect.runpod.credentials import RunPodCredentials
 

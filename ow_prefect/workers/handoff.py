@@ -295,3 +295,18 @@ class WarmHandoff:
 
         with contextlib.suppress(Exception):
             await Variable.aunset(assignment_variable(pod_id))
+
+    async def _serves_another_run(self, pod_id: str, flow_run_id: str | None) -> str | None:
+        """The run a handed-over pod now serves, when that is not `flow_run_id`: a cancel of an earlier run of the
+        pod must not delete it under its current run. None when the pod has no assignment (a pod per run), or it
+        is this run's, or the assignment cannot be read (then the cancel deletes, as for any pod)."""
+        from prefect.variables import Variable
+
+        if not flow_run_id:
+            return None
+        try:
+            value = await Variable.aget(assignment_variable(pod_id))
+        except Exception:  # noqa: BLE001 - cannot tell: the cancel goes ahead
+            return None
+        current = value.get("flow_run_id") if isinstance(value, dict) else None
+        return str(current) if current and str(current) != str(flow_run_id) else None

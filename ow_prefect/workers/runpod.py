@@ -796,13 +796,18 @@ class RunPodWorker(
     async def kill_infrastructure(
         self, infrastructure_pid: str, configuration: RunPodJobConfiguration, grace_seconds: int = 30
     ) -> None:
-        """Delete the run's pod; a pod that is already gone (404) counts as done."""
-        if not infrastructure_pid.startswith(INFRA_PREFIX):
-            from prefect.exceptions import InfrastructureNotFound
+        """Delete the run's pod; a pod that is already gone (404) counts as done. A pod handed on to a later run
+        (workers/handoff.py) is that run's now: cancelling the earlier run leaves it alone."""
+        from prefect.exceptions import InfrastructureNotFound
 
+        if not infrastructure_pid.startswith(INFRA_PREFIX):
             raise InfrastructureNotFound(f"{infrastructure_pid!r} is not a RunPod pod of this worker")
+        pod_id = infrastructure_pid.removeprefix(INFRA_PREFIX)
+        current = await self._serves_another_run(pod_id, configuration.env.get("PREFECT__FLOW_RUN_ID"))
+        if current is not None:
+            raise InfrastructureNotFound(f"pod {pod_id} was handed on to flow run {current}; it is not this run's")
         async with configuration.runpod_credentials().get_client() as runpod:
-            await runpod.delete_pod(infrastructure_pid.removeprefix(INFRA_PREFIX))
+            await runpod.delete_pod(pod_id)
 
     # ---- helpers -------------------------------------------------------------------------------------
 
