@@ -2,6 +2,7 @@
 body, validation."""
 
 import asyncio
+import json
 import logging
 from contextlib import contextmanager
 from uuid import uuid4
@@ -127,7 +128,6 @@ async def test_the_pool_template_is_what_it_was_before_variables_and_configurati
     (tests/data/runpod_base_job_template.json, saved from the two hand-kept copies), in the same order, but
     for titles and descriptions, which every field now has. A new job variable adds itself to that file (it is
     the pool's contract: read its diff)."""
-    import json
     from pathlib import Path
 
     from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
@@ -172,6 +172,54 @@ def test_container_tracker_sees_starts_and_exits():
     quick = ContainerTracker()  # a container that lives less than one poll shows only a new startedAt
     assert quick.observe(pod(None, "t1")) == "up"
     assert quick.observe(pod(None, "t2")) == "exited"
+
+
+def test_a_watch_sees_its_run_move_on_to_the_next_pod():
+    """A preempted run reschedules itself and may be on its next pod before its old pod's watch sees it Scheduled
+    (a poll of the watch against the worker's own claim of the rescheduled run): the run's infrastructure id, once
+    it named this pod, naming another is the sign (workers/runpod.py `_MovedOn`)."""
+    from types import SimpleNamespace
+
+    from ow_prefect.workers.runpod import _MovedOn
+
+    def run(pid):
+        return SimpleNamespace(infrastructure_pid=pid)
+
+    second = _MovedOn("pod2")
+    assert second.to(run("runpod::pod1")) is None  # its create is not recorded yet: the id still names the last pod
+    assert second.to(run("runpod::pod2")) is None
+    first = _MovedOn("pod1")
+    assert first.to(None) is None and first.to(run(None)) is None  # the API did not answer; no id yet
+    assert first.to(run("runpod::pod1")) is None
+    assert first.to(run("runpod::pod2")) == "pod2"
+
+
+async def test_two_pods_of_one_run_ending_at_once_both_get_their_cost_row(use_server):
+    """Each row is added to the table the run's artifact holds: two pods of a run accounted at the same moment (the
+    preempted one and its successor) must not each write a table without the other."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from ow_prefect.runpod.offers import Candidate
+    from ow_prefect.workers.costs import PodRecord
+
+    @flow(name="cost-rows")
+    def nothing():
+        pass
+
+    candidate = Candidate("NVIDIA RTX A6000", "SECURE", 0.49, 48, 1, "High")
+    async with get_client() as client:
+        run = await client.create_flow_run(nothing)
+        worker = RunPodWorker(work_pool_name="unused")
+        worker._client = client
+        worker._emit = lambda *args, **kwargs: None  # the rows only (events have their own tests)
+        records = [PodRecord.of(pod(status="EXITED").model_copy(update={"id": i}), run, candidate) for i in "ab"]
+        await asyncio.gather(*(worker._account(r, "done", logging.getLogger("test")) for r in records))
+        key = ArtifactFilter(key=ArtifactFilterKey(any_=[f"runpod-cost-{run.id}"]))
+        latest = max(await client.read_artifacts(artifact_filter=key), key=lambda a: a.created)
+    assert sorted(row["pod"] for row in json.loads(latest.data)) == ["a", "b"]
+    assert not worker._cost_row_locks  # the run's lock is gone with its last user
 
 
 def test_the_no_capacity_message_names_what_was_asked_and_tried():

@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_CONTEXT = {
     "ow_prefect/run_log.py": {"OW_RUN_LOG", "OW_FLOW_RUN_ID", "OW_JOB_ID"},  # set by the flow for its command
     "flows/finetune/backends.py": {"OW_TRAIN_BACKEND"},  # only where ow_prefect is not installed (the GPU kit)
+    # the warm pod's agent: its pod's env as the worker wrote it (the pool marker; a job's `env` may set the poll);
+    # it imports neither Prefect nor the settings
+    "ow_prefect/runpod/agent.py": {"OW_WORK_POOL_ID", "OW_AGENT_POLL_SECONDS"},
 }
 
 

@@ -17,6 +17,7 @@ budget) in ow_prefect/costs/guard.py.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -116,10 +117,20 @@ class CostAccounting:
         seconds = max(0.0, time.time() - record.created_at)
         cost = record.price_per_hour * seconds / 3600
         self._emit(event, record, billed_seconds=round(seconds, 1), cost_usd=round(cost, 6), reason=reason, **payload)
+        # two pods of one run ending at once: each row goes into the table the other wrote (a lock per run, held by
+        # its users count, dropped with the last one)
+        locks: dict[Any, list[Any]] = self.__dict__.setdefault("_cost_row_locks", {})
+        entry = locks.setdefault(record.flow_run_id, [asyncio.Lock(), 0])
+        entry[1] += 1
         try:
-            await _add_cost_row(self.client, record, seconds, cost, reason)
+            async with entry[0]:
+                await _add_cost_row(self.client, record, seconds, cost, reason)
         except Exception:
             logger.warning("Could not write the cost artifact", exc_info=True)
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del locks[record.flow_run_id]
 
     def _emit(self, event: str, record: PodRecord, **payload: Any) -> None:
         pool = [pool_resource(self._work_pool.id)] if self._work_pool is not None else []  # the daily budget's ledger

@@ -645,10 +645,14 @@ class RunPodWorker(
         flow_started = False
         container: ContainerTracker = ContainerTracker()
         next_pod_check = 0.0
+        moved = _MovedOn(pod.id)
         while True:
-            state = await self._state(flow_run.id, logger)
+            current = await self._read_run(flow_run.id, logger)
+            state = current.state if current is not None and current is not _GONE else current
             if state is _GONE:
                 return Outcome("its flow run was deleted")
+            if (elsewhere := moved.to(current)) is not None:  # rescheduled and already on its next pod
+                return Outcome(f"the flow run was rescheduled onto pod {elsewhere}")
             if state is not None:
                 if state.is_crashed():  # e.g. the pull step failed in the pod: Prefect says only "exited with 1"
                     return await self._crash(runpod, flow_run, pod, state.message or "the flow run crashed", logger)
@@ -681,7 +685,8 @@ class RunPodWorker(
                 except RunPodNotFound:
                     if record.handed_from and not flow_started:  # a warm pod lost before it took the run
                         return Outcome("the pod was deleted outside the worker")
-                    return await self._pod_gone(runpod, flow_run, pod, "the pod was deleted outside the worker", logger)
+                    reason = "the pod was deleted outside the worker"
+                    return await self._pod_gone(runpod, flow_run, pod, reason, logger, moved)
                 except RunPodError as exc:
                     self._warn_once(logger, f"get-{pod.id}", f"Cannot read pod {pod.id} now ({exc}); still watching")
                 else:
@@ -694,7 +699,7 @@ class RunPodWorker(
                         return Outcome(f"RunPod stopped the pod ({pod.status})")
                     if pod.status in ("EXITED", "TERMINATED"):
                         return await self._pod_gone(
-                            runpod, flow_run, pod, f"RunPod stopped the pod ({pod.status})", logger
+                            runpod, flow_run, pod, f"RunPod stopped the pod ({pod.status})", logger, moved
                         )
                     if container.observe(pod) == "up" and not record.handed_from:
                         boot = time.monotonic() - created
@@ -732,15 +737,27 @@ class RunPodWorker(
         )
 
     async def _pod_gone(
-        self, runpod: AsyncRunPodClient, flow_run: FlowRun, pod: Pod, reason: str, logger: Any
+        self,
+        runpod: AsyncRunPodClient,
+        flow_run: FlowRun,
+        pod: Pod,
+        reason: str,
+        logger: Any,
+        moved: _MovedOn | None = None,
     ) -> Outcome:
         """The pod ended under the run (preemption, a manual delete): a preempted flow reschedules itself on
-        SIGTERM, so give it time to; anything else is a crash."""
+        SIGTERM, so give it time to (a worker may have given it its next pod before this watch saw it Scheduled);
+        anything else is a crash."""
         end = time.monotonic() + PREEMPT_GRACE_SECONDS
+        moved = moved or _MovedOn(pod.id)
         while time.monotonic() < end:
-            state = await self._state(flow_run.id, logger)
+            current = await self._read_run(flow_run.id, logger)
+            state = current.state if current is not None and current is not _GONE else current
             if state is _GONE:
                 return Outcome("its flow run was deleted")
+            if (elsewhere := moved.to(current)) is not None:
+                logger.info(f"{reason}; the flow run was rescheduled and runs on pod {elsewhere}")
+                return Outcome("the flow run was rescheduled after the pod stopped")
             if state is not None and (state.is_final() or state.is_scheduled() or state.is_cancelling()):
                 if state.is_scheduled():
                     logger.info(f"{reason}; the flow run was rescheduled and gets a new pod")
@@ -821,8 +838,13 @@ class RunPodWorker(
 
     async def _state(self, flow_run_id: UUID, logger: Any = None) -> Any:
         """The run's current state; `_GONE` when the run was deleted; None when the API did not answer."""
+        current = await self._read_run(flow_run_id, logger)
+        return current.state if current is not None and current is not _GONE else current
+
+    async def _read_run(self, flow_run_id: UUID, logger: Any = None) -> Any:
+        """The run as the server has it now; `_GONE` when it was deleted; None when the API did not answer."""
         try:
-            return (await self.client.read_flow_run(flow_run_id)).state
+            return await self.client.read_flow_run(flow_run_id)
         except ObjectNotFound:
             return _GONE
         except Exception as exc:  # the Prefect API is down or restarting: keep the pod, look again
@@ -845,6 +867,26 @@ class RunPodWorker(
 
 def _is_pending(state: Any) -> bool:
     return hasattr(state, "is_pending") and state.is_pending()
+
+
+class _MovedOn:
+    """Whether a watched pod's run has moved on to another pod: a preempted run reschedules itself and a worker
+    may claim it and create its next pod within one poll of this watch, which then never sees it Scheduled. The
+    run's infrastructure id names its newest pod; it names this pod first (once its create is recorded), so
+    another pod named after that is the run's next one."""
+
+    def __init__(self, pod_id: str) -> None:
+        self.own, self.seen_own = f"{INFRA_PREFIX}{pod_id}", False
+
+    def to(self, flow_run: Any) -> str | None:
+        """The pod the run moved on to, or None."""
+        pid = getattr(flow_run, "infrastructure_pid", None)
+        if not isinstance(pid, str):
+            return None
+        if pid == self.own:
+            self.seen_own = True
+            return None
+        return pid.removeprefix(INFRA_PREFIX) if self.seen_own and pid.startswith(INFRA_PREFIX) else None
 
 
 class _Reported:
