@@ -104,36 +104,29 @@ SERVER_FIXTURES = {
 }
 
 
-# Seconds each long unit of work (a module, or a vLLM group) took in a full `make test` (two processes on 2 shared
-# cores; measured Dec 1 while another full suite ran on the machine, about twice a quiet run's times). The units
-# run longest first, so the two processes end together instead of one finishing the last long module alone (in
-# that run: 2196 s and 2180 s of tests); units not listed (each well under a minute) come after them, the most
-# tests first. `make test` prints the units' times (`pytest_terminal_summary` below): update these when a
-# module's time changes by a minute or more.
+# Seconds each long unit of work (a module, or a vLLM group) took in a full `make test` (two processes on the idle
+# 2-core machine, Dec 1). The units run longest first, so the processes end together instead of one finishing the
+# last long module alone; units not listed (each under half a minute) come after them, the most tests first.
+# `make test` prints the units' times (`pytest_terminal_summary` below): update these when a module's time changes
+# by a minute or more.
 UNIT_SECONDS = {
-    "vllm-other": 420,
-    "vllm-served": 380,
-    "tests/test_cli.py": 370,
-    "tests/test_docs_recipes.py": 355,
-    "tests/test_worker_placement.py": 330,
-    "tests/reliability/test_worker_faults.py": 315,
-    "tests/test_job_identity.py": 265,
-    "tests/test_docker.py": 260,
-    "tests/test_server.py": 235,
-    "tests/test_openweights_compat.py": 225,
-    "tests/reliability/test_finetune_preemption.py": 155,
-    "tests/test_demo.py": 120,
-    "tests/test_runpod_worker.py": 100,
-    "tests/reliability/test_server_restart.py": 90,
-    "tests/test_runpod_costs.py": 90,
-    "tests/test_custom_jobs.py": 85,
-    "tests/test_inference_openai.py": 65,
-    "tests/reliability/test_storage_outage.py": 55,
-    "tests/test_deploy_cli.py": 50,
-    "tests/test_finetune_train.py": 40,
-    "tests/test_finetune_flow.py": 35,
-    "tests/test_gpu_kit.py": 35,
-    "tests/test_envs.py": 30,
+    "tests/test_worker_handoff.py": 260,
+    "vllm-other": 230,
+    "vllm-served": 220,
+    "tests/test_cli.py": 130,
+    "tests/test_server.py": 120,
+    "tests/reliability/test_worker_faults.py": 120,
+    "tests/test_docs_recipes.py": 110,
+    "tests/test_job_identity.py": 80,
+    "tests/test_worker_placement.py": 75,
+    "tests/test_openweights_compat.py": 70,
+    "tests/test_runpod_costs.py": 60,
+    "tests/reliability/test_server_restart.py": 55,
+    "tests/test_docker.py": 55,
+    "tests/test_runpod_worker.py": 45,
+    "tests/test_inference_openai.py": 40,
+    "tests/reliability/test_finetune_preemption.py": 40,
+    "tests/reliability/test_storage_outage.py": 35,
 }
 
 
