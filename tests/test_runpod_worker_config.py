@@ -13,9 +13,10 @@ from pydantic import ValidationError
 from ow_prefect.runpod.models import Pod
 from ow_prefect.runpod.offers import Candidate, Ranking
 from ow_prefect.testing.fake_runpod import spec_schemas
+from ow_prefect.workers.attempts import ContainerTracker
 from ow_prefect.workers.capacity import _no_capacity_message
 from ow_prefect.workers.preflight import _is_loopback
-from ow_prefect.workers.runpod import ContainerTracker, RunPodJobConfiguration, RunPodWorker
+from ow_prefect.workers.runpod import RunPodJobConfiguration, RunPodWorker
 
 
 def flow_run():
@@ -177,10 +178,10 @@ def test_container_tracker_sees_starts_and_exits():
 def test_a_watch_sees_its_run_move_on_to_the_next_pod():
     """A preempted run reschedules itself and may be on its next pod before its old pod's watch sees it Scheduled
     (a poll of the watch against the worker's own claim of the rescheduled run): the run's infrastructure id, once
-    it named this pod, naming another is the sign (workers/runpod.py `_MovedOn`)."""
+    it named this pod, naming another is the sign (workers/watch.py `_MovedOn`)."""
     from types import SimpleNamespace
 
-    from ow_prefect.workers.runpod import _MovedOn
+    from ow_prefect.workers.watch import _MovedOn
 
     def run(pid):
         return SimpleNamespace(infrastructure_pid=pid)
