@@ -29,6 +29,13 @@ OpenWeights, simulated (bench/upstream_sim.py, which cites the files and commit 
 its loop against the trace, pooled.
 
 Prints per trace: median and p90 of submit → first step, GPU-seconds billed per job and pods created, side by side.
+
+`--fine-tunes N` adds the sequential burst as N real fine-tunes (`ow.fine_tuning.create`, the `finetune` flow on a
+tiny local Llama, each with its own seed so that each is a new job), hand-off off and then on: here the job's
+first step is the trainer's (the run's first `step 1/…` log line) and its work is real (imports, training,
+storing the adapter), so only the boot is modelled. The upstream simulation replays the same burst with the
+median of our runs' flow durations as each job's work, its first step the moment a worker takes the job (a few
+seconds in its favour: its own imports and model load are not counted).
 """
 
 from __future__ import annotations
@@ -115,12 +122,82 @@ def replay_ours(client, fake, deployment_id, trace: list[TraceJob], marks: Path,
     return Replay(latencies, billed / len(trace), len(pods), handed)
 
 
+def replay_finetunes(
+    client, fake, trace: list[TraceJob], suffix: str, model: str, data_id: str, boot: BootModel, seed: int
+):
+    """The sequential burst as real fine-tunes, submitted through the SDK to `finetune/sft{suffix}`; figures as in
+    `replay_ours` with the first step read from the run's logs and the work left as it was. Seeds from `seed` on:
+    a job equal to one done before would be its stored result at once (job identity), not a fine-tune."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from ow_prefect import OpenWeights
+
+    os.environ["OW_DEPLOYMENT_SUFFIX"] = suffix
+    ow = OpenWeights()
+    runs = []
+    for i, job in enumerate(trace):
+        time.sleep(job.after or 0.0)
+        submitted = ow.fine_tuning.create(
+            model=model, training_file=data_id, max_steps=30, seed=seed + i, merge_before_push=False, logging_steps=1
+        )
+        deadline = time.monotonic() + 600
+        while not (run := client.read_flow_run(submitted.flow_run_id)).state.is_final():
+            if time.monotonic() > deadline:
+                sys.exit(f"fine-tune {submitted.id} (run {run.id}) did not end within 600 s")
+            time.sleep(0.2)
+        if not run.state.is_completed():
+            sys.exit(f"fine-tune {submitted.id} ended {run.state.name}: {run.state.message}")
+        runs.append(run)
+    names = {f"ow-{run.id}" for run in runs}
+    pods = [p for p in list(fake.pods.values()) if p.name in names]
+    deadline = time.monotonic() + 300
+    while not all(p.deleted_at for p in pods):
+        if time.monotonic() > deadline:
+            sys.exit("the fine-tunes' pods were not deleted within 300 s")
+        time.sleep(0.2)
+    latencies, durations, handed = [], [], 0
+    for run in runs:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        first = min(log.timestamp for log in logs if log.message.startswith("step "))
+        warm = fake.pods[(run.infrastructure_pid or "").removeprefix("runpod::")].name != f"ow-{run.id}"
+        handed += warm
+        latencies.append((first - run.created).total_seconds() - (0.0 if warm else FAKE_BOOT_S - boot.seconds))
+        durations.append((run.end_time - run.start_time).total_seconds())
+    billed = sum((p.deleted_at - p.created_at).total_seconds() - FAKE_BOOT_S + boot.seconds for p in pods)
+    return Replay(latencies, billed / len(trace), len(pods), handed), statistics.median(durations)
+
+
+def deploy_finetunes(client, keep_warm: int) -> dict[int, str]:
+    """`finetune/sft-bench-k<keep>` on the bench pool, hand-off off and on; the suffix of each."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    entrypoint = "flows/finetune/flow.py:finetune"
+    flow = load_flow_from_entrypoint(str(ROOT / entrypoint))
+    suffixes = {}
+    for keep in (0, keep_warm):
+        suffixes[keep] = f"-bench-k{keep}"
+        client.create_deployment(
+            flow_id=client.create_flow_from_name(flow.name),
+            name=f"sft{suffixes[keep]}",
+            entrypoint=entrypoint,
+            work_pool_name="bench-gpu",
+            job_variables={"keep_warm_seconds": keep, "env": {"OW_TRAIN_BACKEND": "transformers"}},
+            parameter_openapi_schema=flow.parameters.model_dump(mode="json"),
+            pull_steps=[{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}],
+        )
+    return suffixes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=10, help="jobs per burst (the sparse trace has half)")
     parser.add_argument("--boot-pull", type=float, default=BootModel.pull_s)
     parser.add_argument("--boot-start", type=float, default=BootModel.start_s)
     parser.add_argument("--keep-warm", type=int, default=60, help="keep_warm_seconds of the hand-off replays")
+    parser.add_argument(
+        "--fine-tunes", type=int, default=0, help="also replay the sequential burst as this many real fine-tunes"
+    )
+    parser.add_argument("--only-fine-tunes", action="store_true", help="skip the stand-in flow's traces")
     args = parser.parse_args()
     boot = BootModel(args.boot_pull, args.boot_start)
     work = Path(tempfile.mkdtemp(prefix="ow-bench-worker-"))
@@ -164,12 +241,28 @@ def main() -> None:
             )
             for keep in (0, args.keep_warm)
         }
+        finetunes = {}
+        if args.fine_tunes:
+            from ow_prefect import OpenWeights
+            from ow_prefect.testing.tiny_model import build_tiny_model, sample_conversations, write_jsonl
+
+            model = str(build_tiny_model(work / "tiny-model"))
+            rows_file = write_jsonl(sample_conversations(128), work / "train.jsonl")
+            data_id = OpenWeights().files.upload(rows_file, "conversations").id
+            suffixes = deploy_finetunes(client, args.keep_warm)
         with prefect_worker(url, "bench-gpu", "runpod", {}, work / "worker.log", query_seconds=None):
             time.sleep(5)  # the worker's start; not part of any run's latency
-            for name, trace in traces(args.jobs).items():
+            if args.fine_tunes:
+                burst = traces(args.fine_tunes)["sequential"]
+                for n, (keep, suffix) in enumerate(suffixes.items()):
+                    label = "fine-tunes" + ("+handoff" if keep else "")
+                    seed = 1000 * (n + 1)
+                    finetunes[label] = replay_finetunes(client, fake, burst, suffix, model, data_id, boot, seed)
+                    print(f"ours, {label}: {len(burst)} fine-tunes done", flush=True)
+            for name, trace in ({} if args.only_fine_tunes else traces(args.jobs)).items():
                 ours[name] = replay_ours(client, fake, deployments[0], trace, marks, boot, SPARSE_GAP_S)
                 print(f"ours, {name}: {len(trace)} runs done", flush=True)
-            for name in HANDOFF_TRACES:
+            for name in () if args.only_fine_tunes else HANDOFF_TRACES:
                 trace, warm = traces(args.jobs)[name], deployments[args.keep_warm]
                 gap = args.keep_warm + SPARSE_GAP_S + 2  # longer than the warm time, as the trace's 30 minutes
                 ours[f"{name}+handoff"] = replay_ours(client, fake, warm, trace, marks, boot, gap)
@@ -179,8 +272,16 @@ def main() -> None:
     print(f"\nhand-off: keep_warm_seconds {args.keep_warm}")
     print(f"\n{'trace':20} {'jobs':>4}  {'submit → first step: median / p90 (s)':>40}  {'GPU-s billed per job':>28}")
     print(f"{'':20} {'':>4}  {'ours':>19} {'OpenWeights':>20}  {'ours':>13} {'OpenWeights':>14}  pods: ours / OW")
+    work_s = {}  # the fine-tunes' upstream trace: each job works the median of our runs' flow durations
+    for name, (replay, duration) in finetunes.items():
+        ours[name] = replay
+        work_s.setdefault("fine-tunes", duration)
     for name, replay in ours.items():
-        trace = traces(args.jobs)[name.removesuffix("+handoff")]
+        if name.startswith("fine-tunes"):
+            burst = traces(args.fine_tunes)["sequential"]
+            trace = [TraceJob(work_s=work_s["fine-tunes"], at=j.at, after=j.after) for j in burst]
+        else:
+            trace = traces(args.jobs)[name.removesuffix("+handoff")]
         upstream = simulate_many(trace, boot)
         ours_latency, ours_gpu_s = replay.latencies, replay.gpu_s_per_job
         theirs_latency = upstream.first_step_latencies()
@@ -220,26 +321,39 @@ def main() -> None:
                 ours_gpu_s <= theirs_gpu_s,
             )
         )
-    on, off = ours["sequential+handoff"], ours["sequential"]
-    rows.append(row("sequential: pods created, hand-off on vs off", on.pods, off.pods, "pods", "", None))
-    rows.append(
-        row(
-            "sequential: submit → first step median, hand-off on vs off",
-            round(statistics.median(on.latencies), 2),
-            round(statistics.median(off.latencies), 2),
-            "s",
+    for name in ("sequential", "fine-tunes"):
+        if name not in ours:
+            continue
+        on, off = ours[f"{name}+handoff"], ours[name]
+        rows.append(row(f"{name}: pods created, hand-off on vs off", on.pods, off.pods, "pods", "", None))
+        rows.append(
+            row(
+                f"{name}: submit → first step median, hand-off on vs off",
+                round(statistics.median(on.latencies), 2),
+                round(statistics.median(off.latencies), 2),
+                "s",
+            )
         )
-    )
-    rows.append(  # a pool whose runs do not follow each other pays nothing for hand-off (2%: the 2 s polls' noise)
-        row(
-            "sparse, hand-off on: GPU-s billed per job vs off",
-            round(ours["sparse+handoff"].gpu_s_per_job, 1),
-            round(ours["sparse"].gpu_s_per_job, 1),
-            "s",
-            "ratio ≤ 1.02",
-            ours["sparse+handoff"].gpu_s_per_job <= ours["sparse"].gpu_s_per_job * 1.02,
+        rows.append(
+            row(
+                f"{name}: GPU-s billed per job, hand-off on vs off",
+                round(on.gpu_s_per_job, 1),
+                round(off.gpu_s_per_job, 1),
+                "s",
+            )
         )
-    )
+    if "sparse" in ours:  # a pool whose runs do not follow each other pays nothing for hand-off (2%: polls' noise)
+        on_s, off_s = ours["sparse+handoff"].gpu_s_per_job, ours["sparse"].gpu_s_per_job
+        rows.append(
+            row(
+                "sparse, hand-off on: GPU-s billed per job vs off",
+                round(on_s, 1),
+                round(off_s, 1),
+                "s",
+                "ratio ≤ 1.02",
+                on_s <= off_s * 1.02,
+            )
+        )
     print(json.dumps({"boot_s": boot.seconds, "keep_warm_s": args.keep_warm, "traces": summary}))
     emit("worker", rows)
 
