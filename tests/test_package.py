@@ -18,14 +18,15 @@ HEAVY += ["tenacity", "httpx_sse"]  # light, but only the calls that retry or st
 
 
 def test_import_is_fast_and_light():
+    # CPU seconds of the import, not wall: a loaded machine (the suite's other process) stretches wall time only
     code = (
-        "import json, sys, time; t = time.perf_counter(); import ow_prefect; "
-        "elapsed = time.perf_counter() - t; "
+        "import json, sys, time; t = time.process_time(); import ow_prefect; "
+        "elapsed = time.process_time() - t; "
         f"print(json.dumps({{'s': elapsed, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))"
     )
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert out["heavy"] == []
-    assert out["s"] < 1.0, f"import ow_prefect took {out['s']:.2f} s"
+    assert out["s"] < 1.0, f"import ow_prefect took {out['s']:.2f} CPU seconds"
 
 
 def test_registered_as_prefect_collection():

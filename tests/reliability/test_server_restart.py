@@ -43,14 +43,19 @@ def test_runs_survive_a_prefect_server_restart(fake, tmp_path):
             worker = prefect_worker(api, POOL, "runpod", WORKER_ENV, tmp_path / "worker.log")
             with worker:
                 outputs = {}
-                for deployment_id in (real, light, light):
-                    output = f"output-{uuid.uuid4()}"
-                    flow_run = client.create_flow_run_from_deployment(
-                        deployment_id, parameters={"seconds": 20, "payload": output}
-                    )
-                    outputs[flow_run.id] = output
-                for flow_run_id in outputs:
-                    wait_for(client, flow_run_id, lambda fr: fr.state.is_running(), timeout=120)
+                # the light runs start once the real one runs: its pod's Prefect start-up can take longer than a
+                # light run's whole 20 s on a loaded machine, and every run must still be running at the restart
+                for batch in ((real,), (light, light)):
+                    started = []
+                    for deployment_id in batch:
+                        output = f"output-{uuid.uuid4()}"
+                        flow_run = client.create_flow_run_from_deployment(
+                            deployment_id, parameters={"seconds": 20, "payload": output}
+                        )
+                        outputs[flow_run.id] = output
+                        started.append(flow_run.id)
+                    for flow_run_id in started:
+                        wait_for(client, flow_run_id, lambda fr: fr.state.is_running(), timeout=120)
                 first_server.close()  # the server goes away mid-run...
                 time.sleep(DOWN_SECONDS)
                 assert all(not pod.deleted_at for id_ in outputs for pod in pods_of(fake, id_)), (
