@@ -82,7 +82,7 @@ def test_a_pod_that_reaches_max_cost_is_stopped(prefect_client, fake, start_run)
     flow_run = start_run(seconds=300, max_cost=0.001)  # $0.001 at $0.49/h: ~7 s
     done = wait_for(prefect_client, flow_run.id, finished, timeout=120)
     assert done.state.is_failed() and done.state.name == "CostCapped", done.state
-    assert "reached max_cost ($0.003)" in done.state.message
+    assert "reached max_cost ($0.001)" in done.state.message
     assert all_deleted(fake, flow_run.id)
     cost = eventually(lambda: artifact(prefect_client, f"runpod-cost-{flow_run.id}"))
     (row,) = json.loads(cost.data)
