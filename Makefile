@@ -8,8 +8,9 @@ setup:
 demo: setup
 	OW_MODE=embedded .venv/bin/python examples/quickstart/finetune.py
 
-# The whole suite, two pytest processes (pytest-xdist; tests/conftest.py says how modules are grouped): about 15
-# minutes on 2 cores. TEST_WORKERS=0 runs it in one process.
+# The whole suite, two pytest processes (pytest-xdist; tests/conftest.py says how modules are grouped): 16-18
+# minutes on an idle 2-core machine (three processes were slower: the per-process servers). TEST_WORKERS=0 runs it
+# in one process.
 TEST_WORKERS ?= 2
 test: setup
 	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
