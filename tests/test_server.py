@@ -87,6 +87,34 @@ async def test_fifty_concurrent_identical_submissions_make_one_flow_run():
     await ow.aclose()
 
 
+def test_a_busy_server_answering_503_after_the_create_took_effect_gives_one_run(monkeypatch):
+    """A SQLite Prefect server answers 503 ("database is locked") to concurrent writes on a loaded machine, after
+    Prefect's own retries; the submit is asked again, finds the run its create made and makes no second one.
+    The 503 is injected at the client's create (mocked: a real server cannot be made to lock on demand); the run
+    behind it is real."""
+    import httpx
+    from prefect.client.orchestration import PrefectClient
+
+    real_create = PrefectClient.create_flow_run_from_deployment
+    answered = []
+
+    async def create_then_503(self, *args, **kwargs):
+        run = await real_create(self, *args, **kwargs)
+        answered.append(run.id)
+        if len(answered) == 1:
+            request = httpx.Request("POST", "http://prefect.test/api/deployments/x/create_flow_run")
+            response = httpx.Response(503, request=request)
+            raise httpx.HTTPStatusError("Service Unavailable", request=request, response=response)
+        return run
+
+    monkeypatch.setattr(PrefectClient, "create_flow_run_from_deployment", create_then_503)
+    job = OpenWeights().custom.create(entrypoint=f"echo busy server {os.getpid()}")
+    assert [str(run_id) for run_id in answered] == [
+        str(job.flow_run_id)
+    ]  # asked again: the job id was found, nothing created twice
+    assert count_runs(job.id) == 1
+
+
 def test_concurrent_submissions_from_threads():
     ow = OpenWeights()
     with ThreadPoolExecutor(16) as pool:

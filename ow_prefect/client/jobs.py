@@ -31,7 +31,14 @@ from ow_prefect.client._queries import (
     untagged_filters,
 )
 from ow_prefect.client.runs import AsyncRuns
-from ow_prefect.errors import ConfigurationError, NotFoundError, OWError, ParameterError, StorageError
+from ow_prefect.errors import (
+    ConfigurationError,
+    NotFoundError,
+    OWError,
+    ParameterError,
+    PrefectUnavailableError,
+    StorageError,
+)
 from ow_prefect.jobs.base import (
     TERMINAL_STATUSES,
     Job,
@@ -58,6 +65,7 @@ from ow_prefect.jobs.submit import (
     tags_for,
     type_tag,
 )
+from ow_prefect.retry import RetryRules
 from ow_prefect.settings import get_settings
 from ow_prefect.storage import check_relative_path
 
@@ -66,6 +74,18 @@ if TYPE_CHECKING:
 
 
 SCAN_PAGE = 200  # Prefect's server returns at most 200 runs per request
+
+
+def _server_busy(error: BaseException) -> bool:
+    """A 503 from the Prefect API after Prefect's own retries: a SQLite server refuses concurrent writes so
+    ("database is locked") on a loaded machine."""
+    response = getattr(error.__cause__, "response", None)
+    return isinstance(error, PrefectUnavailableError) and getattr(response, "status_code", None) == 503
+
+
+# A submit may be asked again: it looks the job id up first and creates with the job's idempotency key, so a
+# create that did take effect is found, never doubled.
+SUBMIT_RETRY = RetryRules(retry_on=_server_busy, attempts=4, initial_s=2.0, max_s=15.0)
 SCAN_PAGES = 25  # `list` reads at most this many pages of runs, newest first
 # Runs of ow_prefect's deployments that never started their flow (so never tagged themselves) are found among
 # this many of the newest not-completed runs of those flows.
@@ -291,6 +311,9 @@ class AsyncJobs:
         """Submit a job of `job_cls` with these parameters, or return the job with the same id: as it is while
         pending, running or completed; run again (the same flow run) when it failed or was canceled."""
         sub = await blocking(self._prepare, job_cls, kwargs)
+        return await SUBMIT_RETRY.acall(self._submit, job_cls, sub)
+
+    async def _submit(self, job_cls: type[Job], sub: Any) -> Job:
         async with self._prefect() as client:
             run = await self._find_run(client, sub.job_id)
             action = plan(run)
