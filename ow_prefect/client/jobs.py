@@ -74,6 +74,11 @@ if TYPE_CHECKING:
 
 
 SCAN_PAGE = 200  # Prefect's server returns at most 200 runs per request
+SCAN_PAGES = 25  # `list` reads at most this many pages of runs, newest first
+# Runs of ow_prefect's deployments that never started their flow (so never tagged themselves) are found among
+# this many of the newest not-completed runs of those flows.
+UNTAGGED_SCAN = 200
+LOG_POLL_SECONDS = 1.0  # how often following a job's logs asks for new lines
 
 
 def _server_busy(error: BaseException) -> bool:
@@ -86,11 +91,6 @@ def _server_busy(error: BaseException) -> bool:
 # A submit may be asked again: it looks the job id up first and creates with the job's idempotency key, so a
 # create that did take effect is found, never doubled.
 SUBMIT_RETRY = RetryRules(retry_on=_server_busy, attempts=4, initial_s=2.0, max_s=15.0)
-SCAN_PAGES = 25  # `list` reads at most this many pages of runs, newest first
-# Runs of ow_prefect's deployments that never started their flow (so never tagged themselves) are found among
-# this many of the newest not-completed runs of those flows.
-UNTAGGED_SCAN = 200
-LOG_POLL_SECONDS = 1.0  # how often following a job's logs asks for new lines
 
 
 class JobTimeoutError(OWError, TimeoutError):
