@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -107,8 +108,33 @@ class PodRecord:
         }
 
 
+class RunLocks:
+    """One asyncio lock per flow run (its cost table's read-modify-write), dropped with its last user."""
+
+    def __init__(self) -> None:
+        self._locks: dict[Any, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Any) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class CostAccounting:
-    """The worker's side of accounting (a mixin of `RunPodWorker`, which gives it `client`): events and cost rows."""
+    """The worker's side of accounting (a mixin of `RunPodWorker`, which gives it `client` and `_cost_row_locks`, a
+    `RunLocks`): events and cost rows."""
 
     async def _account(
         self, record: PodRecord, reason: str, logger: Any, event: str = "ow.pod.terminated", **payload: Any
@@ -117,20 +143,11 @@ class CostAccounting:
         seconds = max(0.0, time.time() - record.created_at)
         cost = record.price_per_hour * seconds / 3600
         self._emit(event, record, billed_seconds=round(seconds, 1), cost_usd=round(cost, 6), reason=reason, **payload)
-        # two pods of one run ending at once: each row goes into the table the other wrote (a lock per run, held by
-        # its users count, dropped with the last one)
-        locks: dict[Any, list[Any]] = self.__dict__.setdefault("_cost_row_locks", {})
-        entry = locks.setdefault(record.flow_run_id, [asyncio.Lock(), 0])
-        entry[1] += 1
-        try:
-            async with entry[0]:
+        try:  # two pods of one run ending at once: each row goes into the table the other wrote
+            async with self._cost_row_locks.hold(record.flow_run_id):
                 await _add_cost_row(self.client, record, seconds, cost, reason)
         except Exception:
             logger.warning("Could not write the cost artifact", exc_info=True)
-        finally:
-            entry[1] -= 1
-            if not entry[1]:
-                del locks[record.flow_run_id]
 
     def _emit(self, event: str, record: PodRecord, **payload: Any) -> None:
         pool = [pool_resource(self._work_pool.id)] if self._work_pool is not None else []  # the daily budget's ledger

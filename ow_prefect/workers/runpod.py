@@ -77,7 +77,7 @@ from ow_prefect.runpod.volumes import hf_home
 from ow_prefect.settings import get_settings
 from ow_prefect.workers.attempts import INFRA_PREFIX, Outcome, PodAttempts
 from ow_prefect.workers.capacity import PodCreation
-from ow_prefect.workers.costs import MAX_COST_MARKER, CostAccounting, PodRecord
+from ow_prefect.workers.costs import MAX_COST_MARKER, CostAccounting, PodRecord, RunLocks
 from ow_prefect.workers.handoff import HANDOFF_START_TIMEOUT, WarmHandoff, WarmPod, fit_key
 from ow_prefect.workers.placement import DEFAULT_MAX_POD_ATTEMPTS, VERIFIED, Placement
 from ow_prefect.workers.preflight import Preflight
@@ -431,6 +431,7 @@ class RunPodWorker(
         self._warned: set[str] = set()
         self._stopping: set[UUID] = set()  # runs asked to stop at a checkpoint (workers/stopping.py)
         self._assigned_at: dict[str, float] = {}  # pod id -> when it was handed to the run it serves now
+        self._cost_row_locks = RunLocks()  # a run's cost rows are added one at a time (workers/costs.py)
         self._init_handoff()  # warm pods and what they fit (workers/handoff.py)
 
     @classmethod

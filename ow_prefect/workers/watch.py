@@ -61,7 +61,7 @@ class PodWatch:
         moved = _MovedOn(pod.id)
         while True:
             current = await self._read_run(flow_run.id, logger)
-            state = current.state if current is not None and current is not _GONE else current
+            state = _state_of(current)
             if state is _GONE:
                 return Outcome("its flow run was deleted")
             if (elsewhere := moved.to(current)) is not None:  # rescheduled and already on its next pod
@@ -165,7 +165,7 @@ class PodWatch:
         moved = moved or _MovedOn(pod.id)
         while time.monotonic() < end:
             current = await self._read_run(flow_run.id, logger)
-            state = current.state if current is not None and current is not _GONE else current
+            state = _state_of(current)
             if state is _GONE:
                 return Outcome("its flow run was deleted")
             if (elsewhere := moved.to(current)) is not None:
@@ -186,7 +186,7 @@ class PodWatch:
     async def _state(self, flow_run_id: UUID, logger: Any = None) -> Any:
         """The run's current state; `_GONE` when the run was deleted; None when the API did not answer."""
         current = await self._read_run(flow_run_id, logger)
-        return current.state if current is not None and current is not _GONE else current
+        return _state_of(current)
 
     async def _read_run(self, flow_run_id: UUID, logger: Any = None) -> Any:
         """The run as the server has it now; `_GONE` when it was deleted; None when the API did not answer."""
@@ -205,6 +205,11 @@ class PodWatch:
             pass
         except Exception:
             logger.warning(f"Could not set flow run {flow_run_id} to {state.name}", exc_info=True)
+
+
+def _state_of(current: Any) -> Any:
+    """A read run's state; `_GONE` and None (deleted, no answer) stay as they are."""
+    return current.state if current is not None and current is not _GONE else current
 
 
 class _MovedOn:
