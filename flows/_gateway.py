@@ -69,6 +69,7 @@ class Gateway:
         self.upstream = upstream.rstrip("/")
         self._key = key.encode()
         self.in_flight = 0
+        self.port: int | None = None  # where `running_gateway` serves it
         self._client: httpx.AsyncClient | None = None
         self._thread: threading.Thread | None = None
 
@@ -205,7 +206,8 @@ async def _error(send: Any, status: int, message: str, code: str | None = None) 
 
 @contextlib.contextmanager
 def running_gateway(upstream: str, key: str, host: str, port: int, timeout: float = 30) -> Iterator[Gateway]:
-    """A `Gateway` served by uvicorn on `host:port` in a thread of this process, for the block's duration."""
+    """A `Gateway` served by uvicorn on `host:port` (0: a port the system picks, then `gateway.port`) in a thread
+    of this process, for the block's duration."""
     import uvicorn
 
     gateway = Gateway(upstream, key)
@@ -228,6 +230,7 @@ def running_gateway(upstream: str, key: str, host: str, port: int, timeout: floa
     except OSError as exc:
         sock.close()
         raise RuntimeError(f"the API gateway cannot listen on {host}:{port}: {exc}") from None
+    gateway.port = sock.getsockname()[1]  # the one the system picked for port 0
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"ow-gateway-{port}", daemon=True)
     thread.start()
@@ -236,7 +239,7 @@ def running_gateway(upstream: str, key: str, host: str, port: int, timeout: floa
         if not thread.is_alive() or time.monotonic() - started > timeout:
             server.should_exit = True
             sock.close()
-            raise RuntimeError(f"the API gateway did not start on {host}:{port} within {timeout:g} s")
+            raise RuntimeError(f"the API gateway did not start on {host}:{gateway.port} within {timeout:g} s")
         time.sleep(0.05)
     gateway._thread = thread
     try:

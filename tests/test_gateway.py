@@ -58,9 +58,9 @@ def upstream():
 
 @pytest.fixture
 def gateway(upstream):
-    port = free_port()
-    with running_gateway(upstream.url, KEY, "127.0.0.1", port) as gw:
-        gw.url = f"http://127.0.0.1:{port}"
+    with running_gateway(upstream.url, KEY, "127.0.0.1", 0) as gw:  # port 0: the system picks (vllm_api's way)
+        assert gw.port
+        gw.url = f"http://127.0.0.1:{gw.port}"
         yield gw
 
 

@@ -72,18 +72,18 @@ def delete_api_key(job_id: str) -> None:
         get_run_logger().warning("could not delete the API key's Secret block %s: %s", key_secret(job_id), exc)
 
 
-def endpoint(port: int) -> tuple[str, int, str]:
+def endpoint(port: int) -> tuple[str, int, str | None]:
     """(address and port the gateway binds, base URL clients use). On RunPod an http port is reached through
     RunPod's proxy; where the port is mapped to another one (a tcp port, or ow_prefect's FakeRunPod) the gateway
-    binds that one. Outside a pod it stays on loopback."""
+    binds that one. Outside a pod it stays on loopback, on a port the system picks when it binds (port 0; the URL
+    follows from it): a free port chosen now could be taken by another process during vLLM's start."""
     pod = os.environ.get("RUNPOD_POD_ID")
     mapped = os.environ.get(f"RUNPOD_TCP_PORT_{port}")
     if pod and mapped:
         return "0.0.0.0", int(mapped), f"http://{os.environ.get('RUNPOD_PUBLIC_IP', '127.0.0.1')}:{mapped}/v1"
     if pod:
         return "0.0.0.0", port, f"https://{pod}-{port}.proxy.runpod.net/v1"
-    local = free_port()
-    return "127.0.0.1", local, f"http://127.0.0.1:{local}/v1"
+    return "127.0.0.1", 0, None
 
 
 @task(name="heartbeat", cache_policy=NO_CACHE)
@@ -181,6 +181,7 @@ def _serve(job: Any, cfg: ApiParams, key: str) -> str:
         try:
             seconds = wait_healthy(proc, vllm_port, tail, get_settings().api_startup_timeout_seconds)
             with running_gateway(f"http://127.0.0.1:{vllm_port}", key, host, port) as gateway:
+                base_url = base_url or f"http://127.0.0.1:{gateway.port}/v1"
                 logger.info(
                     "vLLM healthy after %.0f s, serving %s at %s", seconds, ", ".join(cfg.served_names), base_url
                 )
