@@ -49,9 +49,11 @@ class StorageError(OWError):
 class JobFailedError(OWError):
     """Raised by `wait()` when a job ends failed or canceled (pass `raise_on_failure=False` to get it back)."""
 
-    def __init__(self, job):
+    def __init__(self, job, when: str = ""):
         self.job = job
-        super().__init__(f"job {job.id} ended {job.status} (flow run {job.flow_run_id}): {job.error or 'no message'}")
+        super().__init__(
+            f"job {job.id} ended {job.status}{when} (flow run {job.flow_run_id}): {job.error or 'no message'}"
+        )
 
 
 class CodeMismatchError(OWError):

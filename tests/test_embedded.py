@@ -91,3 +91,16 @@ async def test_async_twin_runs_embedded_jobs_too():
 def test_outputs_that_are_not_a_json_object_fail_the_job_clearly():
     job = OpenWeights().custom.create(entrypoint='echo "[1, 2]" > "$OW_OUTPUTS"')
     assert job.status == "failed" and "must hold a JSON object, not list" in job.error
+
+
+def test_an_api_whose_server_dies_before_serving_raises_job_failed_naming_the_job(tiny_model, tmp_path, monkeypatch):
+    """`up()` on an API job that ends before it serves: JobFailedError carrying the job and vLLM's last words (it
+    once raised an AttributeError from building the error). Here vLLM's interpreter is a script that fails."""
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho 'no vLLM in this interpreter' >&2\nexit 7\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("OW_VLLM_PYTHON", str(broken))
+    api = OpenWeights().api.deploy(str(tiny_model), max_model_len=200, max_num_seqs=3, keep_alive=30)
+    with pytest.raises(JobFailedError, match="ended failed before serving") as failed:
+        api.up()
+    assert failed.value.job.id == api.job_id and "no vLLM in this interpreter" in failed.value.job.error

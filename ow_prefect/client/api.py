@@ -192,8 +192,7 @@ class TemporaryApi:
                     self.models = published["models"]
                     return
             if self._ended():
-                job = self._ow.jobs.retrieve(self.job_id)
-                raise JobFailedError(f"API job {self.job_id} ended before serving: {job.status}: {job.error}")
+                raise JobFailedError(self._ow.jobs.retrieve(self.job_id), when=" before serving")
             time.sleep(1.0)
         raise TimeoutError(f"API job {self.job_id} was not serving after {self.timeout:g} s")
 
