@@ -66,6 +66,27 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # flows/_vllm.py b
 # of the fake). OW_VLLM_OPTIMIZATION_LEVEL=2 runs the suite at vLLM's default level.
 os.environ.setdefault("OW_VLLM_OPTIMIZATION_LEVEL", "0")
 
+
+def _one_certificate() -> str:
+    """A CA file with one certificate (certifi's first). Every Prefect client builds its TLS context from
+    PREFECT_API_SSL_CERT_FILE, certifi's ~120 certificates by default: 33 ms of CPU each time, and Prefect opens
+    clients often (~17 per flow run, more in the test processes: ~150 CPU-s of a 2,400 CPU-s run). The
+    suite's Prefect API is plain http on loopback, so the context is never used; with one certificate it costs
+    under a millisecond. Every process of the suite inherits it (fake pods too: IMAGE_VARIABLES)."""
+    import re
+
+    import certifi
+
+    pem = Path(certifi.where()).read_text()
+    first = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----\n", pem, re.S)
+    path = _SESSION_DIR / "one-ca.pem"
+    path.write_text(first.group(0))
+    return str(path)
+
+
+if not os.environ.get("PREFECT_API_SSL_CERT_FILE"):
+    os.environ["PREFECT_API_SSL_CERT_FILE"] = _one_certificate()
+
 import pytest  # noqa: E402
 
 from ow_prefect.testing.servers import moto_s3, prefect_server, prefect_worker  # noqa: E402
@@ -240,9 +261,11 @@ WORKER_SECRETS = {
 
 @pytest.fixture(scope="session")
 def worker(prefect_api, deployed, session_dir: Path):
-    """A real `process` worker polling the test pool every second (with `WORKER_SECRETS` in its environment)."""
+    """A real `process` worker polling the test pool every 2 s (with `WORKER_SECRETS` in its environment). A poll
+    costs Prefect's server ~36 ms of CPU (it marks every deployment of the pool ready); the session's two workers
+    polling every second were a tenth of a full run's CPU."""
     env = {"OW_HOME": os.environ["OW_HOME"], "PREFECT_HOME": str(session_dir / "prefect-worker"), **WORKER_SECRETS}
-    with prefect_worker(prefect_api, POOL, "process", env, session_dir / "worker.log") as proc:
+    with prefect_worker(prefect_api, POOL, "process", env, session_dir / "worker.log", query_seconds=2) as proc:
         yield proc
 
 

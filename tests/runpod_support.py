@@ -210,7 +210,8 @@ def runpod_worker_log(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def runpod_worker(prefect_api, runpod_pool, runpod_worker_log):
-    with prefect_worker(prefect_api, runpod_pool, "runpod", WORKER_ENV, runpod_worker_log) as proc:
+    # polls every 2 s, as the session's process worker (conftest.py's `worker` says why)
+    with prefect_worker(prefect_api, runpod_pool, "runpod", WORKER_ENV, runpod_worker_log, query_seconds=2) as proc:
         yield proc
 
 

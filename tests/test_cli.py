@@ -113,25 +113,30 @@ def test_exec_in_embedded_mode(tmp_path):
     assert ow("exec", "exit 4", "--wait", env=env, cwd=tmp_path).returncode == 4
 
 
-@pytest.mark.usefixtures("worker")
+def statuses(job_ids) -> set[str]:
+    """The jobs' statuses, read in this process (the SDK): waiting on them through `ow ls` in a loop would start
+    a Python process that imports Prefect every half second."""
+    from ow_prefect import OpenWeights
+
+    jobs = OpenWeights().jobs
+    return {jobs.retrieve(job_id).status for job_id in job_ids}
+
+
+@pytest.mark.usefixtures("worker", "use_server")
 def test_ls_pipes_into_cancel(server_env, tmp_path):
     ids = [ow("exec", f"sleep 300 # {n} {os.getpid()}", env=server_env).stdout.strip() for n in (1, 2)]
     assert all(ids) and len(set(ids)) == 2
 
-    def both_running():
-        return set(ids) <= set(ow("ls", "--status", "in_progress", env=server_env).stdout.split())
-
     # Running, not pending: a run a worker is starting can only be set to cancelling (see docs/cli.md).
-    assert eventually(both_running, timeout=120)
+    assert eventually(lambda: statuses(ids) == {"in_progress"}, timeout=120)
+    assert set(ids) <= set(ow("ls", "--status", "in_progress", env=server_env).stdout.split())
     pipeline = f"{OW} ls --status in_progress | grep -F -e {ids[0]} -e {ids[1]} | {OW} cancel -"
     piped = subprocess.run(["bash", "-c", pipeline], env=server_env, capture_output=True, text=True, timeout=120)
     assert piped.returncode == 0, piped.stderr
     assert sorted(line.split("\t")[0] for line in piped.stdout.splitlines()) == sorted(ids)
 
-    def both_canceled():
-        return set(ids) <= set(ow("ls", "--status", "canceled", env=server_env).stdout.split())
-
-    assert eventually(both_canceled, timeout=90)
+    assert eventually(lambda: statuses(ids) == {"canceled"}, timeout=90)
+    assert set(ids) <= set(ow("ls", "--status", "canceled", env=server_env).stdout.split())
     assert ow("cancel", "-", env=server_env, stdin="").returncode == 0
     unknown = ow("cancel", ids[0], "customjob-000000000000", env=server_env)
     assert unknown.returncode == 1 and "no job customjob-000000000000" in unknown.stderr
@@ -279,12 +284,13 @@ def test_show_prints_the_cost_of_a_job_a_runpod_pod_ran(server_env, prefect_clie
     assert result.returncode == 0, result.stderr
     job_id = re.search(r"customjob-[0-9a-f]{12}", result.stderr)[0]
 
-    def shown():
-        out = ow("show", job_id, env=env).stdout
-        return "cost:" in out and out
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    out = eventually(shown, timeout=60)
-    assert out, ow("show", job_id, env=env).stdout
+    flow_run_id = json.loads(ow("show", job_id, "--json", env=env).stdout)["flow_run_id"]
+    cost_key = ArtifactFilter(key=ArtifactFilterKey(any_=[f"runpod-cost-{flow_run_id}"]))
+    assert eventually(lambda: prefect_client.read_artifacts(artifact_filter=cost_key), timeout=60)  # in this process
+    out = ow("show", job_id, env=env).stdout
+    assert "cost:" in out, out
     assert re.search(r"\$\d+\.\d{4} on RunPod: 1 pod\(s\), 1x NVIDIA RTX A6000 \(SECURE\), \d+ s billed", out), out
     as_json = json.loads(ow("show", job_id, "--json", env=env).stdout)
     (row,) = as_json["cost"]

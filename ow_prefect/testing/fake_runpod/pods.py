@@ -23,7 +23,8 @@ VCPUS_PER_GPU = 8
 # What a test machine's environment contributes to a fake pod, standing in for the image's ENV lines (the real
 # images set PATH, OW_HOME, OW_VLLM_PYTHON, HF_HOME, PYTHONPATH: docker/Dockerfile). OW_TRAIN_BACKEND too: a machine
 # playing a GPU image without a GPU says so once (docs/runpod.md's fake recipe exports it), as an image would;
-# OW_VLLM_OPTIMIZATION_LEVEL likewise (the test suite starts vLLM without compiling: flows/_vllm.py).
+# OW_VLLM_OPTIMIZATION_LEVEL likewise (the test suite starts vLLM without compiling: flows/_vllm.py), and
+# PREFECT_API_SSL_CERT_FILE (an image that trusts its own CA sets it; the test suite names a one-certificate file).
 IMAGE_VARIABLES = (
     "PATH",
     "LANG",
@@ -38,6 +39,7 @@ IMAGE_VARIABLES = (
     "TOKENIZERS_PARALLELISM",
     "OW_TRAIN_BACKEND",
     "OW_VLLM_OPTIMIZATION_LEVEL",
+    "PREFECT_API_SSL_CERT_FILE",
 )
 
 
