@@ -8,10 +8,10 @@ setup:
 demo: setup
 	OW_MODE=embedded .venv/bin/python examples/quickstart/finetune.py
 
-# The whole suite, two pytest processes (pytest-xdist; tests/conftest.py says how modules are grouped): 16-18
-# minutes on an idle 2-core machine (three processes were slower: the per-process servers). TEST_WORKERS=0 runs it
-# in one process.
-TEST_WORKERS ?= 2
+# The whole suite, three pytest processes (pytest-xdist; tests/conftest.py says how modules are grouped): about
+# 19 minutes on the 2-core machine of Dec 1 (two processes: 24.5 minutes there, the cores idle 15% of the time;
+# each process starts its own Prefect server and workers). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 3
 test: setup
 	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
 

@@ -22,7 +22,7 @@ Per test: `use_server`, `script_file` (upload a script as a custom-job file).
 A test that uses a server-starting fixture (SERVER_FIXTURES) is marked `slow` by itself: `make test-fast` leaves
 it out.
 
-Parallel runs: `make test` is `pytest -n 2 --dist loadgroup`. Each module runs whole on one process (its
+Parallel runs: `make test` is `pytest -n 3 --dist loadgroup`. Each module runs whole on one process (its
 module fixtures are set up once), and the modules that start vLLM (VLLM_MODULES) form two groups, each run on
 one process, one module after another: never more than two vLLM servers of the tests at once (plus the idle
 `served_api`). A new module that starts vLLM belongs in VLLM_MODULES. Everything session-scoped above exists
@@ -125,29 +125,31 @@ SERVER_FIXTURES = {
 }
 
 
-# Seconds each long unit of work (a module, or a vLLM group) took in a full `make test` (two processes on the idle
+# Seconds each long unit of work (a module, or a vLLM group) took in a full `make test` (three processes on the
 # 2-core machine, Dec 1). The units run longest first, so the processes end together instead of one finishing the
-# last long module alone; units not listed (each under half a minute) come after them, the most tests first.
-# `make test` prints the units' times (`pytest_terminal_summary` below): update these when a module's time changes
-# by a minute or more.
+# last long module alone; units not listed (each under 40 s) come after them, the most tests first. `make test`
+# prints the units' times (`pytest_terminal_summary` below): update these when a module's time changes by a minute
+# or more.
 UNIT_SECONDS = {
-    "tests/test_worker_handoff.py": 260,
-    "vllm-other": 230,
-    "vllm-served": 220,
-    "tests/test_cli.py": 130,
-    "tests/test_server.py": 120,
-    "tests/reliability/test_worker_faults.py": 120,
-    "tests/test_docs_recipes.py": 110,
-    "tests/test_job_identity.py": 80,
-    "tests/test_worker_placement.py": 75,
-    "tests/test_openweights_compat.py": 70,
-    "tests/test_runpod_costs.py": 60,
-    "tests/reliability/test_server_restart.py": 55,
-    "tests/test_docker.py": 55,
-    "tests/test_runpod_worker.py": 45,
-    "tests/test_inference_openai.py": 40,
-    "tests/reliability/test_finetune_preemption.py": 40,
-    "tests/reliability/test_storage_outage.py": 35,
+    "tests/test_worker_handoff.py": 355,
+    "vllm-other": 340,
+    "vllm-served": 315,
+    "tests/test_cli.py": 275,
+    "tests/test_server.py": 220,
+    "tests/reliability/test_worker_faults.py": 190,
+    "tests/test_docs_recipes.py": 185,
+    "tests/test_job_identity.py": 145,
+    "tests/test_openweights_compat.py": 130,
+    "tests/test_worker_placement.py": 130,
+    "tests/test_docker.py": 110,
+    "tests/reliability/test_server_restart.py": 100,
+    "tests/test_runpod_costs.py": 95,
+    "tests/test_runpod_worker.py": 95,
+    "tests/test_inference_openai.py": 70,
+    "tests/reliability/test_finetune_preemption.py": 70,
+    "tests/test_custom_jobs.py": 60,
+    "tests/reliability/test_storage_outage.py": 50,
+    "tests/test_demo.py": 45,
 }
 
 
