@@ -232,7 +232,9 @@ def running_gateway(upstream: str, key: str, host: str, port: int, timeout: floa
         raise RuntimeError(f"the API gateway cannot listen on {host}:{port}: {exc}") from None
     gateway.port = sock.getsockname()[1]  # the one the system picked for port 0
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"ow-gateway-{port}", daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name=f"ow-gateway-{gateway.port}", daemon=True
+    )
     thread.start()
     started = time.monotonic()
     while not server.started:
