@@ -81,17 +81,18 @@ class TestErrorTranslation:
     def test_the_key_never_shows(self):
         assert "secret-key" not in repr(AsyncRunPodClient("secret-key"))
 
-    def test_clients_share_one_tls_context(self, monkeypatch):
-        """The worker opens a client per run and per reconciler pass: loading the CA bundle for each (~30 ms of
-        CPU) was most of an idle worker's CPU. Clients reuse the process's context, loaded at most once."""
-        import ssl
 
-        loads = []
-        real = ssl.SSLContext.load_verify_locations
-        monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", lambda *a, **k: loads.append(1) or real(*a, **k))
-        clients = [AsyncRunPodClient("k") for _ in range(5)]
-        assert len(loads) <= 1
-        assert len({id(client._http._transport._pool._ssl_context) for client in clients}) == 1
+def test_clients_share_one_tls_context(monkeypatch):
+    """The worker opens a client per run and per reconciler pass: loading the CA bundle for each (~30 ms of CPU)
+    was most of an idle worker's CPU. Clients reuse the process's context, loaded at most once."""
+    import ssl
+
+    loads = []
+    real = ssl.SSLContext.load_verify_locations
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", lambda *a, **k: loads.append(1) or real(*a, **k))
+    clients = [AsyncRunPodClient("k") for _ in range(5)]
+    assert len(loads) <= 1
+    assert len({id(client._http._transport._pool._ssl_context) for client in clients}) == 1
 
 
 async def test_create_get_list_delete(runpod, fake):
