@@ -175,11 +175,17 @@ def pump_logs(proc: subprocess.Popen, tail: deque[str]) -> threading.Thread:
     return thread
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, tail: deque[str], timeout: float) -> float:
-    """Seconds until `/health` answered; raises with vLLM's last lines when it exits or takes too long."""
+def wait_healthy(
+    proc: subprocess.Popen, port: int, tail: deque[str], timeout: float, logs: threading.Thread | None = None
+) -> float:
+    """Seconds until `/health` answered; raises with vLLM's last lines when it exits or takes too long. `logs` is
+    the thread pumping its output: on an exit it is given a moment to read the last lines (the process can end
+    before the thread has read what it wrote, and the error would then quote nothing)."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         if proc.poll() is not None:
+            if logs is not None:
+                logs.join(timeout=5)
             raise RuntimeError(f"vLLM exited with code {proc.returncode} while starting:\n" + "\n".join(tail))
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
@@ -210,9 +216,9 @@ def serving(spec: ServerSpec, timeout: float = 1800) -> Iterator[tuple[str, str]
     port = free_port()
     tail: deque[str] = deque(maxlen=30)
     proc = start_server(spec, port, key)
-    pump_logs(proc, tail)
+    logs = pump_logs(proc, tail)
     try:
-        seconds = wait_healthy(proc, port, tail, timeout)
+        seconds = wait_healthy(proc, port, tail, timeout, logs)
         served = ", ".join([spec.served_name, *spec.adapters])
         get_run_logger().info("vLLM healthy after %.0f s on port %s serving %s", seconds, port, served)
         yield f"http://127.0.0.1:{port}/v1", key

@@ -81,3 +81,30 @@ def test_max_loras_limits_the_adapter_slots_and_takes_openweights_defaults(tiny_
 
     assert (slots(None), slots(2), slots(9)) == (3, 2, 3)
     assert ApiParams(model=str(tiny_model), max_loras=-1, max_lora_rank="guess").max_loras is None  # OpenWeights'
+
+
+def test_a_vllm_that_exits_while_starting_is_quoted_even_when_its_output_is_read_late():
+    """vLLM can exit before the thread pumping its output has read its last lines; the error still quotes them
+    (CI once saw "vLLM exited with code 7 while starting:" and nothing after it). Here the pump is made late."""
+    import subprocess
+    import threading
+    import time
+    from collections import deque
+
+    import pytest
+
+    from flows._vllm import free_port, wait_healthy
+
+    proc = subprocess.Popen(
+        ["sh", "-c", "echo 'no vLLM in this interpreter'; exit 7"], stdout=subprocess.PIPE, text=True
+    )
+    tail: deque[str] = deque(maxlen=30)
+
+    def late_pump() -> None:
+        time.sleep(1.0)
+        tail.extend(line.rstrip("\n") for line in proc.stdout)
+
+    logs = threading.Thread(target=late_pump, daemon=True)
+    logs.start()
+    with pytest.raises(RuntimeError, match="code 7 while starting:\nno vLLM in this interpreter"):
+        wait_healthy(proc, free_port(), tail, timeout=30, logs=logs)

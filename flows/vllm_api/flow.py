@@ -177,9 +177,9 @@ def _serve(job: Any, cfg: ApiParams, key: str) -> str:
             kv_cache_dtype=cfg.kv_cache_dtype,
         )
         proc = start_server(spec, vllm_port, key)
-        pump_logs(proc, tail)
+        logs = pump_logs(proc, tail)
         try:
-            seconds = wait_healthy(proc, vllm_port, tail, get_settings().api_startup_timeout_seconds)
+            seconds = wait_healthy(proc, vllm_port, tail, get_settings().api_startup_timeout_seconds, logs)
             with running_gateway(f"http://127.0.0.1:{vllm_port}", key, host, port) as gateway:
                 base_url = base_url or f"http://127.0.0.1:{gateway.port}/v1"
                 logger.info(
