@@ -7,6 +7,7 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ow_prefect.jobs import job_types, project_root
@@ -17,16 +18,39 @@ HEAVY = ["torch", "transformers", "trl", "vllm", "peft", "prefect", "boto3"]
 HEAVY += ["tenacity", "httpx_sse"]  # light, but only the calls that retry or stream need them
 
 
-def test_import_is_fast_and_light():
-    # CPU seconds of the import, not wall: a loaded machine (the suite's other process) stretches wall time only
+def imported(statement: str, watched: list[str]) -> dict:
+    """CPU seconds of `statement` in a fresh interpreter (not wall: a loaded machine stretches wall time only),
+    and which of `watched` it loaded."""
     code = (
-        "import json, sys, time; t = time.process_time(); import ow_prefect; "
+        f"import json, sys, time; t = time.process_time(); {statement}; "
         "elapsed = time.process_time() - t; "
-        f"print(json.dumps({{'s': elapsed, 'heavy': [m for m in {HEAVY!r} if m in sys.modules]}}))"
+        f"print(json.dumps({{'s': elapsed, 'loaded': [m for m in {watched!r} if m in sys.modules]}}))"
     )
-    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    assert out["heavy"] == []
-    assert out["s"] < 1.0, f"import ow_prefect took {out['s']:.2f} CPU seconds"
+    return json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_import_is_fast_and_light():
+    out = imported("from ow_prefect import OpenWeights, AsyncOpenWeights, Jobs, JobFailedError", HEAVY)
+    assert out["loaded"] == []
+    assert out["s"] < 1.0, f"importing the SDK took {out['s']:.2f} CPU seconds"
+
+
+def test_the_pods_helpers_do_not_load_the_sdk():
+    """docker/entrypoint.sh runs these with `python -m` on every pod start: importing the package must not pull
+    in the SDK, the RunPod client or pydantic (they cost ~0.4 s of CPU each time), nor Prefect."""
+    helpers = "import ow_prefect.runpod.run_state, ow_prefect.runpod.health, ow_prefect.runpod.agent"
+    watched = ["ow_prefect.client", "ow_prefect.runpod.client", "ow_prefect.runpod.models", "pydantic", "prefect"]
+    out = imported(helpers, watched)
+    assert out["loaded"] == [], out
+    import ow_prefect
+    import ow_prefect.runpod
+
+    assert ow_prefect.Jobs is ow_prefect.CustomJob and ow_prefect.runpod.Pod.__name__ == "Pod"  # loaded on use
+    assert set(ow_prefect.__all__) <= set(dir(ow_prefect)) and set(ow_prefect.runpod.__all__) <= set(
+        dir(ow_prefect.runpod)
+    )
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        ow_prefect.Nope  # noqa: B018
 
 
 def test_registered_as_prefect_collection():
@@ -64,3 +88,14 @@ def test_prefect_yaml_matches_job_types():
 
 def test_project_root_is_the_repository():
     assert (project_root() / "flows" / "custom.py").exists()
+
+
+def test_a_process_without_the_sdk_knows_every_built_in_job_type():
+    """A worker or a flow run imports `ow_prefect.jobs` without the SDK (whose import used to register the built-in
+    types): a lookup registers them itself."""
+    code = "import sys; from ow_prefect.jobs import job_types; "
+    code += "print(sorted(job_types()), 'ow_prefect.client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    built_in = sorted(name for name, cls in job_types().items() if cls.__module__.startswith("ow_prefect."))
+    assert out.strip() == f"{built_in} False"
+    assert {"custom", "fine_tuning", "inference", "vllm_api", "inspect_ai", "mmlu_pro", "logprob"} <= set(job_types())

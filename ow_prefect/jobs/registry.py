@@ -7,12 +7,25 @@ and the built-in `custom` type, whose class lives in `custom.py`, is registered 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 from ow_prefect.jobs.base import Job
 from ow_prefect.jobs.custom import CommandJob, CustomJob
 
 _REGISTRY: dict[str, type[Job]] = {}
+# The built-in types register themselves when their module is imported. A lookup imports them first, so that a
+# process that never imported the SDK (a worker, a flow run: `import ow_prefect` is lazy) knows them all too.
+_BUILTIN_MODULES = ("api", "evals", "finetune", "inference", "logprob")
+_builtins_loaded = False
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(f"ow_prefect.jobs.{module}")
 
 
 def register(name: str) -> Callable[[type[Job]], type[Job]]:
@@ -37,6 +50,7 @@ def register(name: str) -> Callable[[type[Job]], type[Job]]:
 
 
 def get_job_type(name: str) -> type[Job]:
+    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -44,6 +58,7 @@ def get_job_type(name: str) -> type[Job]:
 
 
 def job_types() -> dict[str, type[Job]]:
+    _load_builtins()
     return dict(_REGISTRY)
 
 
