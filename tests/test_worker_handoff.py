@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 KEEP = 15  # keep_warm_seconds: longer than a light run's pick-up (2 s poll) on a loaded machine, short for a test
 GAP = 3.0  # a researcher's loop submits the next run this long after the previous one completed (the worker's
-# watch, every 0.5 s here, has seen the end by then: the next run is not yet queued when the pod's fate is decided)
+# watch, every second here, has seen the end by then: the next run is not yet queued when the pod's fate is decided)
 
 
 def payload() -> str:
