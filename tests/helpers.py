@@ -2,6 +2,12 @@
 
 import time
 
+# How long to wait for an event to be readable. A client's events go over a websocket; when the server dropped it (a
+# missed ping on a loaded machine), they wait for Prefect's events client to notice at its next checkpoint (every 30
+# s) and send them again, and then for the server's event persister (every 5 s). A full run here once missed a pod's
+# health event after 30 s.
+EVENT_SECONDS = 75
+
 
 def eventually(check, timeout: float = 30, interval: float = 0.5):
     """Poll `check` until it is truthy (logs and events reach the server in batches, a moment late)."""

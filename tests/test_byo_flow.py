@@ -13,7 +13,7 @@ from ow_prefect.testing.fake_runpod import GPU_TYPES, FakeRunPod
 from ow_prefect.testing.servers import prefect_worker
 from ow_prefect.workers.runpod import runpod_job_variables
 from tests.conftest import ROOT
-from tests.helpers import eventually
+from tests.helpers import EVENT_SECONDS, eventually
 from tests.runpod_support import WORKER_ENV, make_pool
 
 EXAMPLE = ROOT / "examples" / "byo_flow"
@@ -79,7 +79,7 @@ def test_a_user_flow_runs_on_the_runpod_pool_with_storage_and_events(prefect_api
             events = client.read_events(filter=event_filter(str(run.id)), limit=50).events
             return next((e for e in events if e.event == "word-count.counted"), None)
 
-        event = eventually(counted, timeout=30)
+        event = eventually(counted, timeout=EVENT_SECONDS)
     assert event is not None, "the flow's event is related to its run"
     assert event.payload["top"] == [["a", 3], ["b", 2], ["c", 1]]
     assert json.loads(OpenWeights().files.content(event.payload["result_file"])) == {"a": 3, "b": 2, "c": 1}

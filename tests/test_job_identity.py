@@ -16,7 +16,7 @@ from ow_prefect import OpenWeights
 from ow_prefect.jobs.submit import cached_tag, job_tag
 from ow_prefect.storage import Storage
 from tests.conftest import POOL, ROOT
-from tests.helpers import eventually
+from tests.helpers import EVENT_SECONDS, eventually
 from tests.test_cli import ow
 
 pytestmark = pytest.mark.usefixtures("worker", "use_server")
@@ -87,7 +87,7 @@ def test_a_cli_run_of_a_job_the_sdk_completed_trains_nothing(tiny_model, dataset
     }
     job = sdk.fine_tuning.create(**params).wait(timeout=600, poll_interval=1)
     adapter, merged = job.outputs["adapter"], job.outputs["merged"]
-    assert eventually(lambda: events_of(job.flow_run_id, "ow.train.metrics")), "the SDK's run trained"
+    assert eventually(lambda: events_of(job.flow_run_id, "ow.train.metrics"), timeout=EVENT_SECONDS), "it trained"
     # the trainer's progress is in the run's Prefect logs (the UI's Logs tab), not only on the worker's stdout
     assert eventually(lambda: re.search(r"step 3/3  loss [0-9.]+  lr [0-9.e+-]+", job.logs())), job.logs()[-2000:]
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tests.helpers import eventually
+from tests.helpers import EVENT_SECONDS, eventually
 from tests.runpod_support import API_KEY, AUTH_STRING, POD_COMMAND, all_deleted, finished, pods_of, run_logs, wait_for
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_a_run_gets_its_own_pod_which_is_deleted_when_it_completes(prefect_clien
     # the UI's table shows the columns in this order and, at 1400 px, about 850 px of them: the cost first
     assert list(row)[:4] == ["cost_usd", "gpu", "billed_seconds", "usd_per_hour"], list(row)
 
-    events = eventually(lambda: _pod_events(prefect_client, pod.id, 4), timeout=30)
+    events = eventually(lambda: _pod_events(prefect_client, pod.id, 4), timeout=EVENT_SECONDS)
     assert [e.event for e in events] == ["ow.pod.created", "ow.pod.running", "ow.pod.healthy", "ow.pod.terminated"]
     assert events[0].related[0].id == f"prefect.flow-run.{flow_run.id}"
     assert events[2].payload["ok"] is True and events[2].payload["driver"] == "570.124.06"  # its GPU health report

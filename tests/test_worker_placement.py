@@ -21,7 +21,7 @@ import pytest
 
 from ow_prefect.workers.cooldown import CooldownStore
 from ow_prefect.workers.placement import verified_gpu_types
-from tests.helpers import eventually
+from tests.helpers import EVENT_SECONDS, eventually
 from tests.runpod_support import (
     LIGHT_POD_COMMAND,
     WORKER_ENV,
@@ -75,7 +75,8 @@ def health_event(prefect_client, pod_id: str):
 
     names = EventNameFilter(name=["ow.pod.healthy", "ow.pod.unhealthy"])
     event_filter = EventFilter(resource=EventResourceFilter(id=[f"runpod.pod.{pod_id}"]), event=names)
-    event = eventually(lambda: next(iter(prefect_client.read_events(filter=event_filter, limit=5).events), None))
+    read = lambda: next(iter(prefect_client.read_events(filter=event_filter, limit=5).events), None)  # noqa: E731
+    event = eventually(read, timeout=EVENT_SECONDS)
     assert event, f"pod {pod_id} has no health event"
     return event
 
