@@ -34,10 +34,8 @@ AUTH_STRING = "prefect-auth-secret-41d8"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 POD_COMMAND = f"{sys.executable} -m prefect flow-run execute"
 LIGHT_POD_COMMAND = f"{sys.executable} {ROOT / 'tests' / 'reliability' / 'light_pod.py'}"
-# The watch reads each pod's run (Prefect) and pod (RunPod) every poll: every second here (2 s by default), quick
-# enough for the tests, and half the reads (and their CPU on 2 cores) of the 0.5 s the suite used before.
 WORKER_ENV = {
-    "OW_RUNPOD_POLL_SECONDS": "1",
+    "OW_RUNPOD_POLL_SECONDS": "0.5",
     "OW_RUNPOD_RECONCILE_SECONDS": "2",
     "PREFECT_API_AUTH_STRING": AUTH_STRING,  # the test server ignores it; it must reach pods and nothing else
 }
@@ -115,7 +113,7 @@ def assert_clean(fake: FakeRunPod, timeout: float = 30) -> None:
     for one flow run at the same time (a retried create, a second worker or a reschedule must not double up)."""
     if not eventually(lambda: all(pod.deleted_at for pod in list(fake.pods.values())), timeout=timeout):
         left = [pod for pod in list(fake.pods.values()) if not pod.deleted_at]
-        raise AssertionError(f"pods left: {[(p.id, p.name, p.status) for p in left]}\n{_what_workers_said(left)}")
+        raise AssertionError(f"pods left: {[(p.id, p.name, p.status) for p in left]}\n{what_workers_said(left)}")
     by_run: dict[str, list[FakePod]] = {}
     for pod in fake.pods.values():
         by_run.setdefault(pod.name, []).append(pod)
@@ -127,7 +125,7 @@ def assert_clean(fake: FakeRunPod, timeout: float = 30) -> None:
             )
 
 
-def _what_workers_said(pods: list[FakePod]) -> str:
+def what_workers_said(pods: list[FakePod]) -> str:
     """The session worker's log lines about the pods (to diagnose a leftover pod from a CI log)."""
     if _WORKER_LOG is None or not _WORKER_LOG.exists():
         return "(no session worker log)"
@@ -179,7 +177,7 @@ def no_pod_outlives_its_module(request):
             fake.delete(pod.id)
         pytest.fail(
             f"{request.module.__name__} left pods of the session's FakeRunPod running (now deleted): "
-            f"{[(p.id, p.name, p.status) for p in left]}\n{_what_workers_said(left)}"
+            f"{[(p.id, p.name, p.status) for p in left]}\n{what_workers_said(left)}"
         )
 
 
