@@ -12,9 +12,10 @@ CPU on every pod start).
 
 from __future__ import annotations
 
-import importlib
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ow_prefect._lazy import lazy_names
 
 if TYPE_CHECKING:
     from ow_prefect.client import AsyncOpenWeights, OpenWeights
@@ -36,26 +37,6 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# name -> (module, attribute); `Jobs` is OpenWeights' name for the base class of custom job types
-_LAZY = {
-    "AsyncOpenWeights": ("ow_prefect.client", "AsyncOpenWeights"),
-    "OpenWeights": ("ow_prefect.client", "OpenWeights"),
-    "CodeMismatchError": ("ow_prefect.errors", "CodeMismatchError"),
-    "ConfigurationError": ("ow_prefect.errors", "ConfigurationError"),
-    "DatasetValidationError": ("ow_prefect.errors", "DatasetValidationError"),
-    "JobFailedError": ("ow_prefect.errors", "JobFailedError"),
-    "NotFoundError": ("ow_prefect.errors", "NotFoundError"),
-    "OWError": ("ow_prefect.errors", "OWError"),
-    "ParameterError": ("ow_prefect.errors", "ParameterError"),
-    "PrefectUnavailableError": ("ow_prefect.errors", "PrefectUnavailableError"),
-    "StorageError": ("ow_prefect.errors", "StorageError"),
-    "Job": ("ow_prefect.jobs", "Job"),
-    "register": ("ow_prefect.jobs", "register"),
-    "CustomJob": ("ow_prefect.jobs.custom", "CustomJob"),
-    "Jobs": ("ow_prefect.jobs.custom", "CustomJob"),
-    "FileObject": ("ow_prefect.storage", "FileObject"),
-}
-
 __all__ = [
     "AsyncOpenWeights",
     "CodeMismatchError",
@@ -76,18 +57,13 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module, attribute = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'ow_prefect' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value  # once loaded, a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+# `Jobs` is OpenWeights' name for the base class of custom job types (`class MyJob(Jobs)`); the SDK's modules come
+# last: they import the others.
+__getattr__, __dir__ = lazy_names(
+    __name__,
+    ["ow_prefect.errors", "ow_prefect.jobs", "ow_prefect.jobs.custom", "ow_prefect.storage", "ow_prefect.client"],
+    aliases={"Jobs": "CustomJob"},
+)
 
 
 # Prefect loads this package through the `prefect.collections` entry point; the worker types register

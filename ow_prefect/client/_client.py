@@ -18,12 +18,6 @@ from ow_prefect.client.files import AsyncFiles, Files
 from ow_prefect.client.jobs import AsyncJobs, Jobs, JobTypeResource
 from ow_prefect.client.runs import AsyncEvents, AsyncRuns, Events, Runs
 from ow_prefect.errors import ConfigurationError, PrefectUnavailableError
-from ow_prefect.jobs import api as _builtin_api  # noqa: F401  (registers ow.vllm_api; ow.api deploys it)
-from ow_prefect.jobs import custom as _builtin_custom  # noqa: F401  (registers ow.custom)
-from ow_prefect.jobs import evals as _builtin_evals  # noqa: F401  (registers ow.inspect_ai, ow.mmlu_pro)
-from ow_prefect.jobs import finetune as _builtin_finetune  # noqa: F401  (registers ow.fine_tuning)
-from ow_prefect.jobs import inference as _builtin_inference  # noqa: F401  (registers ow.inference)
-from ow_prefect.jobs import logprob as _builtin_logprob  # noqa: F401  (registers ow.logprob)
 from ow_prefect.jobs.registry import get_job_type
 from ow_prefect.settings import OWSettings, get_settings
 from ow_prefect.storage import Storage

@@ -9,8 +9,9 @@ agent: docker/entrypoint.sh runs them on every pod start) need neither the clien
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ow_prefect._lazy import lazy_names
 
 if TYPE_CHECKING:
     from ow_prefect.runpod.client import DEFAULT_BASE_URL, AsyncRunPodClient
@@ -27,24 +28,6 @@ if TYPE_CHECKING:
         RunPodUnreachable,
     )
     from ow_prefect.runpod.models import GpuType, LogLine, Pod
-
-_MODULES = {
-    "ow_prefect.runpod.client": ["DEFAULT_BASE_URL", "AsyncRunPodClient"],
-    "ow_prefect.runpod.errors": [
-        "RunPodAuthError",
-        "RunPodConflict",
-        "RunPodError",
-        "RunPodInvalidSpec",
-        "RunPodNoCapacity",
-        "RunPodNotFound",
-        "RunPodPaymentRequired",
-        "RunPodRateLimited",
-        "RunPodServerError",
-        "RunPodUnreachable",
-    ],
-    "ow_prefect.runpod.models": ["GpuType", "LogLine", "Pod"],
-}
-_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -65,13 +48,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'ow_prefect.runpod' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_names(
+    __name__, ["ow_prefect.runpod.errors", "ow_prefect.runpod.models", "ow_prefect.runpod.client"]
+)
