@@ -279,3 +279,29 @@ def client_deployment_id(name):
 
     with get_client(sync_client=True) as client:
         return client.read_deployment_by_name(name).id
+
+
+def test_the_prefect_server_runs_on_uvloop_and_httptools(prefect_api):
+    """`prefect server start` in this environment serves with uvicorn's fast loop and HTTP parser (dependencies of
+    ow_prefect, picked by uvicorn itself): 15-25% less server CPU per request than asyncio's loop and h11."""
+    import psutil
+
+    port = int(prefect_api.rsplit(":", 1)[1].split("/")[0])
+    (server,) = {
+        process
+        for process in psutil.process_iter()
+        for connection in _connections(process)
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+    }
+    libraries = [region.path for region in server.memory_maps() if region.path.endswith(".so")]
+    assert any("/uvloop/" in path for path in libraries), libraries
+    assert any("/httptools/" in path for path in libraries), libraries
+
+
+def _connections(process):
+    import psutil
+
+    try:
+        return process.net_connections("tcp")
+    except psutil.Error:
+        return []
