@@ -137,3 +137,31 @@ def test_auto_picks_unsloth_only_where_cuda_is(workdir, monkeypatch, cuda, chose
     monkeypatch.delenv("OW_TRAIN_BACKEND", raising=False)
     refresh_settings()
     assert backends.choose_backend() == chosen
+
+
+EPHEMERAL_TIMEOUT = """
+from ow_prefect import OpenWeights
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as timeout
+ow = OpenWeights()
+with ow.prefect_settings():
+    print(timeout.value())
+"""
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "120"), ("45", "45")])
+def test_embedded_mode_gives_the_ephemeral_server_two_minutes_to_start_unless_told(given, used):
+    """Prefect waits 20 s for its ephemeral server, which took longer to start on 2 busy cores (embedded jobs and
+    `ow` failed with "Timed out while attempting to connect"): the SDK allows 120 s, or what the user set."""
+    import subprocess
+    import sys
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PREFECT_API_URL", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+    }
+    if given:
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = given
+    done = subprocess.run([sys.executable, "-c", EPHEMERAL_TIMEOUT], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [used]

@@ -57,6 +57,7 @@ class BaseOpenWeights:
             # The ephemeral server this process starts would otherwise race its telemetry writes against the
             # job's own on SQLite ("database is locked" tracebacks); a throwaway server has nothing to report.
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+            self._prefect_settings = _patient_ephemeral_start(self._prefect_settings)
 
     @contextmanager
     def prefect_client(self) -> Iterator[Any]:
@@ -274,6 +275,24 @@ async def _close_client(clients: weakref.WeakKeyDictionary, loop: asyncio.Abstra
     client = clients.pop(loop, None)
     if client is not None:
         await client.__aexit__(None, None, None)
+
+
+EPHEMERAL_STARTUP_SECONDS = 120
+
+
+def _patient_ephemeral_start(context: Any) -> Any:
+    """Prefect's settings with EPHEMERAL_STARTUP_SECONDS for its ephemeral server to start, unless the user set
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS. The server's start costs ~10 CPU-seconds (mostly imports):
+    on 2 busy cores it took longer than Prefect's default 20 s, and every embedded job or `ow` command failed
+    with "Timed out while attempting to connect to ephemeral Prefect API server"."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    if "startup_timeout_seconds" in context.settings.server.ephemeral.model_fields_set:
+        return context
+    patient = context.settings.copy_with_update(
+        updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_SECONDS}
+    )
+    return context.model_copy(update={"settings": patient})
 
 
 def _close_on_sdk_loop(clients: weakref.WeakKeyDictionary) -> None:
