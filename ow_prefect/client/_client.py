@@ -283,8 +283,8 @@ EPHEMERAL_STARTUP_SECONDS = 120
 def _patient_ephemeral_start(context: Any) -> Any:
     """Prefect's settings with EPHEMERAL_STARTUP_SECONDS for its ephemeral server to start, unless the user set
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS. The server's start costs ~10 CPU-seconds (mostly imports):
-    on 2 busy cores it took longer than Prefect's default 20 s, and every embedded job or `ow` command failed
-    with "Timed out while attempting to connect to ephemeral Prefect API server"."""
+    on 2 busy cores it took longer than Prefect's default 20 s, and an embedded job or `ow` command failed with
+    "Timed out while attempting to connect to ephemeral Prefect API server"."""
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     if "startup_timeout_seconds" in context.settings.server.ephemeral.model_fields_set:
