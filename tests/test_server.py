@@ -287,21 +287,7 @@ def test_the_prefect_server_runs_on_uvloop_and_httptools(prefect_api):
     import psutil
 
     port = int(prefect_api.rsplit(":", 1)[1].split("/")[0])
-    (server,) = {
-        process
-        for process in psutil.process_iter()
-        for connection in _connections(process)
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
-    }
-    libraries = [region.path for region in server.memory_maps() if region.path.endswith(".so")]
+    (pid,) = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    libraries = [region.path for region in psutil.Process(pid).memory_maps() if region.path.endswith(".so")]
     assert any("/uvloop/" in path for path in libraries), libraries
     assert any("/httptools/" in path for path in libraries), libraries
-
-
-def _connections(process):
-    import psutil
-
-    try:
-        return process.net_connections("tcp")
-    except psutil.Error:
-        return []

@@ -75,8 +75,10 @@ def health_event(prefect_client, pod_id: str):
 
     names = EventNameFilter(name=["ow.pod.healthy", "ow.pod.unhealthy"])
     event_filter = EventFilter(resource=EventResourceFilter(id=[f"runpod.pod.{pod_id}"]), event=names)
-    read = lambda: next(iter(prefect_client.read_events(filter=event_filter, limit=5).events), None)  # noqa: E731
-    event = eventually(read, timeout=EVENT_SECONDS)
+    event = eventually(
+        lambda: next(iter(prefect_client.read_events(filter=event_filter, limit=5).events), None),
+        timeout=EVENT_SECONDS,
+    )
     assert event, f"pod {pod_id} has no health event"
     return event
 
