@@ -211,8 +211,33 @@ def pytest_collection_modifyitems(config, items):
                 f"{item.nodeid} uses the trained adapter or the served API: add its module to the 'vllm-served' group "
                 "of VLLM_MODULES in tests/conftest.py"
             )
+        _UNIT_FIXTURES.setdefault(unit_of(item.nodeid), set()).update(fixtures)
     tests = Counter(unit_of(item.nodeid) for item in items)  # units not in UNIT_SECONDS: the most tests first
     items.sort(key=lambda item: (-UNIT_SECONDS.get(unit := unit_of(item.nodeid), 0), -tests[unit], unit))
+
+
+# Session fixtures that cost CPU for as long as they live: a worker polls the server every 2 s and each poll costs
+# it 40-70 ms of CPU (Prefect marks the pool's queues and deployments ready), the served API holds a vLLM server.
+# Each is stopped when this process moves on to a unit of work (`unit_of`) none of whose tests uses it, and started
+# again by the next test that does. Kept for the whole session, the process and `runpod` workers lived ~4,200 s of
+# a 1,300 s run (two or three of them at any time), most of it polling for units that had no use for them.
+ON_DEMAND = ("served_api", "worker", "runpod_worker")  # dependents first (served_api runs on `worker`)
+_UNIT_FIXTURES: dict[str, set[str]] = {}  # unit -> every fixture its tests use (directly or through others)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """At the end of a unit, stop the ON_DEMAND fixtures the next unit does not use (see ON_DEMAND). pytest-xdist
+    gives `nextitem` exactly (it waits for the next test before running the last one it holds); None is the end of
+    the session, where pytest tears everything down itself."""
+    if nextitem is None or unit_of(item.nodeid) == unit_of(nextitem.nodeid):
+        return
+    needed = _UNIT_FIXTURES.get(unit_of(nextitem.nodeid), set())
+    manager = item.session._fixturemanager
+    for name in ON_DEMAND:
+        if name not in needed:
+            for fixturedef in manager.getfixturedefs(name, item) or ():
+                fixturedef.finish(item._request)  # a no-op unless it is set up; its dependents go first
 
 
 def pytest_terminal_summary(terminalreporter, config):

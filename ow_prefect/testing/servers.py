@@ -139,7 +139,7 @@ def prefect_worker(
     worker_env.pop("PREFECT_WORKER_QUERY_SECONDS", None)
     if query_seconds is not None:
         worker_env["PREFECT_WORKER_QUERY_SECONDS"] = str(query_seconds)
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:  # appended: a worker started again keeps the earlier lines of the same log
         proc = subprocess.Popen(
             [*_prefect_cli(), "worker", "start", "--pool", pool, "--type", worker_type, *extra_args],
             env=worker_env,
