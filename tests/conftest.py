@@ -18,6 +18,8 @@ Session-scoped (one per pytest process that uses it; `make test` runs three proc
   one is deployed, stopped or fails.
 - From tests/runpod_support.py: `fake` (FakeRunPod), `runpod_pool`, `runpod_worker` (one `runpod` worker for
   the session), `start_run` (a sleeper run on light pods; `command=POD_COMMAND` for a real flow run).
+The workers and `served_api` (ON_DEMAND) are stopped between units of work that do not use them and started
+again by the next test that does.
 
 Per test: `use_server`, `script_file` (upload a script as a custom-job file).
 
