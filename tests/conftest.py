@@ -315,11 +315,10 @@ WORKER_SECRETS = {
 
 @pytest.fixture(scope="session")
 def worker(prefect_api, deployed, session_dir: Path):
-    """A real `process` worker polling the test pool every 2 s (with `WORKER_SECRETS` in its environment). A poll
-    costs Prefect's server ~36 ms of CPU (it marks every deployment of the pool ready); the session's two workers
-    polling every second were a tenth of a full run's CPU."""
+    """A real `process` worker polling the test pool every 2 s (with `WORKER_SECRETS` in its environment); see
+    `prefect_worker` for what its polls cost and ON_DEMAND for when it runs."""
     env = {"OW_HOME": os.environ["OW_HOME"], "PREFECT_HOME": str(session_dir / "prefect-worker"), **WORKER_SECRETS}
-    with prefect_worker(prefect_api, POOL, "process", env, session_dir / "worker.log", query_seconds=2) as proc:
+    with prefect_worker(prefect_api, POOL, "process", env, session_dir / "worker.log") as proc:
         yield proc
 
 

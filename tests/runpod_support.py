@@ -74,7 +74,7 @@ def pods_of(fake: FakeRunPod, flow_run_id) -> list[FakePod]:
 
 
 def wait_for(client, flow_run_id, check, timeout: float = 90):
-    final = eventually(lambda: check(client.read_flow_run(flow_run_id)), timeout=timeout, interval=0.3)
+    final = eventually(lambda: check(client.read_flow_run(flow_run_id)), timeout=timeout, interval=0.5)
     assert final, f"flow run {flow_run_id} is {client.read_flow_run(flow_run_id).state}"
     return client.read_flow_run(flow_run_id)
 
@@ -210,8 +210,7 @@ def runpod_worker_log(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def runpod_worker(prefect_api, runpod_pool, runpod_worker_log):
-    # polls every 2 s, as the session's process worker (conftest.py's `worker` says why)
-    with prefect_worker(prefect_api, runpod_pool, "runpod", WORKER_ENV, runpod_worker_log, query_seconds=2) as proc:
+    with prefect_worker(prefect_api, runpod_pool, "runpod", WORKER_ENV, runpod_worker_log) as proc:
         yield proc
 
 

@@ -128,13 +128,14 @@ def prefect_worker(
     env: dict[str, str],
     log: Path,
     extra_args: tuple[str, ...] = (),
-    query_seconds: float | None = 1,
+    query_seconds: float | None = 2,
 ) -> Iterator[subprocess.Popen]:
     """Run `prefect worker start` in its own session (so SIGTERM reaches it, see shared notes); it polls every
-    `query_seconds` (None: the worker type's default). Its heartbeat is Prefect's default (30 s): each one is a
-    write to the server's database, which SQLite lets one writer do at a time; with every worker of the suite
-    beating every 5 s, a full run saw a flow-run create answered 503 ("database is locked") through all of
-    Prefect's client retries."""
+    `query_seconds` (None: the worker type's default). Each poll costs the Prefect server 40-70 ms of CPU (it
+    marks the pool's queues and deployments ready): every 2 s, not every second, halves what a worker costs it.
+    Its heartbeat is Prefect's default (30 s): each one is a write to the server's database, which SQLite lets
+    one writer do at a time; with every worker of the suite beating every 5 s, a full run saw a flow-run create
+    answered 503 ("database is locked") through all of Prefect's client retries."""
     worker_env = {**os.environ, **env, "PREFECT_API_URL": api_url}
     worker_env.pop("PREFECT_WORKER_QUERY_SECONDS", None)
     if query_seconds is not None:

@@ -119,7 +119,9 @@ def test_runs_through_one_worker_with_limit(postgres_api, tmp_path, capsys):
         submitted_s = time.monotonic() - start
         log = tmp_path / "worker.log"
         peak_rss = 0
-        with prefect_worker(postgres_api, POOL, "runpod", {}, log, extra_args=("--limit", str(LIMIT))) as proc:
+        with prefect_worker(
+            postgres_api, POOL, "runpod", {}, log, extra_args=("--limit", str(LIMIT)), query_seconds=1
+        ) as proc:
             worker = psutil.Process(proc.pid)
             deadline = time.monotonic() + 3300
             done, states = 0, {}
