@@ -218,8 +218,9 @@ def pytest_collection_modifyitems(config, items):
 # Session fixtures that cost CPU for as long as they live: a worker polls the server every 2 s and each poll costs
 # it 40-70 ms of CPU (Prefect marks the pool's queues and deployments ready), the served API holds a vLLM server.
 # Each is stopped when this process moves on to a unit of work (`unit_of`) none of whose tests uses it, and started
-# again by the next test that does. Kept for the whole session, the process and `runpod` workers lived ~4,200 s of
-# a 1,300 s run (two or three of them at any time), most of it polling for units that had no use for them.
+# again by the next test that does. Kept for the whole session, the session's process and `runpod` workers lived
+# ~4,200 s in all in a 1,300 s run, polling on through units that had no use for them; stopped between such units,
+# ~2,700 s.
 ON_DEMAND = ("served_api", "worker", "runpod_worker")  # dependents first (served_api runs on `worker`)
 _UNIT_FIXTURES: dict[str, set[str]] = {}  # unit -> every fixture its tests use (directly or through others)
 
