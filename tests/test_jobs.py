@@ -170,3 +170,49 @@ def test_an_unreachable_prefect_api_is_reported_as_such_not_as_a_missing_job_or_
         with pytest.raises(PrefectUnavailableError, match=f"the Prefect API at {url} cannot be reached"):
             call()
             pytest.fail(f"{name} did not fail")
+
+
+def test_the_logs_of_a_run_that_just_ended_are_read_once_its_last_lines_can_have_arrived(use_server):
+    """The flow engine logs "Finished in state ..." after the final state is set and sends logs in batches, so
+    `job.logs()` / `run.log_file` right after `wait()` waited for them (CI once read a log file one line short).
+    A real flow run on the session server; its state and its late line are set through Prefect's client."""
+    import asyncio
+    import datetime
+    import time
+
+    from prefect import flow, get_client
+    from prefect.client.schemas.actions import LogCreate
+    from prefect.states import Completed, Running
+
+    from ow_prefect.client._logs import LOGS_SETTLE_SECONDS, read_run_logs
+
+    @flow(name="ow-test-late-logs")
+    def nothing():
+        pass
+
+    def line(run_id, message, at):
+        return LogCreate(name="test", level=20, message=message, timestamp=at, flow_run_id=run_id)
+
+    async def scenario():
+        async with get_client() as client:
+            run = await client.create_flow_run(nothing)
+            await client.set_flow_run_state(run.id, Running())
+            await client.set_flow_run_state(run.id, Completed())
+            ended = time.monotonic()
+
+            async def late_line():
+                await asyncio.sleep(2)
+                at = datetime.datetime.now(datetime.UTC)
+                await client.create_logs([line(run.id, "Finished in state Completed()", at)])
+
+            sender = asyncio.create_task(late_line())
+            logs = await read_run_logs(client, run.id)
+            await sender
+            assert [log.message for log in logs] == ["Finished in state Completed()"]
+            assert LOGS_SETTLE_SECONDS - 1 <= time.monotonic() - ended <= LOGS_SETTLE_SECONDS + 3
+
+            started = time.monotonic()  # the same run, now ended long enough ago: read at once
+            assert [log.message for log in await read_run_logs(client, run.id)] == ["Finished in state Completed()"]
+            assert time.monotonic() - started < 1.5
+
+    asyncio.run(scenario())

@@ -10,6 +10,10 @@ LOGS_PAGE = 200  # the server's largest page of logs
 # `LogTail` reads again this far behind the newest line it saw: lines of one run come from several processes
 # (worker, flow, pod), each sending batches every few seconds, so a line can reach the server after newer ones.
 LATE_LOGS = datetime.timedelta(seconds=60)
+# A run's logs are read this long after its end at the earliest: its engine logs "Finished in state ..." after
+# the final state is set, and Prefect sends log batches every 2 s (and at exit), so right after a job turns
+# `completed` its last lines are still on their way. Reading a run that ended earlier than this never waits.
+LOGS_SETTLE_SECONDS = 5.0
 
 
 def log_filter(flow_run_id: str, since: datetime.datetime | None = None):
@@ -31,6 +35,25 @@ async def read_logs(client: Any, flow_run_id: str, since: datetime.datetime | No
         if len(page) < LOGS_PAGE:
             break
     return sorted(logs.values(), key=lambda log: log.timestamp)
+
+
+async def read_run_logs(client: Any, flow_run_id: str) -> list[Any]:
+    """Every log line of the flow run, oldest first; for a run that ended less than LOGS_SETTLE_SECONDS ago,
+    read once that time has passed, so that the logs of a finished run are whole (`job.logs()`,
+    `run.log_file`, `job.download()` right after `wait()`)."""
+    import anyio
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run = await client.read_flow_run(flow_run_id)
+    except ObjectNotFound:  # a deleted run: whatever lines are left
+        return await read_logs(client, flow_run_id)
+    if run.end_time is not None:
+        settled = run.end_time + datetime.timedelta(seconds=LOGS_SETTLE_SECONDS)
+        wait = (settled - datetime.datetime.now(datetime.UTC)).total_seconds()
+        if wait > 0:
+            await anyio.sleep(min(wait, LOGS_SETTLE_SECONDS))
+    return await read_logs(client, flow_run_id)
 
 
 class LogTail:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ow_prefect.client._logs import LogTail, event_filter, format_events, format_logs, read_events, read_logs
+from ow_prefect.client._logs import LogTail, event_filter, format_events, format_logs, read_events, read_run_logs
 from ow_prefect.client._loop import blocking, iterate_sync, run_sync, same_docs
 from ow_prefect.client._queries import (
     any_job_filter,
@@ -441,10 +441,11 @@ class AsyncJobs:
             await anyio.sleep(poll_interval)
 
     async def logs(self, job_id: str) -> str:
-        """Every log line of the job's latest run so far, oldest first: ``<timestamp> <message>``."""
+        """Every log line of the job's latest run so far, oldest first: ``<timestamp> <message>`` (for a run that
+        has just ended, read once its last lines can have arrived: a few seconds after its end)."""
         job = await self.retrieve(job_id)
         async with self._prefect() as client:
-            return format_logs(await read_logs(client, job.flow_run_id))
+            return format_logs(await read_run_logs(client, job.flow_run_id))
 
     async def _follow_logs(self, job_id: str, poll_interval: float = LOG_POLL_SECONDS) -> AsyncGenerator[str, None]:
         """The job's log lines as they arrive, until it ended (``ow logs -f``)."""

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ow_prefect.client._logs import event_filter, event_rows, format_logs, read_events, read_logs
+from ow_prefect.client._logs import event_filter, event_rows, format_logs, read_events, read_run_logs
 from ow_prefect.client._loop import run_sync, same_docs
 from ow_prefect.client._queries import as_flow_run_id, read_flow_run, read_runs, run_filter, statuses_of
 from ow_prefect.errors import NotFoundError
@@ -84,7 +84,7 @@ class Run:
 
 async def _logs(client: BaseOpenWeights, run_id: str) -> str:
     async with client.async_prefect_client() as prefect:
-        return format_logs(await read_logs(prefect, run_id))
+        return format_logs(await read_run_logs(prefect, run_id))
 
 
 async def _flow_runs(client: BaseOpenWeights, job_id: str | None, limit: int, statuses: list[str] | None = None):
