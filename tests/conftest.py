@@ -80,6 +80,10 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # flows/_vllm.py b
 # compiling the tiny model cost each 7 s (warm compile cache) to 18 s (cold) of CPU. Pods get it too (IMAGE_VARIABLES
 # of the fake). OW_VLLM_OPTIMIZATION_LEVEL=2 runs the suite at vLLM's default level.
 os.environ.setdefault("OW_VLLM_OPTIMIZATION_LEVEL", "0")
+# vLLM's cache (model inspections, compile artifacts) where vLLM puts it by default, named so that fake pods share it
+# as pods on one network volume do (the image puts it on /workspace: docker/Dockerfile); a pod's own HOME made each
+# vLLM start there inspect the model again in a subprocess (7-10 CPU-s, 5-8 s).
+os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vllm"))
 
 
 def _one_certificate() -> str:
@@ -104,7 +108,13 @@ if not os.environ.get("PREFECT_API_SSL_CERT_FILE"):
 
 import pytest  # noqa: E402
 
-from ow_prefect.testing.servers import moto_s3, prefect_server, prefect_worker  # noqa: E402
+from ow_prefect.testing.servers import (  # noqa: E402
+    migrated_database,
+    moto_s3,
+    prefect_server,
+    prefect_worker,
+    seed_database,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "ow-test-local"
@@ -272,12 +282,36 @@ def session_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def prefect_api(session_dir: Path):
+def prefect_database(request, tmp_path_factory) -> Path:
+    """A migrated Prefect database, made once per Prefect version in pytest's cache (.pytest_cache/; the run's
+    temporary directory without the cache plugin) and shared by the pytest processes: the suite's new Prefect
+    homes start from a copy (`seed_database`, `prefect_server(database_template=...)`). A server started on an
+    empty database spent about half of its start-up migrating it. Users' first start (`make demo`, the docs'
+    recipes in a new HOME) still migrates an empty one."""
+    from importlib.metadata import version
+
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        root = cache.mkdir("prefect-databases")
+    else:
+        root = tmp_path_factory.getbasetemp()
+        root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the run's, above each process's
+    return migrated_database(root / f"prefect-{version('prefect')}.db")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _seeded_embedded_home(prefect_database):
+    """The embedded PREFECT_HOME (its ephemeral server's database) starts from the migrated database too."""
+    seed_database(Path(os.environ["PREFECT_HOME"]), prefect_database)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(session_dir: Path, prefect_database: Path):
     """A real Prefect server (SQLite, loopback) for the whole session. Its database waits up to 30 s (Prefect's
     default: 10 s) for a connection and a statement: with two test processes and their servers on 2 loaded cores,
     50 concurrent creates got 503s at the default."""
     patient = {"PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "30", "PREFECT_SERVER_DATABASE_TIMEOUT": "30"}
-    with prefect_server(session_dir / "prefect-server", env=patient) as url:
+    with prefect_server(session_dir / "prefect-server", env=patient, database_template=prefect_database) as url:
         yield url
 
 

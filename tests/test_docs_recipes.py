@@ -91,13 +91,14 @@ class Shell:
 
 
 @pytest.fixture(scope="module")
-def docs_server(session_dir):
+def docs_server(session_dir, prefect_database):
     """A Prefect server for this module only, with its UI on."""
     for attempt in range(3):  # a free port can be lost to the other pytest process's server before ours binds it
         port = free_port()
         env = {"PREFECT_SERVER_UI_ENABLED": "true", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
         try:
-            server = prefect_server(session_dir / f"prefect-docs-server-{attempt}", port=port, env=env)
+            home = session_dir / f"prefect-docs-server-{attempt}"
+            server = prefect_server(home, port=port, env=env, database_template=prefect_database)
             url = server.__enter__()
         except (PortTaken, RuntimeError):
             if attempt == 2:

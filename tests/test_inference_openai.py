@@ -14,6 +14,7 @@ import pytest
 
 from ow_prefect import OpenWeights, ParameterError
 from ow_prefect.jobs.inference import OPENAI_DEPLOYMENT, InferenceJob
+from ow_prefect.testing.servers import seed_database
 from ow_prefect.testing.tiny_model import write_jsonl
 from tests.conftest import ROOT
 from tests.fake_openai import FakeOpenAI
@@ -166,7 +167,7 @@ def test_cancelling_the_job_cancels_its_openai_batch(fake, prompts):
     check_rows(result_rows(ow, retried))
 
 
-def test_a_terminated_run_cancels_its_openai_batch(fake, prompts, tmp_path):
+def test_a_terminated_run_cancels_its_openai_batch(fake, prompts, tmp_path, prefect_database):
     """What a worker does to a cancelled run: SIGTERM to the flow's process (Prefect raises TerminationSignal
     in the flow). Here the flow runs embedded in a child process, so the signal reaches it the same way."""
     fake.hold_batches = True
@@ -174,6 +175,7 @@ def test_a_terminated_run_cancels_its_openai_batch(fake, prompts, tmp_path):
         "from ow_prefect import OpenWeights\n"
         f"OpenWeights().inference.create(model={MODEL!r}, input_file_id={prompts!r}, max_tokens=80, seed=5)\n"
     )
+    seed_database(tmp_path / "prefect", prefect_database)
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}  # its own embedded API
     log = (tmp_path / "child.log").open("w")
     child = subprocess.Popen(

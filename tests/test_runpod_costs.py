@@ -19,6 +19,7 @@ import pytest
 
 from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.storage import Storage
+from ow_prefect.testing.servers import seed_database
 from ow_prefect.testing.tiny_model import sample_conversations
 from tests.helpers import eventually
 from tests.runpod_support import (
@@ -137,7 +138,9 @@ def test_sdk_estimate_names_the_gpu_price_runtime_and_cost(
     assert len(prefect_client.read_flow_runs()) == runs_before  # nothing was submitted
 
 
-def test_ow_exec_dry_run_prints_the_estimate_and_submits_nothing(prefect_api, prefect_client, runpod_pool, tmp_path):
+def test_ow_exec_dry_run_prints_the_estimate_and_submits_nothing(
+    prefect_api, prefect_client, runpod_pool, tmp_path, prefect_database
+):
     deploy(prefect_client, runpod_pool, f"run{SUFFIX}", entrypoint="flows/custom.py:custom_run")
     runs_before = len(prefect_client.read_flow_runs())
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "OW_DEPLOYMENT_SUFFIX": SUFFIX}
@@ -154,6 +157,7 @@ def test_ow_exec_dry_run_prints_the_estimate_and_submits_nothing(prefect_api, pr
     assert json.loads(as_json.stdout)["gpu_id"] == "NVIDIA RTX A6000"
     assert len(prefect_client.read_flow_runs()) == runs_before
 
+    seed_database(tmp_path / "home", prefect_database)
     embedded = {k: v for k, v in env.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "home")}
     result = subprocess.run(command, env=embedded, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "nothing is rented" in result.stdout and "embedded mode" in result.stdout
@@ -176,6 +180,7 @@ def test_hf_home_lives_on_a_cache_volume_in_a_preferred_data_center(prefect_clie
             assert pod.data_center_id == "EU-RO-1"
             assert pod.mounts == {"network": [{"volumeId": "vol-hf-cache", "path": "/workspace"}]}
             assert pod.env["HF_HOME"] == "/workspace/.cache/huggingface"
+            assert pod.env["VLLM_CACHE_ROOT"] == "/workspace/.cache/vllm"  # vLLM's compile cache too
             assert all_deleted(fake, flow_run.id)  # its GPU is back in stock
             seen.add(f"{pod.id} EU-RO-1")
         # both pods wrote into one folder: the volume's (a container restarted before its delete writes twice)
@@ -199,6 +204,7 @@ def test_a_network_volume_pins_its_data_center_and_holds_hf_home(prefect_client,
         assert wait_for(prefect_client, flow_run.id, finished).state.is_completed()
         (pod,) = pods_of(fake, flow_run.id)
         assert pod.data_center_id == "EU-RO-1" and pod.env["HF_HOME"] == "/workspace/.cache/huggingface"
+        assert pod.env["VLLM_CACHE_ROOT"] == "/workspace/.cache/vllm"
         assert all_deleted(fake, flow_run.id)  # its GPU back in stock before the entry goes
     finally:
         del fake.stock[("NVIDIA RTX A6000", "SECURE", "EU-RO-1")]

@@ -92,8 +92,10 @@ def test_the_create_body_is_what_runpods_spec_accepts():
     assert spec_schemas().errors("CreatePodRequest", body) == []
     assert body["mounts"] == {"persistent": {"size": 40, "path": "/workspace"}}
     assert body["env"] == {"A": "b", "OW_POD_DEADLINE": "1500000000"}
-    network = RunPodJobConfiguration(network_volume_id="vol-9").pod_request("ow-1", 0)
+    network = RunPodJobConfiguration(network_volume_id="vol-9", env={"HF_HOME": "/mine"}).pod_request("ow-1", 0)
     assert network["mounts"] == {"network": [{"volumeId": "vol-9", "path": "/workspace"}]}
+    # the caches on the volume, a job's own HF_HOME kept
+    assert network["env"]["HF_HOME"] == "/mine" and network["env"]["VLLM_CACHE_ROOT"] == "/workspace/.cache/vllm"
     assert spec_schemas().errors("CreatePodRequest", {**network, "gpu": {"id": "x"}}) == []
 
 

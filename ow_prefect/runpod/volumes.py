@@ -1,5 +1,6 @@
 """Network volumes and where pods run: a pod that mounts one runs in the volume's data center, and the Hugging Face
-cache (`HF_HOME`) lives on it, so the next pod there finds the model downloaded.
+cache (`HF_HOME`) lives on it, so the next pod there finds the model downloaded; vLLM's cache (`VLLM_CACHE_ROOT`:
+its torch.compile artifacts and model inspections) too, so the next vLLM start there does not compile again.
 
 - `network_volume_id`: one volume the pod must mount (your data is on it): only offers in its data center are tried.
 - `cache_volume_ids`: model cache volumes, one per data center you use: offers in their data centers are tried first,
@@ -17,12 +18,15 @@ from ow_prefect.runpod.errors import RunPodNoCapacity, RunPodNotFound
 from ow_prefect.runpod.offers import Candidate, create_on_first
 
 HF_CACHE = ".cache/huggingface"  # under the mount path, where the images put HF_HOME (/workspace/.cache/huggingface)
+VLLM_CACHE = ".cache/vllm"  # and VLLM_CACHE_ROOT (/workspace/.cache/vllm)
 
 FindCandidates = Callable[[Sequence[str]], Awaitable[list[Candidate]]]
 
 
-def hf_home(mount_path: str) -> str:
-    return f"{mount_path.rstrip('/')}/{HF_CACHE}"
+def cache_env(mount_path: str) -> dict[str, str]:
+    """The caches on a volume mounted at `mount_path`: the Hugging Face cache and vLLM's."""
+    root = mount_path.rstrip("/")
+    return {"HF_HOME": f"{root}/{HF_CACHE}", "VLLM_CACHE_ROOT": f"{root}/{VLLM_CACHE}"}
 
 
 @dataclass
@@ -82,7 +86,7 @@ async def create_on_choices(
 
 def _mounting(request: dict[str, Any], volume: Any, configuration: Any) -> dict[str, Any]:
     path = configuration.volume_mount_path
-    env = {"HF_HOME": hf_home(path), **request["env"]}  # a job's own HF_HOME wins
+    env = {**cache_env(path), **request["env"]}  # a job's own HF_HOME or VLLM_CACHE_ROOT wins
     mounts = {"network": [{"volumeId": volume.id, "path": path}]}
     return {**request, "mounts": mounts, "dataCenterIds": [volume.data_center], "env": env}
 

@@ -24,8 +24,8 @@ watches the run and the pod together until one of them ends:
 Before the first pod, the worker estimates the run (ow_prefect/costs: the GPU it would take, runtime from the job's
 tokens, cost range) into a `runpod-estimate-<flow run id>` artifact and refuses a run whose expected cost is above
 `max_cost`; before each pod, it refuses every run of a pool whose `daily_budget` is spent. A network volume holds
-the Hugging Face cache (`HF_HOME`); `cache_volume_ids` makes the worker prefer the data centers that hold one
-(ow_prefect/runpod/volumes.py).
+the Hugging Face cache (`HF_HOME`) and vLLM's (`VLLM_CACHE_ROOT`); `cache_volume_ids` makes the worker prefer the
+data centers that hold one (ow_prefect/runpod/volumes.py).
 
 A reconciler (at start, then every `OW_RUNPOD_RECONCILE_SECONDS`) deletes pods of this work pool that no
 worker watches and whose run is over, gone, rescheduled or past its `max_runtime` or `max_cost`: a worker that died
@@ -73,7 +73,7 @@ from ow_prefect.runpod.client import AsyncRunPodClient
 from ow_prefect.runpod.credentials import RunPodCredentials
 from ow_prefect.runpod.errors import RunPodError, RunPodNoCapacity, RunPodNotFound
 from ow_prefect.runpod.offers import CLOUDS, DEFAULT_VRAM_MARGIN, Ranking, find_offers, with_margin
-from ow_prefect.runpod.volumes import hf_home
+from ow_prefect.runpod.volumes import cache_env
 from ow_prefect.settings import get_settings
 from ow_prefect.workers.attempts import INFRA_PREFIX, Outcome, PodAttempts
 from ow_prefect.workers.capacity import PodCreation
@@ -180,15 +180,16 @@ class RunPodFields(BaseModel):
         default=None,
         title="Network volume",
         description="Id of a RunPod network volume to mount at `volume_mount_path` (instead of a volume); the pod "
-        "runs in its data center, and the Hugging Face cache (HF_HOME) lives on it.",
+        "runs in its data center, and the Hugging Face cache (HF_HOME) and vLLM's compile cache (VLLM_CACHE_ROOT) "
+        "live on it.",
     )
     cache_volume_ids: list[str] = Field(
         default_factory=list,
         title="Model cache volumes",
         description="RunPod network volumes (one per data center) that hold the Hugging Face cache: offers in their "
-        "data centers are tried first, with the volume at `volume_mount_path` and HF_HOME on it, so a model an "
-        "earlier pod downloaded there is not downloaded again; with no capacity there, the pod runs elsewhere "
-        "without a cache.",
+        "data centers are tried first, with the volume at `volume_mount_path` and HF_HOME (and VLLM_CACHE_ROOT) on "
+        "it, so a model an earlier pod downloaded there is not downloaded again, nor compiled again by vLLM; with no "
+        "capacity there, the pod runs elsewhere without a cache.",
     )
     volume_mount_path: str = Field(
         default="/workspace",
@@ -346,8 +347,8 @@ class RunPodJobConfiguration(RunPodFields, BaseJobConfiguration):
             env[MAX_COST_MARKER] = str(self.max_cost)
         if self.keep_warm_seconds:  # the pod runs the warm agent (ow_prefect/runpod/agent.py)
             env[KEEP_WARM_ENV] = str(self.keep_warm_seconds)
-        if self.network_volume_id:  # the model cache on the volume; a job's own HF_HOME wins
-            env.setdefault("HF_HOME", hf_home(self.volume_mount_path))
+        if self.network_volume_id:  # the caches on the volume; a job's own HF_HOME or VLLM_CACHE_ROOT wins
+            env = {**cache_env(self.volume_mount_path), **env}
         body: dict[str, Any] = {
             "name": name,
             "image": self.image,

@@ -29,13 +29,13 @@ POOL = "ow-test-runpod-server-restart"
 DOWN_SECONDS = 8
 
 
-def test_runs_survive_a_prefect_server_restart(fake, tmp_path):
+def test_runs_survive_a_prefect_server_restart(fake, tmp_path, prefect_database):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     home, port = tmp_path / "server", free_port()
     with contextlib.ExitStack() as first_server:
-        api = first_server.enter_context(prefect_server(home, port=port))
+        api = first_server.enter_context(prefect_server(home, port=port, database_template=prefect_database))
         with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             make_pool(client, fake, POOL, command=LIGHT_POD_COMMAND)
             real = deploy(client, POOL, "server-restart", command=POD_COMMAND)

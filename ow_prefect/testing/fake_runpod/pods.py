@@ -21,10 +21,12 @@ from ow_prefect.testing.servers import free_port
 
 VCPUS_PER_GPU = 8
 # What a test machine's environment contributes to a fake pod, standing in for the image's ENV lines (the real
-# images set PATH, OW_HOME, OW_VLLM_PYTHON, HF_HOME, PYTHONPATH: docker/Dockerfile). OW_TRAIN_BACKEND too: a machine
-# playing a GPU image without a GPU says so once (docs/runpod.md's fake recipe exports it), as an image would;
-# OW_VLLM_OPTIMIZATION_LEVEL likewise (the test suite starts vLLM without compiling: flows/_vllm.py), and
-# PREFECT_API_SSL_CERT_FILE (an image that trusts its own CA sets it; the test suite names a one-certificate file).
+# images set PATH, OW_HOME, OW_VLLM_PYTHON, HF_HOME, VLLM_CACHE_ROOT, PYTHONPATH: docker/Dockerfile).
+# OW_TRAIN_BACKEND too: a machine playing a GPU image without a GPU says so once (docs/runpod.md's fake recipe
+# exports it), as an image would; OW_VLLM_OPTIMIZATION_LEVEL likewise (the test suite starts vLLM without
+# compiling: flows/_vllm.py), and PREFECT_API_SSL_CERT_FILE (an image that trusts its own CA sets it; the test
+# suite names a one-certificate file). VLLM_CACHE_ROOT, when set here, plays a network volume's vLLM cache that
+# every pod shares.
 IMAGE_VARIABLES = (
     "PATH",
     "LANG",
@@ -35,6 +37,7 @@ IMAGE_VARIABLES = (
     "OW_HOME",
     "OW_VLLM_PYTHON",
     "HF_HOME",
+    "VLLM_CACHE_ROOT",
     "HF_HUB_OFFLINE",
     "TOKENIZERS_PARALLELISM",
     "OW_TRAIN_BACKEND",
