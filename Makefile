@@ -8,9 +8,9 @@ setup:
 demo: setup
 	OW_MODE=embedded .venv/bin/python examples/quickstart/finetune.py
 
-# The whole suite, three pytest processes (pytest-xdist; tests/conftest.py says how modules are grouped): 20-21
-# minutes on the 2-core machine of Dec 1 (two processes: 24.5 minutes there, the cores idle 15% of the time;
-# each process starts its own Prefect server and workers). TEST_WORKERS=0 runs it in one process.
+# The whole suite, three pytest processes (pytest-xdist; tests/conftest.py says how modules are grouped): 19.5-21
+# minutes on the 2-core machine of Dec 1 (two processes: 24.5 minutes there, the cores idle 15% of the time; four:
+# 20.8, 18% more CPU; each process starts its own Prefect server and workers). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 3
 test: setup
 	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=25
