@@ -64,9 +64,13 @@ def migrated_database(path: Path, timeout: float = 240) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
             home = path.with_name(path.name + ".home")
-            url = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
-            env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": url}
-            env.pop("PREFECT_API_URL", None)
+            env = {**os.environ, "PREFECT_HOME": str(home)}  # SQLite in `home`, whatever database is named here
+            for name in (
+                "PREFECT_API_URL",
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                "PREFECT_API_DATABASE_CONNECTION_URL",
+            ):
+                env.pop(name, None)
             done = subprocess.run(
                 [*_prefect_cli(), "server", "database", "upgrade", "-y"],
                 env=env,
