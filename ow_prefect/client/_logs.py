@@ -37,22 +37,28 @@ async def read_logs(client: Any, flow_run_id: str, since: datetime.datetime | No
     return sorted(logs.values(), key=lambda log: log.timestamp)
 
 
-async def read_run_logs(client: Any, flow_run_id: str) -> list[Any]:
-    """Every log line of the flow run, oldest first; for a run that ended less than LOGS_SETTLE_SECONDS ago,
-    read once that time has passed, so that the logs of a finished run are whole (`job.logs()`,
-    `run.log_file`, `job.download()` right after `wait()`)."""
+async def until_logs_settled(client: Any, flow_run_id: str) -> None:
+    """Return once the run's last log lines can have reached the server: at once for a run that is not over (or
+    was deleted) or that ended LOGS_SETTLE_SECONDS ago or more; else when that time has passed."""
     import anyio
     from prefect.exceptions import ObjectNotFound
 
     try:
         run = await client.read_flow_run(flow_run_id)
     except ObjectNotFound:  # a deleted run: whatever lines are left
-        return await read_logs(client, flow_run_id)
+        return
     if run.end_time is not None:
         settled = run.end_time + datetime.timedelta(seconds=LOGS_SETTLE_SECONDS)
         wait = (settled - datetime.datetime.now(datetime.UTC)).total_seconds()
         if wait > 0:
             await anyio.sleep(min(wait, LOGS_SETTLE_SECONDS))
+
+
+async def read_run_logs(client: Any, flow_run_id: str) -> list[Any]:
+    """Every log line of the flow run, oldest first; a run that has just ended is read once its logs settled
+    (`until_logs_settled`), so that the logs of a finished run are whole (`job.logs()`, `run.log_file`,
+    `job.download()` right after `wait()`)."""
+    await until_logs_settled(client, flow_run_id)
     return await read_logs(client, flow_run_id)
 
 

@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ow_prefect.client._logs import LogTail, event_filter, format_events, format_logs, read_events, read_run_logs
+from ow_prefect.client._logs import (
+    LogTail,
+    event_filter,
+    format_events,
+    format_logs,
+    read_events,
+    read_run_logs,
+    until_logs_settled,
+)
 from ow_prefect.client._loop import blocking, iterate_sync, run_sync, same_docs
 from ow_prefect.client._queries import (
     any_job_filter,
@@ -452,9 +460,9 @@ class AsyncJobs:
         tail = LogTail((await self.retrieve(job_id)).flow_run_id)
         while True:
             done = (await self.retrieve(job_id)).done
-            if done:  # logs are sent in batches: the last lines can reach the server after the final state
-                await anyio.sleep(poll_interval * 2)
             async with self._prefect() as client:
+                if done:  # logs are sent in batches: the last lines can reach the server after the final state
+                    await until_logs_settled(client, tail.flow_run_id)
                 lines = format_logs(await tail.read(client))
             for line in lines.splitlines():
                 yield line
