@@ -12,7 +12,6 @@ CPU on every pod start).
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 from ow_prefect._lazy import lazy_names
@@ -64,10 +63,3 @@ __getattr__, __dir__ = lazy_names(
     ["ow_prefect.errors", "ow_prefect.jobs", "ow_prefect.jobs.custom", "ow_prefect.storage", "ow_prefect.client"],
     aliases={"Jobs": "CustomJob"},
 )
-
-
-# Prefect loads this package through the `prefect.collections` entry point; the worker types register
-# with Prefect when their module is imported. Only do that when Prefect itself is loaded, so that
-# `import ow_prefect` alone stays fast.
-if "prefect" in sys.modules:
-    import ow_prefect.workers  # noqa: F401

@@ -55,16 +55,19 @@ def test_the_pods_helpers_do_not_load_the_sdk():
 
 def test_registered_as_prefect_collection():
     names = {ep.name: ep.value for ep in entry_points(group="prefect.collections")}
-    assert names.get("ow_prefect") == "ow_prefect"
+    assert names.get("ow_prefect") == "ow_prefect.workers"
 
 
 def test_prefect_loads_the_collection_and_its_workers():
+    """Prefect's collection loading imports the worker types and the RunPod credentials block; a flow run's own
+    imports (Prefect, then a flow module and through it the SDK) do not."""
     code = (
-        "from prefect.plugins import load_prefect_collections; import sys; "
-        "load_prefect_collections(); print('ow_prefect.workers' in sys.modules)"
+        "import sys, prefect, flows.custom; print('ow_prefect.workers' in sys.modules); "
+        "from prefect.blocks.core import Block; print(Block.get_block_class_from_key('runpod-credentials').__name__); "
+        "from prefect.workers.base import BaseWorker; print(BaseWorker.get_worker_class_from_type('runpod').__name__)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().endswith("True")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.split()[-3:] == ["False", "RunPodCredentials", "RunPodWorker"], out
 
 
 def test_prefect_yaml_matches_job_types():
